@@ -1,0 +1,104 @@
+"""The ``clickrank`` command line: train, evaluate, serve, load-history, bench.
+
+Heavy imports (torch, the service) happen inside each command so ``--help`` is instant and the serving
+image never needs torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_DATA_DIR = "../shared/data/ml-100k"
+DEFAULT_MODEL_DIR = "./artifacts"
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line, exit status 2."""
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"directory not found: {value}")
+    return path
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from models.pipeline import TrainConfig, train_and_export
+
+    config = TrainConfig.tiny() if args.tiny else TrainConfig()
+    config = config.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
+    train_and_export(args.data_dir, Path(args.model_dir), config, skip_baselines=args.skip_eval)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from models.pipeline import evaluate_command
+
+    evaluate_command(args.data_dir, Path(args.model_dir), json_path=args.json, seeds=args.seeds,
+                     epochs=args.epochs)  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from service.server import serve
+
+    serve(host=args.host, port=args.port, workers=args.workers)
+
+
+def cmd_load_history(args: argparse.Namespace) -> None:
+    from service.load_history import load_history_command
+
+    load_history_command(args.data_dir, limit=args.limit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clickrank", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on a GroupLens data set, evaluate, export ONNX + item table")
+    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR, help="GroupLens ml-100k dir")
+    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="where the export goes (default ./artifacts)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
+    p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds, not minutes)")
+    p.add_argument("--skip-eval", action="store_true", help="skip the evaluation harness; only fit and export")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="print the evaluation table (baselines, clickrank, cold items)")
+    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
+    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
+    p.add_argument("--json", default=None, help="also write the table as JSON to this file")
+    p.add_argument("--seeds", type=int, default=0,
+                   help="re-run the whole harness for N seeds and report means (0: print the table saved at "
+                        "train time)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=None, help="epochs for --seeds re-runs")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="run the HTTP service (uvicorn); config from CLICKRANK_* variables")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("load-history", help="bulk-load a data set's events into Redis (CLICKRANK_REDIS_URL)")
+    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
+    p.add_argument("--limit", type=int, default=None, help="load only the first N events (by time)")
+    p.set_defaults(func=cmd_load_history)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (CliError, FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+        print(f"clickrank {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
