@@ -1,0 +1,83 @@
+"""ONNX export of the two graphs (dynamo exporter, dynamic shapes) and the PyTorch ↔ ONNX parity check."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from models.encoder import ItemTextEncoder
+from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
+from models.ranker import SequenceRanker
+
+OPSET = 18
+RANKER_INPUTS = ("history_vectors", "history_types", "history_values", "history_gaps", "history_mask",
+                 "candidate_vectors")  # fmt: skip
+RANKER_OUTPUTS = ("logits", "attention", "user_vectors")
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+ENCODER_OUTPUTS = ("item_vectors",)
+
+
+def random_ranker_inputs(
+    batch: int, length: int, candidates: int, dim: int, generator: torch.Generator, empty_rows: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """Left-padded random histories (some rows shorter, ``empty_rows`` with no event) and candidates."""
+    lengths = torch.randint(1, length + 1, (batch,), generator=generator)
+    lengths[:empty_rows] = 0
+    mask = (torch.arange(length).unsqueeze(0) >= (length - lengths).unsqueeze(1)).float()
+    vectors = torch.randn(batch, length, dim, generator=generator) * mask.unsqueeze(-1)
+    types = torch.randint(1, NUM_EVENT_TYPES, (batch, length), generator=generator) * mask.long()
+    values = torch.randint(1, NUM_VALUE_BUCKETS, (batch, length), generator=generator) * mask.long()
+    gaps = torch.randint(0, NUM_GAP_BUCKETS, (batch, length), generator=generator) * mask.long()
+    cands = torch.randn(batch, candidates, dim, generator=generator)
+    return vectors, types, values, gaps, mask, cands
+
+
+def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple, outputs: tuple, dynamic) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module, args, dynamo=True, input_names=list(names), output_names=list(outputs),
+            dynamic_shapes=dynamic, opset_version=OPSET, verbose=False,
+        )  # fmt: skip
+    program.optimize()
+    program.save(str(path), external_data=False)
+
+
+def export_ranker(ranker: SequenceRanker, path: Path) -> None:
+    ranker.eval()
+    args = random_ranker_inputs(3, 7, 5, ranker.dim, torch.Generator().manual_seed(0))
+    b, length, c = Dim("batch"), Dim("history"), Dim("candidates")
+    dynamic = (
+        {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length},
+        {0: b, 1: c},
+    )  # fmt: skip
+    _export(ranker, args, path, RANKER_INPUTS, RANKER_OUTPUTS, dynamic)
+
+
+def export_item_encoder(encoder: ItemTextEncoder, tokenizer, path: Path, max_tokens: int) -> None:
+    encoder.eval()
+    batch = tokenizer(["Toy Story (1995) | Animation, Children's, Comedy", "Heat (1995) | Action, Crime, Thriller",
+                       "A"], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")  # fmt: skip
+    b, t = Dim("batch"), Dim("tokens")
+    dynamic = ({0: b, 1: t}, {0: b, 1: t})
+    _export(encoder, (batch["input_ids"], batch["attention_mask"]), path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic)
+
+
+def ranker_parity(ranker: SequenceRanker, path: Path, seed: int = 1) -> float:
+    """Max |Δ probability| between PyTorch and ONNX Runtime over several random shapes."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch, length, cands in ((1, 1, 1), (2, 9, 17), (5, 50, 100), (16, 33, 7), (4, 50, 300)):
+        args = random_ranker_inputs(batch, length, cands, ranker.dim, gen, empty_rows=1 if batch > 1 else 0)
+        with torch.no_grad():
+            expected = torch.sigmoid(ranker(*args)[0]).numpy()
+        got = session.run(["logits"], {n: a.numpy() for n, a in zip(RANKER_INPUTS, args, strict=True)})[0]
+        worst = max(worst, float(np.abs(1.0 / (1.0 + np.exp(-got)) - expected).max()))
+    return worst

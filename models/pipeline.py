@@ -1,0 +1,221 @@
+"""``clickrank train`` and ``clickrank evaluate``: data → evaluation harness → final fit → export."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.data import load_dataset
+from models.encoder import ItemTextEncoder, load_minilm, minilm_path, pooled_embeddings
+from models.evaluate import evaluate_model, format_table, make_split, popularity_scorer
+from models.export import (
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    RANKER_INPUTS,
+    RANKER_OUTPUTS,
+    export_item_encoder,
+    export_ranker,
+    ranker_parity,
+)
+from models.sequences import make_windows, user_sequences
+from models.train import FitConfig, FitResult, fit
+
+PARITY_TOLERANCE = 1e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    fit: FitConfig = FitConfig()
+    cold_fraction: float = 0.05
+    max_text_tokens: int = 48
+    refit_on_all: bool = True
+    threads: int = 0  # 0: torch's default
+
+    @classmethod
+    def tiny(cls) -> TrainConfig:
+        """Seconds, not minutes: for tests and CI (the real encoder and export, a small head)."""
+        return cls(fit=FitConfig(dim=32, history_length=20, epochs=2, batch_size=256, negatives=32,
+                                 valid_users=100, patience=2), refit_on_all=False)  # fmt: skip
+
+    def replace(self, *, seed: int | None = None, epochs: int | None = None) -> TrainConfig:
+        changes = {k: v for k, v in (("seed", seed), ("epochs", epochs)) if v is not None}
+        return dataclasses.replace(self, fit=dataclasses.replace(self.fit, **changes))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ndcg) = plt.subplots(1, 2, figsize=(10, 4))
+    for name, curve in curves.items():
+        epochs = [c["epoch"] for c in curve]
+        ax_loss.plot(epochs, [c["loss"] for c in curve], marker="o", label=name)
+        if curve and "valid_ndcg10" in curve[0]:
+            ax_ndcg.plot(epochs, [c["valid_ndcg10"] for c in curve], marker="o", label=name)
+    ax_loss.set(title="training loss", xlabel="epoch")
+    ax_ndcg.set(title="validation NDCG@10 (full ranking)", xlabel="epoch")
+    for ax in (ax_loss, ax_ndcg):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run_harness(data_dir: Path, config: TrainConfig, text_features: torch.Tensor | None = None) -> dict:
+    """Fit popularity, ID-only and clickrank on one split and evaluate them in the same harness."""
+    data = load_dataset(data_dir)
+    num_items = len(data.items)
+    sequences = user_sequences(data)
+    if text_features is None:
+        bert, tokenizer = load_minilm()
+        text_features = pooled_embeddings(bert, tokenizer, [it.text for it in data.items], config.max_text_tokens)
+    cfg = config.fit
+    split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
+    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    id_only = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
+    clickrank = fit("clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg)
+    rows = {
+        "popularity": evaluate_model(popularity_scorer(split, num_items), split, num_items),
+        "id-only transformer": evaluate_model(id_only.model.score_all, split, num_items),
+        "clickrank (BERT + transformer)": evaluate_model(clickrank.model.score_all, split, num_items),
+    }
+    return {
+        "rows": rows,
+        "curves": {"id-only": id_only.curve, "clickrank": clickrank.curve},
+        "best_epoch": clickrank.best_epoch,
+        "split": {"train_users": len(split.train), "test_cases": len(split.test),
+                  "cold_items": len(split.cold_items), "cold_cases": len(split.cold_cases)},  # fmt: skip
+        "fit_seconds": {"id-only": id_only.seconds, "clickrank": clickrank.seconds},
+        "model": clickrank.model,
+    }
+
+
+def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_baselines: bool = False) -> dict:
+    """The ``train`` command. Returns the manifest it wrote."""
+    start = time.perf_counter()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data = load_dataset(data_dir)
+    num_items = len(data.items)
+    texts = [it.text for it in data.items]
+    print(f"data: {len(data.ratings)} ratings, {num_items} items, from {data_dir}")
+    bert, tokenizer = load_minilm()
+    text_features = pooled_embeddings(bert, tokenizer, texts, config.max_text_tokens)
+    cfg = config.fit
+
+    metrics: dict = {}
+    curves: dict = {}
+    final: FitResult | None = None
+    epochs = cfg.epochs
+    if not skip_baselines:
+        harness = run_harness(data_dir, config, text_features)
+        print(format_table(harness["rows"]))
+        metrics = {"table": harness["rows"], "split": harness["split"], "fit_seconds": harness["fit_seconds"],
+                   "best_epoch": harness["best_epoch"]}  # fmt: skip
+        curves = harness["curves"]
+        epochs = max(1, harness["best_epoch"])
+        if not config.refit_on_all:
+            final = FitResult(harness["model"])
+    if final is None:
+        all_windows = make_windows(user_sequences(data), cfg.history_length, cfg.stride)
+        final = fit("clickrank (all data)", all_windows, [], np.arange(num_items), num_items, text_features,
+                    dataclasses.replace(cfg, epochs=epochs))  # fmt: skip
+        curves["clickrank (all data)"] = final.curve
+
+    model_dir.mkdir(parents=True, exist_ok=True)
+    model = final.model.eval()
+    with torch.no_grad():
+        text_vectors = model.tower.text_vectors().numpy()
+        id_offsets = model.tower.id_embedding.weight.numpy().copy()
+    seen = np.zeros(num_items, dtype=bool)
+    seen[np.concatenate([s.items for s in user_sequences(data)])] = True
+    id_offsets[~seen] = 0.0
+    np.save(model_dir / "item_vectors.npy", (text_vectors + id_offsets).astype(np.float32))
+    np.save(model_dir / "item_id_offsets.npy", id_offsets.astype(np.float32))
+    (model_dir / "items.json").write_text(json.dumps([{"item_id": it.item_id, "text": it.text} for it in data.items]))
+    shutil.copyfile(minilm_path() / "tokenizer.json", model_dir / "tokenizer.json")
+    export_ranker(model.ranker, model_dir / "ranker.onnx")
+    export_item_encoder(ItemTextEncoder(bert, model.tower.projection), tokenizer, model_dir / "item_encoder.onnx",
+                        config.max_text_tokens)  # fmt: skip
+    parity = ranker_parity(model.ranker, model_dir / "ranker.onnx")
+    if parity > PARITY_TOLERANCE:
+        raise RuntimeError(f"ONNX ranker disagrees with PyTorch: max |Δp| = {parity:.2e} > {PARITY_TOLERANCE}")
+    if curves:
+        _plot_curves(curves, model_dir / "training_curve.png")
+    if metrics:
+        (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+    created = datetime.now(UTC).replace(microsecond=0)
+    d = cfg.dim
+    manifest = {
+        "version": f"{created:%Y%m%dT%H%M%SZ}-{data.data_hash[:8]}",
+        "created": created.isoformat().replace("+00:00", "Z"),
+        "data_hash": data.data_hash,
+        "config": {**dataclasses.asdict(cfg), "max_text_tokens": config.max_text_tokens,
+                   "cold_fraction": config.cold_fraction, "refit_on_all": config.refit_on_all,
+                   "final_epochs": final.best_epoch, "encoder": "sentence-transformers/all-MiniLM-L6-v2"},  # fmt: skip
+        "metrics": metrics,
+        "parity": {"ranker_max_abs_prob_diff": parity, "tolerance": PARITY_TOLERANCE},
+        "graphs": {
+            "ranker.onnx": {
+                "inputs": dict(zip(RANKER_INPUTS, (["B", "L", d], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "L"],
+                                                   ["B", "C", d]), strict=True)),
+                "outputs": dict(zip(RANKER_OUTPUTS, (["B", "C"], ["B", "C", "L"], ["B", d]), strict=True)),
+            },  # fmt: skip
+            "item_encoder.onnx": {
+                "inputs": dict.fromkeys(ENCODER_INPUTS, ["B", "T"]),
+                "outputs": dict.fromkeys(ENCODER_OUTPUTS, ["B", d]),
+            },
+        },
+        "num_items": num_items,
+    }
+    files = ["ranker.onnx", "item_encoder.onnx", "item_vectors.npy", "item_id_offsets.npy", "items.json",
+             "tokenizer.json"]  # fmt: skip
+    manifest["files"] = {name: _sha256(model_dir / name) for name in files}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    print(f"exported model {manifest['version']} to {model_dir} (ONNX parity max |Δp| = {parity:.1e})")
+    print(f"wall time: {time.perf_counter() - start:.1f} s")
+    return manifest
+
+
+def evaluate_command(data_dir: Path, model_dir: Path, json_path: str | None, seeds: int, epochs: int | None) -> None:
+    """Print the saved evaluation table, or re-run the harness for ``seeds`` seeds and print means."""
+    if seeds <= 0:
+        path = model_dir / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: run `clickrank train` first (or pass --seeds N)")
+        result = json.loads(path.read_text())
+        print(format_table(result["table"]))
+    else:
+        runs = [run_harness(data_dir, TrainConfig().replace(seed=s, epochs=epochs)) for s in range(seeds)]
+        names = list(runs[0]["rows"])
+        mean = {n: {part: {k: float(np.mean([r["rows"][n][part][k] for r in runs]))
+                           for k in runs[0]["rows"][n][part]} for part in ("warm", "cold")} for n in names}  # fmt: skip
+        std = {n: {part: {k: float(np.std([r["rows"][n][part][k] for r in runs])) for k in ("NDCG@10", "AUC")}
+                   for part in ("warm", "cold")} for n in names}  # fmt: skip
+        result = {"seeds": seeds, "mean": mean, "std": std, "per_seed": [r["rows"] for r in runs]}
+        print(f"mean over {seeds} seeds:")
+        print(format_table(mean))
+        for n in names:
+            print(f"  {n}: NDCG@10 std {std[n]['warm']['NDCG@10']:.4f}, cold AUC std {std[n]['cold']['AUC']:.4f}")
+    if json_path:
+        Path(json_path).write_text(json.dumps(result, indent=2))

@@ -1,0 +1,186 @@
+"""The sequence head: SASRec-style causal transformer + DIN-style target attention + MLP.
+
+It reads item *vectors* (not ids), so an item the model never saw is scored from its text vector the
+moment its text is known. ``ItemTower`` makes those vectors during training: text projection plus an
+ID embedding with dropout (so the head learns to work without IDs), or IDs only for the baseline.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from models.encoder import TextProjection
+from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
+
+NEG_INF = -1e9
+SCORE_CLAMP = 30.0
+
+
+class ItemTower(nn.Module):
+    """Vectors for every catalog item: text projection (+ ID embedding), or ID embedding only."""
+
+    def __init__(self, num_items: int, dim: int, text_features: torch.Tensor | None, id_dropout: float) -> None:
+        super().__init__()
+        self.use_text = text_features is not None
+        self.id_dropout = id_dropout
+        self.id_embedding = nn.Embedding(num_items, dim)
+        if self.use_text:
+            # Zero-init: an item's ID part only grows where its interactions pull it; unseen items keep 0.
+            nn.init.zeros_(self.id_embedding.weight)
+            self.projection = TextProjection(dim)
+            self.register_buffer("text_features", text_features, persistent=False)
+        else:
+            nn.init.normal_(self.id_embedding.weight, std=0.05)
+
+    def text_vectors(self) -> torch.Tensor:
+        return self.projection(self.text_features)
+
+    def forward(self) -> torch.Tensor:
+        ids = self.id_embedding.weight
+        if not self.use_text:
+            return ids
+        if self.training and self.id_dropout > 0:
+            keep = (torch.rand(ids.shape[0], 1, device=ids.device) >= self.id_dropout).to(ids.dtype)
+            ids = ids * keep
+        return self.text_vectors() + ids
+
+
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block with an explicit causal+padding mask (no NaN on empty rows)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out = nn.Linear(dim, dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        b, length, dim = x.shape
+        hd = dim // self.heads
+        q, k, v = self.qkv(self.ln1(x)).reshape(b, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        scores = scores.masked_fill(~allowed.unsqueeze(1), NEG_INF)
+        att = torch.softmax(scores, dim=-1)
+        y = (att @ v).transpose(1, 2).reshape(b, length, dim)
+        x = x + self.drop(self.out(y))
+        return x + self.drop(self.ffn(self.ln2(x)))
+
+
+class SequenceRanker(nn.Module):
+    """History (left-padded, newest last) + candidates → click logits, attention, user vector."""
+
+    def __init__(self, dim: int, max_len: int, heads: int = 2, layers: int = 2, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.dim = dim
+        self.max_len = max_len
+        self.type_embedding = nn.Embedding(NUM_EVENT_TYPES, dim)
+        self.value_embedding = nn.Embedding(NUM_VALUE_BUCKETS, dim)
+        self.gap_embedding = nn.Embedding(NUM_GAP_BUCKETS, dim)
+        self.position_embedding = nn.Embedding(max_len, dim)
+        for emb in (self.type_embedding, self.value_embedding, self.gap_embedding):
+            # Zero-init: a feature value never seen in training (e.g. "purchase" on MovieLens) stays neutral.
+            nn.init.zeros_(emb.weight)
+        nn.init.normal_(self.position_embedding.weight, std=0.02)
+        self.input_drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
+        self.final_ln = nn.LayerNorm(dim)
+        self.query = nn.Linear(dim, dim, bias=False)
+        self.key = nn.Linear(dim, dim, bias=False)
+        self.mlp = nn.Sequential(nn.Linear(5 * dim, 128), nn.GELU(), nn.Dropout(dropout), nn.Linear(128, 1))
+
+    def encode(
+        self,
+        history_vectors: torch.Tensor,
+        history_types: torch.Tensor,
+        history_values: torch.Tensor,
+        history_gaps: torch.Tensor,
+        history_mask: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal states [B, L, D]; state t has read events 0..t."""
+        length = history_vectors.shape[1]
+        mask = history_mask > 0.5
+        positions = (torch.cumsum(history_mask, dim=1) - 1.0).clamp(0, self.max_len - 1).long()
+        x = (
+            history_vectors
+            + self.type_embedding(history_types)
+            + self.value_embedding(history_values)
+            + self.gap_embedding(history_gaps)
+            + self.position_embedding(positions)
+        )
+        x = self.input_drop(x) * history_mask.unsqueeze(-1)
+        causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
+        # A query attends to real keys up to itself; padding queries attend to themselves (finite, ignored).
+        allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(length, dtype=torch.bool, device=x.device)
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_ln(x) * history_mask.unsqueeze(-1)
+
+    def target_attention(
+        self, states: torch.Tensor, key_mask: torch.Tensor, candidates: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of each candidate over the states: (context [..., C, D], weights [..., C, L]).
+
+        ``states`` [B, L, D]; ``candidates`` [B, *, C, D]; ``key_mask`` broadcastable to [B, *, C, L].
+        Weights are exactly 0 on masked keys and a row with no real key gives a zero context.
+        """
+        keys = self.key(states)
+        while keys.dim() < candidates.dim():
+            keys = keys.unsqueeze(1)
+            states = states.unsqueeze(1)
+        scores = (self.query(candidates) @ keys.transpose(-1, -2)) / math.sqrt(self.dim)
+        scores = scores.clamp(-SCORE_CLAMP, SCORE_CLAMP)
+        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * key_mask
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-9)
+        return weights @ states, weights
+
+    def score(self, user: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits from user state [..., 1|C, D], context [..., C, D] and candidates [..., C, D]."""
+        user = user.expand_as(candidates)
+        features = torch.cat([user, context, candidates, user * candidates, context * candidates], dim=-1)
+        return (user * candidates).sum(-1) + self.mlp(features).squeeze(-1)
+
+    def forward(
+        self,
+        history_vectors: torch.Tensor,
+        history_types: torch.Tensor,
+        history_values: torch.Tensor,
+        history_gaps: torch.Tensor,
+        history_mask: torch.Tensor,
+        candidate_vectors: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The serving signature: (logits [B, C], attention [B, C, L], user_vectors [B, D])."""
+        states = self.encode(history_vectors, history_types, history_values, history_gaps, history_mask)
+        user = states[:, -1, :]  # newest slot; zero when the history is empty
+        context, weights = self.target_attention(states, history_mask.unsqueeze(1), candidate_vectors)
+        logits = self.score(user.unsqueeze(1), context, candidate_vectors)
+        return logits, weights, user
+
+    def sequence_logits(
+        self,
+        states: torch.Tensor,
+        history_mask: torch.Tensor,
+        positives: torch.Tensor,
+        negatives: torch.Tensor,
+    ) -> torch.Tensor:
+        """Training: logits at every position t for [next item, K shared negatives]: [B, L, 1+K].
+
+        State t reads events 0..t, and so does its target attention (causal key mask).
+        """
+        b, length, dim = states.shape
+        causal = torch.ones(length, length, dtype=torch.bool, device=states.device).tril()
+        key_mask = (causal.unsqueeze(0) & (history_mask > 0.5).unsqueeze(1)).to(states.dtype)  # [B, L(t), L(j)]
+        cands = torch.cat([positives.unsqueeze(2), negatives.expand(b, length, -1, -1)], dim=2)  # [B,L,1+K,D]
+        context, _ = self.target_attention(states, key_mask.unsqueeze(2), cands)
+        return self.score(states.unsqueeze(2), context, cands)
+
+    def prior_logits(self, candidates: torch.Tensor) -> torch.Tensor:
+        """Logits with an empty history (user state and context are zero)."""
+        zeros = torch.zeros_like(candidates)
+        return self.score(zeros, zeros, candidates)

@@ -1,0 +1,92 @@
+"""Per-user, time-ordered event sequences and the fixed-length windows the model trains on."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.data import Dataset
+from models.features import encode_window, event_type_id, value_bucket
+
+RATE = event_type_id("rate")
+
+
+@dataclass(frozen=True)
+class UserSequence:
+    user_id: str
+    items: np.ndarray  # int64 catalog rows, oldest first
+    values: np.ndarray  # int64 value buckets
+    timestamps: np.ndarray  # float64 seconds
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def slice(self, stop: int) -> UserSequence:
+        return UserSequence(self.user_id, self.items[:stop], self.values[:stop], self.timestamps[:stop])
+
+    def without(self, excluded: np.ndarray) -> UserSequence:
+        keep = ~np.isin(self.items, excluded)
+        return UserSequence(self.user_id, self.items[keep], self.values[keep], self.timestamps[keep])
+
+
+def user_sequences(data: Dataset) -> list[UserSequence]:
+    """Every user's ratings as a sequence, ordered by time (ratings are already time-sorted)."""
+    row = {item_id: i for i, item_id in enumerate(data.item_ids)}
+    r = data.ratings
+    items = np.fromiter((row[i] for i in r.item_ids), dtype=np.int64, count=len(r))
+    values = np.fromiter((value_bucket(float(v)) for v in r.ratings), dtype=np.int64, count=len(r))
+    users = r.user_ids
+    order = np.argsort(users, kind="stable")  # group by user, keep time order inside
+    bounds = np.flatnonzero(users[order][1:] != users[order][:-1]) + 1
+    out = []
+    for idx in np.split(order, bounds):
+        out.append(UserSequence(str(users[idx[0]]), items[idx], values[idx], r.timestamps[idx].astype(np.float64)))
+    return out
+
+
+@dataclass(frozen=True)
+class Windows:
+    """Training windows: inputs (left-padded to L) and the next item at every position."""
+
+    items: np.ndarray  # [W, L] int64 (0 on padding; check mask)
+    types: np.ndarray  # [W, L]
+    values: np.ndarray  # [W, L]
+    gaps: np.ndarray  # [W, L]
+    mask: np.ndarray  # [W, L] float32
+    targets: np.ndarray  # [W, L] int64, -1 where there is no next item
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def history_arrays(seq: UserSequence, length: int) -> tuple[np.ndarray, ...]:
+    """The last ``length`` events of a sequence as left-padded (items, types, values, gaps, mask)."""
+    types, values, gaps, mask = encode_window([RATE] * len(seq), seq.values, seq.timestamps, length)
+    items = np.zeros(length, dtype=np.int64)
+    n = min(len(seq), length)
+    if n:
+        items[length - n :] = seq.items[-n:]
+    return items, types, values, gaps, mask
+
+
+def make_windows(sequences: list[UserSequence], length: int, stride: int) -> Windows:
+    """Windows of ``length + 1`` events ending every ``stride`` events from each sequence's end."""
+    rows: list[tuple[np.ndarray, ...]] = []
+    for seq in sequences:
+        n = len(seq)
+        if n < 2:
+            continue
+        for end in range(n, 1, -stride):
+            start = max(0, end - length - 1)
+            inputs = UserSequence(seq.user_id, seq.items[start : end - 1], seq.values[start : end - 1],
+                                  seq.timestamps[start : end - 1])  # fmt: skip
+            items, types, values, gaps, mask = history_arrays(inputs, length)
+            targets = np.full(length, -1, dtype=np.int64)
+            k = end - 1 - start
+            targets[length - k :] = seq.items[start + 1 : end]
+            rows.append((items, types, values, gaps, mask, targets))
+            if start == 0:
+                break
+    stacked = [np.stack(col) for col in zip(*rows, strict=True)]
+    return Windows(*stacked)

@@ -1,0 +1,547 @@
+"""The FastAPI application: routes of the v1 API, error handling, request middleware and lifespan.
+
+Handlers stay thin: request logic lives in ``service.ranking``, storage in ``service.store`` and
+``service.catalog``. Every failure has a defined JSON answer (``{"error": {"code", "message", ...}}``):
+invalid input 422, a missing model 503 ``model_unavailable``, Redis down 503 ``store_unavailable``,
+a full batcher queue 503 ``overloaded`` with ``Retry-After``, a request past its deadline 504
+``deadline_exceeded``, anything unexpected 500 ``internal`` with a request id and a logged traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Annotated, Any, TypeVar
+
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.batcher import BatcherClosed, MicroBatcher, QueueFull
+from service.catalog import ItemCatalog
+from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, MODEL_INFO, REQUEST_LATENCY, REQUESTS
+from service.ranking import Ranker
+from service.runtime import OnnxModels
+from service.schemas import (
+    CANDIDATE_TAGS,
+    ID_PATTERN,
+    BatchingInfo,
+    ErrorBody,
+    ErrorDetail,
+    ErrorResponse,
+    EventsRequest,
+    EventsResponse,
+    ForgetResponse,
+    HistoryEvent,
+    HistoryResponse,
+    ItemOut,
+    ItemsRequest,
+    ItemsResponse,
+    ModelInfo,
+    PredictRequest,
+    PredictResponse,
+    RecommendRequest,
+    RecommendResponse,
+    Status,
+)
+from service.settings import Settings
+from service.store import HistoryStore, StoredEvent, StoreUnavailable
+
+log = logging.getLogger("clickrank.api")
+
+T = TypeVar("T")
+STORE_RETRY_AFTER_S = 1
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+class ApiError(Exception):
+    """An expected failure with its HTTP status and stable error code."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers
+
+
+@dataclass
+class Services:
+    """Everything the routes use; built by the lifespan, reachable as ``app.state.services``."""
+
+    settings: Settings
+    store: HistoryStore
+    models: OnnxModels | None = None
+    catalog: ItemCatalog | None = None
+    batcher: MicroBatcher | None = None
+    ranker: Ranker | None = None
+    model_error: str | None = "model not loaded yet"
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def require_ranker(self) -> Ranker:
+        if self.ranker is None:
+            raise ApiError(503, "model_unavailable", f"the model is not available: {self.model_error}")
+        return self.ranker
+
+
+# -------------------------------------------------------------------------------------------- lifespan
+
+
+async def _load_model(services: Services) -> None:
+    """Load the ONNX graphs and the catalog, start the batcher, warm every shape bucket.
+
+    A failure leaves the app running without a model: ``/readyz`` says why and model routes answer 503.
+    """
+    settings = services.settings
+    try:
+        models = await asyncio.to_thread(
+            OnnxModels, settings.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads
+        )
+        catalog = await asyncio.to_thread(
+            ItemCatalog.from_model_dir, settings.model_dir, models.version, redis_prefix=settings.redis_prefix
+        )
+        await asyncio.to_thread(models.warm_up)
+    except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
+        services.model_error = f"{type(exc).__name__}: {exc}"
+        log.error("model not loaded from %s: %s", settings.model_dir, services.model_error)
+        return
+    batcher = MicroBatcher(
+        models.rank,
+        max_batch_size=settings.max_batch_size,
+        max_delay_ms=settings.max_batch_delay_ms,
+        max_queue=settings.max_queue,
+    )
+    await batcher.start()
+    services.models, services.catalog, services.batcher = models, catalog, batcher
+    services.ranker = Ranker(
+        models,
+        catalog,
+        services.store,
+        batcher,
+        history_length=min(settings.history_length, models.history_length),
+        retrieval_size=settings.retrieval_size,
+    )
+    services.model_error = None
+    for provider in models.providers:
+        MODEL_INFO.labels(version=models.version, provider=provider).set(1)
+    log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
+    await _sync_catalog_once(services)
+    services.tasks.append(asyncio.create_task(_sync_catalog_forever(services), name="catalog-sync"))
+
+
+async def _sync_catalog_once(services: Services) -> None:
+    assert services.catalog is not None
+    try:
+        applied = await services.catalog.sync(services.store.client)
+    except Exception as exc:  # Redis down or slow: the next round retries; the catalog stays usable
+        log.warning("catalog sync failed: %s", exc)
+        return
+    if applied:
+        log.info("catalog sync applied %d items published by other replicas", applied)
+
+
+async def _sync_catalog_forever(services: Services) -> None:
+    """Pick up items that other replicas (or a previous run) published, every ``item_sync_interval_s``."""
+    while True:
+        await asyncio.sleep(services.settings.item_sync_interval_s)
+        await _sync_catalog_once(services)
+
+
+async def _shutdown(services: Services) -> None:
+    """Stop taking work, finish queued requests, stop background tasks, close Redis."""
+    if services.batcher is not None:
+        await services.batcher.stop(drain=True)
+    for task in services.tasks:
+        task.cancel()
+    for task in services.tasks:
+        with suppress(asyncio.CancelledError):
+            await task
+    await services.store.close()
+
+
+# ------------------------------------------------------------------------------------------ middleware
+
+
+class RequestContextMiddleware:
+    """Request id (``X-Request-ID`` echoed or generated), body size limit, metrics by route template,
+    and the last line of defence: an unexpected exception becomes a JSON 500, never a traceback."""
+
+    def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body_bytes:  # a chunked body without Content-Length
+                raise StarletteHTTPException(413, self._too_large)
+            return message
+
+        try:
+            if _content_length(headers) > self.max_body_bytes:
+                await _error_response(413, "payload_too_large", self._too_large, request_id)(
+                    scope, receive, send_with_id
+                )
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            if not response_started:
+                await _error_response(500, "internal", "internal error", request_id)(
+                    scope, receive, send_with_id
+                )
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            REQUESTS.labels(route=template, method=scope["method"], status=str(status)).inc()
+            REQUEST_LATENCY.labels(route=template).observe(time.perf_counter() - started)
+
+    @property
+    def _too_large(self) -> str:
+        return f"request body larger than {self.max_body_bytes} bytes"
+
+
+def _content_length(headers: dict[bytes, bytes]) -> int:
+    try:
+        return int(headers.get(b"content-length", b"0"))
+    except ValueError:
+        return 0
+
+
+# -------------------------------------------------------------------------------------- error handling
+
+
+def _error_response(
+    status: int,
+    code: str,
+    message: str,
+    request_id: str | None,
+    *,
+    details: Sequence[ErrorDetail] = (),
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = ErrorResponse(
+        error=ErrorBody(code=code, message=message, details=list(details), request_id=request_id)
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    return request.scope.get("state", {}).get("request_id")
+
+
+def field_path(loc: Sequence[str | int]) -> str:
+    """``("body", "events", 3, "type")`` → ``events[3].type`` (union tags of candidates dropped)."""
+    parts: list[str] = []
+    for i, part in enumerate(loc):
+        if i == 0 and part in ("body", "query", "path", "header"):
+            continue
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        elif part in CANDIDATE_TAGS and i > 0 and isinstance(loc[i - 1], int):
+            continue
+        else:
+            parts.append(f".{part}" if parts else str(part))
+    return "".join(parts) or "body"
+
+
+def _validation_details(exc: RequestValidationError) -> list[ErrorDetail]:
+    details = []
+    for err in exc.errors():
+        message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+        if err.get("type") == "model_type" and err["loc"] and err["loc"][-1] == "object":
+            message = "expected an item id (string) or an object {item_id, text}"
+        details.append(ErrorDetail(field=field_path(err["loc"]), message=message, type=err.get("type")))
+    return details
+
+
+_HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = _validation_details(exc)
+        message = "; ".join(f"{d.field}: {d.message}" for d in details[:3])
+        if len(details) > 3:
+            message += f" (and {len(details) - 3} more)"
+        return _error_response(422, "validation_error", message, _request_id(request), details=details)
+
+    async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning(
+                "%s %s → %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message
+            )
+        return _error_response(exc.status, exc.code, exc.message, _request_id(request), headers=exc.headers)
+
+    async def on_store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("%s %s → 503 store unavailable: %s", request.method, request.url.path, exc)
+        message = f"the history store (Redis) is unavailable: {exc}"
+        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        return _error_response(503, "store_unavailable", message, _request_id(request), headers=headers)
+
+    async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        log.warning("%s %s → 503 inference queue full", request.method, request.url.path)
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+        message = "the inference queue is full; retry later"
+        return _error_response(503, "overloaded", message, _request_id(request), headers=headers)
+
+    async def on_batcher_closed(request: Request, exc: BatcherClosed) -> JSONResponse:
+        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        message = "the service is shutting down"
+        return _error_response(503, "shutting_down", message, _request_id(request), headers=headers)
+
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "http_error")
+        return _error_response(
+            exc.status_code, code, str(exc.detail), _request_id(request), headers=exc.headers
+        )
+
+    app.add_exception_handler(RequestValidationError, on_validation)  # type: ignore[arg-type]
+    app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]
+    app.add_exception_handler(StoreUnavailable, on_store_unavailable)  # type: ignore[arg-type]
+    app.add_exception_handler(QueueFull, on_queue_full)  # type: ignore[arg-type]
+    app.add_exception_handler(BatcherClosed, on_batcher_closed)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
+
+
+# -------------------------------------------------------------------------------------------- routes
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+UserIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+ItemIdPath = Annotated[str, Path(min_length=1, max_length=128, pattern=ID_PATTERN)]
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="when CLICKRANK_API_KEYS is set"
+)
+
+
+def require_api_key(services: ServicesDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
+    accepted = services.settings.api_key_list()
+    if accepted and not (key and any(secrets.compare_digest(key, a) for a in accepted)):
+        raise ApiError(401, "unauthorized", "missing or invalid X-API-Key header")
+
+
+async def within_deadline(services: Services, work: Awaitable[T]) -> T:
+    """Run one request's work under ``request_timeout_ms``: a late answer is a 504, never a hang."""
+    timeout_ms = services.settings.request_timeout_ms
+    try:
+        async with asyncio.timeout(timeout_ms / 1000.0):
+            return await work
+    except TimeoutError:
+        raise ApiError(504, "deadline_exceeded", f"the request took longer than {timeout_ms:g} ms") from None
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": ErrorResponse} for status in statuses}
+
+
+v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401, 413, 422, 500))
+
+
+@v1.post("/events", response_model=EventsResponse, responses=_errors(503, 504))
+async def post_events(body: EventsRequest, services: ServicesDep) -> EventsResponse:
+    """Store behaviour events, all or nothing; acknowledged only once Redis has them. A repeated
+    ``event_id`` is acknowledged as a duplicate and not stored twice."""
+    events = [
+        (e.user_id, StoredEvent(item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value,
+                                event_id=e.event_id))
+        for e in body.events
+    ]  # fmt: skip
+    accepted, duplicates = await within_deadline(services, services.store.append(events))
+    EVENTS_INGESTED.labels(result="stored").inc(accepted)
+    EVENTS_INGESTED.labels(result="duplicate").inc(duplicates)
+    return EventsResponse(accepted=accepted, duplicates=duplicates)
+
+
+@v1.post(
+    "/predict", response_model=PredictResponse, response_model_exclude_none=True, responses=_errors(503, 504)
+)
+async def predict(body: PredictRequest, services: ServicesDep) -> PredictResponse:
+    """Click probability of each candidate for the user, best first. Candidates unknown to the catalog
+    are scored if given with ``text`` (encoded on the fly, not added to the catalog), else listed in
+    ``unknown_items``. If Redis is unreachable the answer uses ``context`` alone and says ``degraded``."""
+    return await within_deadline(services, services.require_ranker().predict(body))
+
+
+@v1.post(
+    "/recommend",
+    response_model=RecommendResponse,
+    response_model_exclude_none=True,
+    responses=_errors(503, 504),
+)
+async def recommend(body: RecommendRequest, services: ServicesDep) -> RecommendResponse:
+    """The user's next items over the whole catalog: vector retrieval, then the ranker. A user without
+    history gets trending items (recency-weighted), scored by the ranker."""
+    return await within_deadline(services, services.require_ranker().recommend(body))
+
+
+@v1.post("/items", response_model=ItemsResponse, responses=_errors(503, 504))
+async def post_items(body: ItemsRequest, services: ServicesDep) -> ItemsResponse:
+    """Add or update items: the text is encoded by the BERT encoder, published to Redis for every
+    replica, then applied locally; the item can be ranked by the very next request."""
+    ranker = services.require_ranker()
+    texts = {item.item_id: item.text for item in body.items}  # a repeated id: the last text wins
+
+    async def upsert() -> int:
+        vectors = await ranker.encode(list(texts.values()))
+        items = [(item_id, text, vectors[i]) for i, (item_id, text) in enumerate(texts.items())]
+        await ranker.catalog.publish(services.store.client, items)  # also applies them locally
+        return len(items)
+
+    upserted = await within_deadline(services, upsert())
+    ITEMS_UPSERTED.inc(upserted)
+    return ItemsResponse(upserted=upserted)
+
+
+@v1.get("/items/{item_id}", response_model=ItemOut, responses=_errors(404, 503))
+async def get_item(item_id: ItemIdPath, services: ServicesDep) -> ItemOut:
+    found = services.require_ranker().catalog.get(item_id)
+    if found is None:
+        raise ApiError(404, "not_found", f"item {item_id!r} is not in the catalog")
+    return ItemOut(item_id=item_id, text=found[0])
+
+
+@v1.get("/users/{user_id}/history", response_model=HistoryResponse, response_model_exclude_none=True,
+        responses=_errors(503, 504))  # fmt: skip
+async def get_history(
+    user_id: UserIdPath,
+    services: ServicesDep,
+    limit: Annotated[int | None, Query(ge=1, description="default: every stored event")] = None,
+) -> HistoryResponse:
+    """The user's most recent stored events, newest last."""
+    n = min(limit or services.settings.history_cap, services.settings.history_cap)
+    events, _ = await within_deadline(services, services.store.history(user_id, n))
+    return HistoryResponse(
+        user_id=user_id,
+        events=[
+            HistoryEvent(
+                item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value, event_id=e.event_id
+            )
+            for e in events
+        ],
+    )
+
+
+@v1.delete("/users/{user_id}", response_model=ForgetResponse, responses=_errors(503, 504))
+async def forget_user(user_id: UserIdPath, services: ServicesDep) -> ForgetResponse:
+    """Forget everything stored about the user (history, seen-set). Idempotent."""
+    forgotten = await within_deadline(services, services.store.forget(user_id))
+    return ForgetResponse(user_id=user_id, forgotten=forgotten)
+
+
+@v1.get("/model", response_model=ModelInfo, responses=_errors(503))
+async def model_info(services: ServicesDep) -> ModelInfo:
+    ranker = services.require_ranker()
+    settings, models = services.settings, ranker.models
+    return ModelInfo(
+        version=models.version,
+        created=models.manifest.get("created"),
+        dim=models.dim,
+        history_length=ranker.history_length,
+        catalog_size=len(ranker.catalog),
+        metrics=models.manifest.get("metrics", {}),
+        providers=list(models.providers),
+        batching=BatchingInfo(
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            max_queue=settings.max_queue,
+            queue_depth=ranker.batcher.queue_depth,
+        ),
+    )
+
+
+ops = APIRouter(tags=["operations"])
+
+
+@ops.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """Liveness: the process answers."""
+    return Status(status="ok")
+
+
+@ops.get("/readyz", response_model=Status, responses=_errors(503))
+async def readyz(request: Request, services: ServicesDep) -> Status | JSONResponse:
+    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline."""
+    problems = []
+    if services.ranker is None:
+        problems.append(
+            ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
+        )
+    try:
+        await services.store.ping()
+    except StoreUnavailable as exc:
+        problems.append(ErrorDetail(field="redis", message=str(exc), type="store_unavailable"))
+    if problems:
+        message = "not ready: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
+        return _error_response(503, "not_ready", message, _request_id(request), details=problems)
+    return Status(status="ready")
+
+
+@ops.get("/metrics", response_class=Response)
+async def metrics() -> Response:
+    """Prometheus metrics, text exposition format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The application; ``settings`` default to the ``CLICKRANK_*`` environment."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services(settings=settings, store=HistoryStore.from_settings(settings))
+        app.state.services = services
+        try:
+            await _load_model(services)
+            yield
+        finally:
+            await _shutdown(services)
+
+    app = FastAPI(
+        title="clickrank",
+        version="1",
+        summary="Click probability and next-item recommendations from live user histories.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(v1)
+    app.include_router(ops)
+    app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

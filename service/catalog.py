@@ -1,0 +1,268 @@
+"""The item table: ids ↔ rows, texts, vectors; loaded from the model dir, extended online, shared via Redis.
+
+Concurrency: the arrays are never written in place. An upsert builds a new snapshot (ids, texts, index,
+vectors) and swaps it in with one attribute assignment, so the inference thread keeps reading the arrays
+it already holds. Rows are only ever appended, never moved or removed, so a row number obtained from
+``index_of`` is valid in ``vectors`` read at that moment or any time later.
+
+Sharing: ``publish`` writes each item's *text* vector (float32 bytes) and text to the hash
+``{prefix}items:{model_version}`` and bumps the revision ``…:rev``; the log ``…:log`` maps each item id to
+the revision of its last publication. ``sync`` pulls the ids logged after the last revision it saw.
+Every key carries the model version, so vectors of another model never mix in; each replica adds its
+own model's ID-embedding offset (``text vector + offset`` for items known at training time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+from pathlib import Path
+
+import numpy as np
+from redis.asyncio import Redis
+
+from service.store import redis_call
+
+log = logging.getLogger(__name__)
+
+_SYNC_CHUNK = 2000
+_PUBLISH_LUA = r"""#!lua
+local rev = redis.call('INCR', KEYS[2])
+for i = 1, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('ZADD', KEYS[3], rev, ARGV[i])
+end
+return rev
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    item_ids: list[str]
+    texts: list[str]
+    index: dict[str, int]
+    vectors: np.ndarray  # [N, D] float32, read-only
+    offsets: np.ndarray  # [N, D] float32, read-only
+
+
+def _frozen(array: np.ndarray) -> np.ndarray:
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    array.flags.writeable = False
+    return array
+
+
+class ItemCatalog:
+    """Item table of one model version (see the module docstring for the concurrency contract)."""
+
+    def __init__(
+        self,
+        item_ids: list[str],
+        texts: list[str],
+        vectors: np.ndarray,
+        id_offsets: np.ndarray,
+        model_version: str,
+        *,
+        redis_prefix: str = "cr:",
+        timeout_s: float = 1.0,
+    ) -> None:
+        if vectors.ndim != 2 or id_offsets.shape != vectors.shape:
+            raise ValueError(
+                f"item vectors {vectors.shape} and id offsets {id_offsets.shape} must both be [N, D]"
+            )
+        if not (len(item_ids) == len(texts) == len(vectors)):
+            raise ValueError(
+                f"{len(item_ids)} ids, {len(texts)} texts and {len(vectors)} vectors differ in count"
+            )
+        index = {item_id: row for row, item_id in enumerate(item_ids)}
+        if len(index) != len(item_ids):
+            raise ValueError("duplicate item ids")
+        if not np.isfinite(vectors).all() or not np.isfinite(id_offsets).all():
+            raise ValueError("item vectors contain NaN or infinity")
+        self.model_version = model_version
+        self.dim = int(vectors.shape[1])
+        vectors, id_offsets = np.array(vectors, np.float32), np.array(id_offsets, np.float32)  # own copies
+        self._state = _Snapshot(list(item_ids), list(texts), index, _frozen(vectors), _frozen(id_offsets))
+        self._write_lock = threading.Lock()
+        self._revision = 0  # last revision of the shared log applied by sync
+        self._timeout_s = timeout_s
+        base = f"{redis_prefix}items:{model_version}"
+        self._keys = (base, f"{base}:rev", f"{base}:log")
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, model_version: str, **kwargs: object) -> ItemCatalog:
+        """Load items.json, item_vectors.npy and item_id_offsets.npy; a ValueError names the bad file."""
+        model_dir = Path(model_dir)
+        paths = [model_dir / name for name in ("items.json", "item_vectors.npy", "item_id_offsets.npy")]
+        for path in paths:
+            if not path.is_file():
+                raise ValueError(f"{path}: file not found")
+        try:
+            items = json.loads(paths[0].read_text(encoding="utf-8"))
+            ids = [str(item["item_id"]) for item in items]
+            texts = [str(item["text"]) for item in items]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{paths[0]}: expected a list of {{item_id, text}} objects ({exc})") from None
+        arrays = []
+        for path in paths[1:]:
+            try:
+                arrays.append(np.load(path, allow_pickle=False))
+            except ValueError as exc:
+                raise ValueError(f"{path}: not a numpy array file ({exc})") from None
+        try:
+            return cls(ids, texts, arrays[0], arrays[1], model_version, **kwargs)  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise ValueError(f"{model_dir}: inconsistent item table: {exc}") from None
+
+    def __len__(self) -> int:
+        return len(self._state.item_ids)
+
+    def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
+        """int64 rows, -1 for unknown ids."""
+        index = self._state.index
+        return np.fromiter(map(index.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Catalog order; do not mutate (it is shared with the current snapshot)."""
+        return self._state.item_ids
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """[N, D] float32, read-only; replaced (never mutated) on upsert."""
+        return self._state.vectors
+
+    def get(self, item_id: str) -> tuple[str, np.ndarray] | None:
+        """(text, vector) or None."""
+        state = self._state
+        row = state.index.get(item_id)
+        return None if row is None else (state.texts[row], state.vectors[row])
+
+    def _validate(self, items: Sequence[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, np.ndarray]]:
+        out = []
+        for i, (item_id, text, vector) in enumerate(items):
+            vec = np.asarray(vector, dtype=np.float32)
+            if not isinstance(item_id, str) or not item_id or not isinstance(text, str):
+                raise ValueError(f"item {i}: item_id must be a non-empty string and text a string")
+            if vec.shape != (self.dim,) or not np.isfinite(vec).all():
+                raise ValueError(
+                    f"item {i} ({item_id}): vector must be {self.dim} finite floats, got {vec.shape}"
+                )
+            out.append((item_id, text, vec))
+        return out
+
+    def upsert_local(self, items: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Add or update (item_id, text, text_vector) in this process only. A known item's stored vector is
+        text_vector + its ID offset, a new item's the text vector. Invalid input raises, changes nothing."""
+        self._apply(self._validate(items))
+
+    def _apply(self, items: list[tuple[str, str, np.ndarray]]) -> int:
+        """Swap in a snapshot with the validated items; returns how many items changed."""
+        if not items:
+            return 0
+        with self._write_lock:
+            old = self._state
+            ids, texts, index = list(old.item_ids), list(old.texts), dict(old.index)
+            updates: dict[int, np.ndarray] = {}
+            new_vectors: list[np.ndarray] = []
+            for item_id, text, vec in items:
+                row = index.get(item_id)
+                if row is None:
+                    index[item_id] = len(ids)
+                    ids.append(item_id)
+                    texts.append(text)
+                    new_vectors.append(vec)
+                elif row >= len(old.item_ids):  # added earlier in this same call
+                    texts[row] = text
+                    new_vectors[row - len(old.item_ids)] = vec
+                else:
+                    vec = vec + old.offsets[row]
+                    if text != texts[row] or not np.array_equal(vec, old.vectors[row]):
+                        texts[row] = text
+                        updates[row] = vec
+            if not updates and not new_vectors:
+                return 0  # nothing changed (e.g. a replica re-reading its own publication)
+            vectors, offsets = old.vectors, old.offsets
+            if updates:
+                vectors = vectors.copy()
+                rows = np.fromiter(updates, dtype=np.int64, count=len(updates))
+                vectors[rows] = np.stack(list(updates.values()))
+            if new_vectors:
+                vectors = np.concatenate([vectors, np.stack(new_vectors)])
+                offsets = _frozen(
+                    np.concatenate([offsets, np.zeros((len(new_vectors), self.dim), np.float32)])
+                )
+            self._state = _Snapshot(ids, texts, index, _frozen(vectors), offsets)
+            return len(updates) + len(new_vectors)
+
+    async def publish(self, client: Redis, items: Sequence[tuple[str, str, np.ndarray]]) -> None:
+        """Persist (item_id, text, text_vector) in Redis for every replica and a restart (one atomic script),
+        then apply them locally. Raises ValueError (nothing written) or StoreUnavailable."""
+        items = self._validate(items)
+        if not items:
+            return
+        args: list[str | bytes] = []
+        for item_id, text, vec in items:
+            args += [item_id, vec.astype("<f4").tobytes() + text.encode("utf-8")]
+        script = client.register_script(_PUBLISH_LUA)
+        await redis_call("catalog_publish", script(keys=list(self._keys), args=args), self._timeout_s)
+        self.upsert_local(items)
+
+    async def sync(self, client: Redis) -> int:
+        """Apply the items published by any replica since the last sync; returns how many changed here.
+
+        Reads the log in chunks until it is caught up. If the shared revision went backwards (Redis lost
+        its data), everything still there is re-read."""
+        applied = 0
+        while True:
+            n, more = await self._sync_chunk(client)
+            applied += n
+            if not more:
+                return applied
+
+    async def _sync_chunk(self, client: Redis) -> tuple[int, bool]:
+        base, rev_key, log_key = self._keys
+
+        async def changes() -> list:
+            async with client.pipeline(transaction=True) as pipe:
+                pipe.get(rev_key)
+                pipe.zrangebyscore(
+                    log_key, f"({self._revision}", "+inf", start=0, num=_SYNC_CHUNK, withscores=True
+                )
+                return await pipe.execute()
+
+        current, changed = await redis_call("catalog_sync", changes(), self._timeout_s)
+        if int(current or 0) < self._revision:
+            log.warning("item log revision went back from %d to %s: re-reading all", self._revision, current)
+            self._revision = 0
+            return 0, True
+        if not changed:
+            return 0, False
+        more = len(changed) == _SYNC_CHUNK
+        if more:  # never split one revision across chunks: drop the last, possibly partial, revision
+            last = changed[-1][1]
+            if changed[0][1] == last:  # one publication larger than a chunk: read it whole
+                changed = await redis_call(
+                    "catalog_sync",
+                    client.zrangebyscore(log_key, last, last, withscores=True),
+                    self._timeout_s,
+                )
+            else:
+                changed = [entry for entry in changed if entry[1] != last]
+        ids = [member.decode() for member, _ in changed]
+        blobs = await redis_call("catalog_sync", client.hmget(base, ids), self._timeout_s)
+        items = []
+        width = 4 * self.dim
+        for item_id, blob in zip(ids, blobs, strict=True):
+            if blob is None or len(blob) < width:
+                log.warning(
+                    "published item %r of model %s is missing or malformed", item_id, self.model_version
+                )
+                continue
+            items.append((item_id, blob[width:].decode("utf-8"), np.frombuffer(blob[:width], dtype="<f4")))
+        applied = self._apply(self._validate(items))
+        self._revision = int(changed[-1][1])  # the log is read in revision order
+        return applied, more

@@ -1,0 +1,270 @@
+"""Predict and recommend: stored history + request context → ranker features → batcher → ranked answer.
+
+Pure of HTTP: the app maps the exceptions raised here (``StoreUnavailable`` only where an answer is
+impossible without Redis, ``QueueFull``, ``BatcherClosed``) to status codes. When the history read fails
+the answer is computed from the request's ``context`` alone and flagged ``degraded``.
+
+All reads of the catalog's rows and vectors for one request happen without an ``await`` in between, so
+they come from one consistent snapshot even while ``POST /v1/items`` or the sync task replace them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from models.features import event_type_id, gap_buckets, value_bucket
+from service.batcher import MicroBatcher
+from service.catalog import ItemCatalog
+from service.metrics import DEGRADED
+from service.runtime import OnnxModels, RankRequest, RankResult
+from service.schemas import (
+    CandidateItem,
+    ContextEvent,
+    Influence,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    RecommendRequest,
+    RecommendResponse,
+)
+from service.store import HistoryStore, StoredEvent, StoreUnavailable
+
+log = logging.getLogger("clickrank.ranking")
+
+EXPLAIN_TOP = 5
+"""History items reported per candidate when ``explain`` is asked."""
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Numerically stable logistic function (no overflow for large |logit|)."""
+    x = np.asarray(logits, dtype=np.float64)
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def merge_events(stored: Sequence[StoredEvent], context: Sequence[ContextEvent]) -> list[StoredEvent]:
+    """Stored events plus the request's context events, ordered by timestamp, newest last.
+
+    A context event whose ``event_id`` is already stored is the same event sent twice and is skipped.
+    The sort is stable: at equal timestamps stored events come before context events.
+    """
+    stored_ids = {e.event_id for e in stored if e.event_id is not None}
+    extra = [
+        StoredEvent(item_id=c.item_id, type=c.type, timestamp=c.timestamp, value=c.value, event_id=c.event_id)
+        for c in context
+        if c.event_id is None or c.event_id not in stored_ids
+    ]
+    return sorted([*stored, *extra], key=lambda e: e.timestamp)
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """The history the ranker reads for one request: catalog items only, oldest first."""
+
+    item_ids: list[str]
+    vectors: np.ndarray  # [n, D] f32
+    types: np.ndarray  # [n] i64
+    values: np.ndarray  # [n] i64
+    gaps: np.ndarray  # [n] i64
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def request(self, candidate_vectors: np.ndarray) -> RankRequest:
+        return RankRequest(
+            history_vectors=self.vectors,
+            history_types=self.types,
+            history_values=self.values,
+            history_gaps=self.gaps,
+            candidate_vectors=np.ascontiguousarray(candidate_vectors, dtype=np.float32),
+        )
+
+
+def build_window(events: Sequence[StoredEvent], catalog: ItemCatalog, length: int) -> Window:
+    """The last ``length`` events (time-ordered) whose item is in the catalog, as ranker features.
+
+    Unknown items are dropped before the cut, so the ranker always gets up to ``length`` real events.
+    Gaps are computed over the kept events, as in training.
+    """
+    rows = catalog.index_of([e.item_id for e in events]) if events else np.empty(0, dtype=np.int64)
+    keep = np.flatnonzero(rows >= 0)[-length:].tolist() if length > 0 else []
+    kept = [events[i] for i in keep]
+    vectors = catalog.vectors[rows[keep]] if keep else np.zeros((0, catalog.dim), dtype=np.float32)
+    return Window(
+        item_ids=[e.item_id for e in kept],
+        vectors=np.ascontiguousarray(vectors, dtype=np.float32),
+        types=np.asarray([event_type_id(e.type) for e in kept], dtype=np.int64),
+        values=np.asarray([value_bucket(e.value) for e in kept], dtype=np.int64),
+        gaps=gap_buckets([e.timestamp for e in kept]),
+    )
+
+
+def influences(attention: np.ndarray, item_ids: Sequence[str], top: int = EXPLAIN_TOP) -> list[Influence]:
+    """The history items a candidate attended to most; repeated events of one item are summed."""
+    totals: dict[str, float] = {}
+    for item_id, weight in zip(item_ids, attention.tolist(), strict=True):
+        totals[item_id] = totals.get(item_id, 0.0) + weight
+    best = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[:top]
+    return [Influence(item_id=item_id, weight=round(weight, 4)) for item_id, weight in best]
+
+
+def rank_predictions(
+    item_ids: Sequence[str], result: RankResult, window: Window, top_k: int | None, explain: bool
+) -> list[Prediction]:
+    """Candidates sorted by click probability (ties keep request order), rank 1 first, cut at top_k."""
+    probs = sigmoid(result.logits)
+    order = np.argsort(-probs, kind="stable")[: top_k or len(item_ids)]
+    return [
+        Prediction(
+            item_id=item_ids[j],
+            click_probability=float(probs[j]),
+            rank=rank,
+            influences=influences(result.attention[j], window.item_ids) if explain else None,
+        )
+        for rank, j in enumerate(order.tolist(), start=1)
+    ]
+
+
+def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
+    """Rows of the ``k`` highest scores, best first, never one of ``excluded`` (argpartition: O(N))."""
+    scores = np.array(scores, dtype=np.float32)
+    scores[excluded] = -np.inf
+    k = min(k, len(scores) - len(np.unique(excluded)))
+    if k <= 0:
+        return np.empty(0, dtype=np.int64)
+    part = np.argpartition(-scores, k - 1)[:k]
+    return part[np.argsort(-scores[part], kind="stable")]
+
+
+class Ranker:
+    """Serves predict and recommend from the store, the catalog and the batched ranker."""
+
+    def __init__(
+        self,
+        models: OnnxModels,
+        catalog: ItemCatalog,
+        store: HistoryStore,
+        batcher: MicroBatcher,
+        *,
+        history_length: int,
+        retrieval_size: int,
+    ) -> None:
+        self.models = models
+        self.catalog = catalog
+        self.store = store
+        self.batcher = batcher
+        self.history_length = history_length
+        self.retrieval_size = retrieval_size
+
+    async def predict(self, req: PredictRequest) -> PredictResponse:
+        stored, _, degraded = await self._stored(req.user_id, "/v1/predict", with_seen=False)
+        window = build_window(merge_events(stored, req.context), self.catalog, self.history_length)
+        item_ids, vectors, unknown = await self._candidates(req.candidates)
+        predictions: list[Prediction] = []
+        if item_ids:
+            result = await self.batcher.submit(window.request(vectors))
+            predictions = rank_predictions(item_ids, result, window, req.top_k, req.explain)
+        return PredictResponse(
+            user_id=req.user_id,
+            model_version=self.models.version,
+            history_length=len(window),
+            degraded=degraded,
+            predictions=predictions,
+            unknown_items=unknown,
+        )
+
+    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+        route = "/v1/recommend"
+        stored, seen, degraded = await self._stored(req.user_id, route, with_seen=req.exclude_seen)
+        events = merge_events(stored, req.context)
+        window = build_window(events, self.catalog, self.history_length)
+        exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
+
+        trending: list[str] = []
+        if not len(window) and not degraded:
+            try:
+                trending = [i for i, _ in await self.store.trending(2 * req.top_k, exclude=exclude)]
+            except StoreUnavailable as exc:
+                degraded = self._degraded(route, exc)
+
+        item_ids = self.catalog.item_ids
+        vectors = self.catalog.vectors
+        excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
+        excluded = excluded[excluded >= 0]
+        rows = self.catalog.index_of(trending) if trending else np.empty(0, dtype=np.int64)
+        rows = rows[rows >= 0][: req.top_k]
+        if len(rows) < req.top_k:
+            # Warm user (or not enough trending items): retrieve by similarity to the user vector. A cold
+            # user's vector is the ranker's history-free prior, so this is also the fresh-Redis fallback.
+            probe = await self.batcher.submit(window.request(np.zeros((1, vectors.shape[1]), np.float32)))
+            want = self.retrieval_size if not len(rows) else req.top_k - len(rows)
+            found = top_rows(vectors @ probe.user_vector, want, np.concatenate([excluded, rows]))
+            rows = np.concatenate([rows, found]).astype(np.int64)
+
+        items: list[Prediction] = []
+        if len(rows):
+            result = await self.batcher.submit(window.request(vectors[rows]))
+            ids = [item_ids[r] for r in rows.tolist()]
+            items = rank_predictions(ids, result, window, req.top_k, req.explain)
+        return RecommendResponse(
+            user_id=req.user_id,
+            model_version=self.models.version,
+            history_length=len(window),
+            degraded=degraded,
+            items=items,
+        )
+
+    async def encode(self, texts: Sequence[str]) -> np.ndarray:
+        """Item texts → text vectors with one encoder call, off the event loop."""
+        return await asyncio.to_thread(self.models.encode_texts, list(texts))
+
+    async def _stored(
+        self, user_id: str, route: str, *, with_seen: bool
+    ) -> tuple[list[StoredEvent], set[str] | None, bool]:
+        """(stored events, seen-set, degraded); an unreachable store gives no history and degraded."""
+        try:
+            events, seen = await self.store.history(user_id, self.history_length, with_seen=with_seen)
+        except StoreUnavailable as exc:
+            return [], None, self._degraded(route, exc)
+        return list(events), seen, False
+
+    @staticmethod
+    def _degraded(route: str, exc: Exception) -> bool:
+        DEGRADED.labels(route=route).inc()
+        log.warning("%s answered without stored history (degraded): %s", route, exc)
+        return True
+
+    async def _candidates(
+        self, candidates: Iterable[str | CandidateItem]
+    ) -> tuple[list[str], np.ndarray, list[str]]:
+        """(scored ids, their vectors, unknown ids). Duplicates are scored once, first occurrence wins.
+
+        Known items use their catalog vector; unknown items given with text are encoded on the fly
+        (not added to the catalog); unknown items without text are reported, not scored.
+        """
+        given: dict[str, str | None] = {}
+        for c in candidates:
+            item_id, text = (c, None) if isinstance(c, str) else (c.item_id, c.text)
+            given.setdefault(item_id, text)
+        rows = self.catalog.index_of(list(given)).tolist()
+        catalog_vectors = self.catalog.vectors
+        scored: list[tuple[str, int]] = []
+        unknown: list[str] = []
+        for (item_id, text), row in zip(given.items(), rows, strict=True):
+            if row < 0 and text is None:
+                unknown.append(item_id)
+            else:
+                scored.append((item_id, row))
+        new_items = [item_id for item_id, row in scored if row < 0]
+        to_encode = {item_id: k for k, item_id in enumerate(new_items)}
+        encoded = await self.encode([given[i] or "" for i in new_items]) if new_items else None
+
+        vectors = np.empty((len(scored), catalog_vectors.shape[1]), dtype=np.float32)
+        for k, (item_id, row) in enumerate(scored):
+            vectors[k] = catalog_vectors[row] if row >= 0 else encoded[to_encode[item_id]]  # type: ignore[index]
+        return [item_id for item_id, _ in scored], vectors, unknown

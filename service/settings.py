@@ -1,0 +1,67 @@
+"""Service configuration: environment variables prefixed ``CLICKRANK_`` (e.g. ``CLICKRANK_REDIS_URL``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+class Settings(BaseSettings):
+    """Every knob of the service, each with a production default; invalid values fail at startup."""
+
+    model_config = SettingsConfigDict(env_prefix="CLICKRANK_", extra="ignore")
+
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="cr:", min_length=1, max_length=64)
+    model_dir: Path = Path("./artifacts")
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    max_batch_size: int = Field(default=64, ge=1, le=4096)
+    max_batch_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_queue: int = Field(default=512, ge=1)
+    history_length: int = Field(default=50, ge=1)
+    history_cap: int = Field(default=200, ge=1)
+    redis_timeout_ms: float = Field(default=50.0, gt=0.0)
+    request_timeout_ms: float = Field(default=2000.0, gt=0.0)
+    retrieval_size: int = Field(default=300, ge=1)
+    trending_half_life_s: float = Field(default=259200.0, gt=0.0)
+    api_keys: str = ""
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
+    intra_op_threads: int = Field(default=0, ge=0)
+    item_sync_interval_s: float = Field(default=1.0, gt=0.0)
+    log_level: str = "INFO"
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        if not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(f"must start with one of {', '.join(_REDIS_SCHEMES)}")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _check_log_level(cls, value: str) -> str:
+        level = value.strip().upper()
+        if level not in logging.getLevelNamesMapping():
+            raise ValueError(f"unknown log level {value!r}")
+        return level
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Settings:
+        if self.history_cap < self.history_length:
+            raise ValueError(
+                f"history_cap ({self.history_cap}) must be >= history_length ({self.history_length}): "
+                "the ranker cannot read more events than Redis keeps"
+            )
+        if self.redis_timeout_ms >= self.request_timeout_ms:
+            raise ValueError("redis_timeout_ms must be smaller than request_timeout_ms")
+        return self
+
+    def api_key_list(self) -> list[str]:
+        """The accepted API keys; an empty list means authentication is off."""
+        return [key.strip() for key in self.api_keys.split(",") if key.strip()]
