@@ -36,8 +36,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from models.pipeline import evaluate_command
 
-    evaluate_command(args.data_dir, Path(args.model_dir), json_path=args.json, seeds=args.seeds,
-                     epochs=args.epochs)  # fmt: skip
+    evaluate_command(
+        args.data_dir, Path(args.model_dir), json_path=args.json, seeds=args.seeds, epochs=args.epochs
+    )
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -58,20 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train on a GroupLens data set, evaluate, export ONNX + item table")
     p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR, help="GroupLens ml-100k dir")
-    p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR, help="where the export goes (default ./artifacts)")
+    p.add_argument(
+        "--model-dir", default=DEFAULT_MODEL_DIR, help="where the export goes (default ./artifacts)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--epochs", type=int, default=None, help="training epochs (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds, not minutes)")
-    p.add_argument("--skip-eval", action="store_true", help="skip the evaluation harness; only fit and export")
+    p.add_argument(
+        "--skip-eval", action="store_true", help="skip the evaluation harness; only fit and export"
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print the evaluation table (baselines, clickrank, cold items)")
     p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
     p.add_argument("--json", default=None, help="also write the table as JSON to this file")
-    p.add_argument("--seeds", type=int, default=0,
-                   help="re-run the whole harness for N seeds and report means (0: print the table saved at "
-                        "train time)")  # fmt: skip
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=0,
+        help="re-run the whole harness for N seeds and report means (0: print the table saved at train time)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="epochs for --seeds re-runs")
     p.set_defaults(func=cmd_evaluate)
 

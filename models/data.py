@@ -13,10 +13,26 @@ from pathlib import Path
 import numpy as np
 
 GENRES: tuple[str, ...] = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller",
-    "War", "Western",
-)  # fmt: skip
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
+)
 
 
 class DataFormatError(ValueError):
@@ -34,7 +50,11 @@ class Item:
     def text(self) -> str:
         """The text the BERT encoder reads: title (with year) and genres."""
         title = self.title
-        if self.release_date and self.release_date[-4:].isdigit() and f"({self.release_date[-4:]})" not in title:
+        if (
+            self.release_date
+            and self.release_date[-4:].isdigit()
+            and f"({self.release_date[-4:]})" not in title
+        ):
             title = f"{title} ({self.release_date[-4:]})"
         genres = ", ".join(g for g in self.genres if g != "unknown") or "unknown genre"
         return f"{title} | {genres}"

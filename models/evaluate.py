@@ -99,11 +99,15 @@ def evaluate_cases(
         allowed[np.arange(len(chunk)), targets] = True
         results.append((scores, targets, allowed))
     scores = np.concatenate([r[0] for r in results])
-    return rank_metrics(scores, np.concatenate([r[1] for r in results]), np.concatenate([r[2] for r in results]))
+    return rank_metrics(
+        scores, np.concatenate([r[1] for r in results]), np.concatenate([r[2] for r in results])
+    )
 
 
 def popularity_scorer(split: Split, num_items: int) -> Scorer:
-    counts = np.bincount(np.concatenate([s.items for s in split.train]), minlength=num_items).astype(np.float32)
+    counts = np.bincount(np.concatenate([s.items for s in split.train]), minlength=num_items).astype(
+        np.float32
+    )
     return lambda histories: np.tile(counts, (len(histories), 1))
 
 

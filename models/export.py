@@ -14,8 +14,14 @@ from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
 from models.ranker import SequenceRanker
 
 OPSET = 18
-RANKER_INPUTS = ("history_vectors", "history_types", "history_values", "history_gaps", "history_mask",
-                 "candidate_vectors")  # fmt: skip
+RANKER_INPUTS = (
+    "history_vectors",
+    "history_types",
+    "history_values",
+    "history_gaps",
+    "history_mask",
+    "candidate_vectors",
+)
 RANKER_OUTPUTS = ("logits", "attention", "user_vectors")
 ENCODER_INPUTS = ("input_ids", "attention_mask")
 ENCODER_OUTPUTS = ("item_vectors",)
@@ -40,9 +46,15 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple, outp
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
-            module, args, dynamo=True, input_names=list(names), output_names=list(outputs),
-            dynamic_shapes=dynamic, opset_version=OPSET, verbose=False,
-        )  # fmt: skip
+            module,
+            args,
+            dynamo=True,
+            input_names=list(names),
+            output_names=list(outputs),
+            dynamic_shapes=dynamic,
+            opset_version=OPSET,
+            verbose=False,
+        )
     program.optimize()
     program.save(str(path), external_data=False)
 
@@ -52,19 +64,30 @@ def export_ranker(ranker: SequenceRanker, path: Path) -> None:
     args = random_ranker_inputs(3, 7, 5, ranker.dim, torch.Generator().manual_seed(0))
     b, length, c = Dim("batch"), Dim("history"), Dim("candidates")
     dynamic = (
-        {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length}, {0: b, 1: length},
+        {0: b, 1: length},
+        {0: b, 1: length},
+        {0: b, 1: length},
+        {0: b, 1: length},
+        {0: b, 1: length},
         {0: b, 1: c},
-    )  # fmt: skip
+    )
     _export(ranker, args, path, RANKER_INPUTS, RANKER_OUTPUTS, dynamic)
 
 
 def export_item_encoder(encoder: ItemTextEncoder, tokenizer, path: Path, max_tokens: int) -> None:
     encoder.eval()
-    batch = tokenizer(["Toy Story (1995) | Animation, Children's, Comedy", "Heat (1995) | Action, Crime, Thriller",
-                       "A"], padding=True, truncation=True, max_length=max_tokens, return_tensors="pt")  # fmt: skip
+    batch = tokenizer(
+        ["Toy Story (1995) | Animation, Children's, Comedy", "Heat (1995) | Action, Crime, Thriller", "A"],
+        padding=True,
+        truncation=True,
+        max_length=max_tokens,
+        return_tensors="pt",
+    )
     b, t = Dim("batch"), Dim("tokens")
     dynamic = ({0: b, 1: t}, {0: b, 1: t})
-    _export(encoder, (batch["input_ids"], batch["attention_mask"]), path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic)
+    _export(
+        encoder, (batch["input_ids"], batch["attention_mask"]), path, ENCODER_INPUTS, ENCODER_OUTPUTS, dynamic
+    )
 
 
 def ranker_parity(ranker: SequenceRanker, path: Path, seed: int = 1) -> float:
@@ -79,5 +102,7 @@ def ranker_parity(ranker: SequenceRanker, path: Path, seed: int = 1) -> float:
         with torch.no_grad():
             expected = torch.sigmoid(ranker(*args)[0]).numpy()
         got = session.run(["logits"], {n: a.numpy() for n, a in zip(RANKER_INPUTS, args, strict=True)})[0]
+        if not np.isfinite(got).all():
+            return float("inf")
         worst = max(worst, float(np.abs(1.0 / (1.0 + np.exp(-got)) - expected).max()))
     return worst

@@ -33,7 +33,7 @@ PARITY_TOLERANCE = 1e-4
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    fit: FitConfig = FitConfig()
+    fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     cold_fraction: float = 0.05
     max_text_tokens: int = 48
     refit_on_all: bool = True
@@ -42,8 +42,12 @@ class TrainConfig:
     @classmethod
     def tiny(cls) -> TrainConfig:
         """Seconds, not minutes: for tests and CI (the real encoder and export, a small head)."""
-        return cls(fit=FitConfig(dim=32, history_length=20, epochs=2, batch_size=256, negatives=32,
-                                 valid_users=100, patience=2), refit_on_all=False)  # fmt: skip
+        return cls(
+            fit=FitConfig(
+                dim=32, history_length=20, epochs=2, batch_size=256, negatives=32, valid_users=100, patience=2
+            ),
+            refit_on_all=False,
+        )
 
     def replace(self, *, seed: int | None = None, epochs: int | None = None) -> TrainConfig:
         changes = {k: v for k, v in (("seed", seed), ("epochs", epochs)) if v is not None}
@@ -87,7 +91,9 @@ def run_harness(data_dir: Path, config: TrainConfig, text_features: torch.Tensor
     sequences = user_sequences(data)
     if text_features is None:
         bert, tokenizer = load_minilm()
-        text_features = pooled_embeddings(bert, tokenizer, [it.text for it in data.items], config.max_text_tokens)
+        text_features = pooled_embeddings(
+            bert, tokenizer, [it.text for it in data.items], config.max_text_tokens
+        )
     cfg = config.fit
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
     windows = make_windows(split.train, cfg.history_length, cfg.stride)
@@ -102,14 +108,20 @@ def run_harness(data_dir: Path, config: TrainConfig, text_features: torch.Tensor
         "rows": rows,
         "curves": {"id-only": id_only.curve, "clickrank": clickrank.curve},
         "best_epoch": clickrank.best_epoch,
-        "split": {"train_users": len(split.train), "test_cases": len(split.test),
-                  "cold_items": len(split.cold_items), "cold_cases": len(split.cold_cases)},  # fmt: skip
+        "split": {
+            "train_users": len(split.train),
+            "test_cases": len(split.test),
+            "cold_items": len(split.cold_items),
+            "cold_cases": len(split.cold_cases),
+        },
         "fit_seconds": {"id-only": id_only.seconds, "clickrank": clickrank.seconds},
         "model": clickrank.model,
     }
 
 
-def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_baselines: bool = False) -> dict:
+def train_and_export(
+    data_dir: Path, model_dir: Path, config: TrainConfig, skip_baselines: bool = False
+) -> dict:
     """The ``train`` command. Returns the manifest it wrote."""
     start = time.perf_counter()
     if config.threads:
@@ -129,16 +141,27 @@ def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_
     if not skip_baselines:
         harness = run_harness(data_dir, config, text_features)
         print(format_table(harness["rows"]))
-        metrics = {"table": harness["rows"], "split": harness["split"], "fit_seconds": harness["fit_seconds"],
-                   "best_epoch": harness["best_epoch"]}  # fmt: skip
+        metrics = {
+            "table": harness["rows"],
+            "split": harness["split"],
+            "fit_seconds": harness["fit_seconds"],
+            "best_epoch": harness["best_epoch"],
+        }
         curves = harness["curves"]
         epochs = max(1, harness["best_epoch"])
         if not config.refit_on_all:
             final = FitResult(harness["model"])
     if final is None:
         all_windows = make_windows(user_sequences(data), cfg.history_length, cfg.stride)
-        final = fit("clickrank (all data)", all_windows, [], np.arange(num_items), num_items, text_features,
-                    dataclasses.replace(cfg, epochs=epochs))  # fmt: skip
+        final = fit(
+            "clickrank (all data)",
+            all_windows,
+            [],
+            np.arange(num_items),
+            num_items,
+            text_features,
+            dataclasses.replace(cfg, epochs=epochs),
+        )
         curves["clickrank (all data)"] = final.curve
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -151,14 +174,22 @@ def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_
     id_offsets[~seen] = 0.0
     np.save(model_dir / "item_vectors.npy", (text_vectors + id_offsets).astype(np.float32))
     np.save(model_dir / "item_id_offsets.npy", id_offsets.astype(np.float32))
-    (model_dir / "items.json").write_text(json.dumps([{"item_id": it.item_id, "text": it.text} for it in data.items]))
+    (model_dir / "items.json").write_text(
+        json.dumps([{"item_id": it.item_id, "text": it.text} for it in data.items])
+    )
     shutil.copyfile(minilm_path() / "tokenizer.json", model_dir / "tokenizer.json")
     export_ranker(model.ranker, model_dir / "ranker.onnx")
-    export_item_encoder(ItemTextEncoder(bert, model.tower.projection), tokenizer, model_dir / "item_encoder.onnx",
-                        config.max_text_tokens)  # fmt: skip
+    export_item_encoder(
+        ItemTextEncoder(bert, model.tower.projection),
+        tokenizer,
+        model_dir / "item_encoder.onnx",
+        config.max_text_tokens,
+    )
     parity = ranker_parity(model.ranker, model_dir / "ranker.onnx")
     if parity > PARITY_TOLERANCE:
-        raise RuntimeError(f"ONNX ranker disagrees with PyTorch: max |Δp| = {parity:.2e} > {PARITY_TOLERANCE}")
+        raise RuntimeError(
+            f"ONNX ranker disagrees with PyTorch: max |Δp| = {parity:.2e} > {PARITY_TOLERANCE}"
+        )
     if curves:
         _plot_curves(curves, model_dir / "training_curve.png")
     if metrics:
@@ -170,26 +201,42 @@ def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_
         "version": f"{created:%Y%m%dT%H%M%SZ}-{data.data_hash[:8]}",
         "created": created.isoformat().replace("+00:00", "Z"),
         "data_hash": data.data_hash,
-        "config": {**dataclasses.asdict(cfg), "max_text_tokens": config.max_text_tokens,
-                   "cold_fraction": config.cold_fraction, "refit_on_all": config.refit_on_all,
-                   "final_epochs": final.best_epoch, "encoder": "sentence-transformers/all-MiniLM-L6-v2"},  # fmt: skip
+        "config": {
+            **dataclasses.asdict(cfg),
+            "max_text_tokens": config.max_text_tokens,
+            "cold_fraction": config.cold_fraction,
+            "refit_on_all": config.refit_on_all,
+            "final_epochs": final.best_epoch,
+            "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+        },
         "metrics": metrics,
         "parity": {"ranker_max_abs_prob_diff": parity, "tolerance": PARITY_TOLERANCE},
         "graphs": {
             "ranker.onnx": {
-                "inputs": dict(zip(RANKER_INPUTS, (["B", "L", d], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "L"],
-                                                   ["B", "C", d]), strict=True)),
+                "inputs": dict(
+                    zip(
+                        RANKER_INPUTS,
+                        (["B", "L", d], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "C", d]),
+                        strict=True,
+                    )
+                ),
                 "outputs": dict(zip(RANKER_OUTPUTS, (["B", "C"], ["B", "C", "L"], ["B", d]), strict=True)),
-            },  # fmt: skip
+            },
             "item_encoder.onnx": {
-                "inputs": dict.fromkeys(ENCODER_INPUTS, ["B", "T"]),
-                "outputs": dict.fromkeys(ENCODER_OUTPUTS, ["B", d]),
+                "inputs": {name: ["B", "T"] for name in ENCODER_INPUTS},
+                "outputs": {name: ["B", d] for name in ENCODER_OUTPUTS},
             },
         },
         "num_items": num_items,
     }
-    files = ["ranker.onnx", "item_encoder.onnx", "item_vectors.npy", "item_id_offsets.npy", "items.json",
-             "tokenizer.json"]  # fmt: skip
+    files = [
+        "ranker.onnx",
+        "item_encoder.onnx",
+        "item_vectors.npy",
+        "item_id_offsets.npy",
+        "items.json",
+        "tokenizer.json",
+    ]
     manifest["files"] = {name: _sha256(model_dir / name) for name in files}
     (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     print(f"exported model {manifest['version']} to {model_dir} (ONNX parity max |Δp| = {parity:.1e})")
@@ -197,7 +244,9 @@ def train_and_export(data_dir: Path, model_dir: Path, config: TrainConfig, skip_
     return manifest
 
 
-def evaluate_command(data_dir: Path, model_dir: Path, json_path: str | None, seeds: int, epochs: int | None) -> None:
+def evaluate_command(
+    data_dir: Path, model_dir: Path, json_path: str | None, seeds: int, epochs: int | None
+) -> None:
     """Print the saved evaluation table, or re-run the harness for ``seeds`` seeds and print means."""
     if seeds <= 0:
         path = model_dir / "metrics.json"
@@ -208,14 +257,27 @@ def evaluate_command(data_dir: Path, model_dir: Path, json_path: str | None, see
     else:
         runs = [run_harness(data_dir, TrainConfig().replace(seed=s, epochs=epochs)) for s in range(seeds)]
         names = list(runs[0]["rows"])
-        mean = {n: {part: {k: float(np.mean([r["rows"][n][part][k] for r in runs]))
-                           for k in runs[0]["rows"][n][part]} for part in ("warm", "cold")} for n in names}  # fmt: skip
-        std = {n: {part: {k: float(np.std([r["rows"][n][part][k] for r in runs])) for k in ("NDCG@10", "AUC")}
-                   for part in ("warm", "cold")} for n in names}  # fmt: skip
+        mean = {
+            n: {
+                part: {
+                    k: float(np.mean([r["rows"][n][part][k] for r in runs])) for k in runs[0]["rows"][n][part]
+                }
+                for part in ("warm", "cold")
+            }
+            for n in names
+        }
+        std = {
+            n: {
+                part: {k: float(np.std([r["rows"][n][part][k] for r in runs])) for k in ("NDCG@10", "AUC")}
+                for part in ("warm", "cold")
+            }
+            for n in names
+        }
         result = {"seeds": seeds, "mean": mean, "std": std, "per_seed": [r["rows"] for r in runs]}
         print(f"mean over {seeds} seeds:")
         print(format_table(mean))
         for n in names:
-            print(f"  {n}: NDCG@10 std {std[n]['warm']['NDCG@10']:.4f}, cold AUC std {std[n]['cold']['AUC']:.4f}")
+            warm, cold = std[n]["warm"]["NDCG@10"], std[n]["cold"]["AUC"]
+            print(f"  {n}: NDCG@10 std {warm:.4f}, cold AUC std {cold:.4f}")
     if json_path:
         Path(json_path).write_text(json.dumps(result, indent=2))

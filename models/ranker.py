@@ -22,7 +22,9 @@ SCORE_CLAMP = 30.0
 class ItemTower(nn.Module):
     """Vectors for every catalog item: text projection (+ ID embedding), or ID embedding only."""
 
-    def __init__(self, num_items: int, dim: int, text_features: torch.Tensor | None, id_dropout: float) -> None:
+    def __init__(
+        self, num_items: int, dim: int, text_features: torch.Tensor | None, id_dropout: float
+    ) -> None:
         super().__init__()
         self.use_text = text_features is not None
         self.id_dropout = id_dropout
@@ -93,7 +95,7 @@ class SequenceRanker(nn.Module):
         self.final_ln = nn.LayerNorm(dim)
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(5 * dim, 128), nn.GELU(), nn.Dropout(dropout), nn.Linear(128, 1))
+        self.mlp = nn.Sequential(nn.Linear(5 * dim, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 1))
 
     def encode(
         self,
@@ -117,7 +119,9 @@ class SequenceRanker(nn.Module):
         x = self.input_drop(x) * history_mask.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # A query attends to real keys up to itself; padding queries attend to themselves (finite, ignored).
-        allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(length, dtype=torch.bool, device=x.device)
+        allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(
+            length, dtype=torch.bool, device=x.device
+        )
         for block in self.blocks:
             x = block(x, allowed)
         return self.final_ln(x) * history_mask.unsqueeze(-1)
@@ -137,7 +141,8 @@ class SequenceRanker(nn.Module):
         scores = (self.query(candidates) @ keys.transpose(-1, -2)) / math.sqrt(self.dim)
         scores = scores.clamp(-SCORE_CLAMP, SCORE_CLAMP)
         weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * key_mask
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-9)
+        # clamp, not `+ eps`: the ONNX optimiser folds an added constant below 1e-8 away (0/0 = NaN).
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
         return weights @ states, weights
 
     def score(self, user: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -162,23 +167,29 @@ class SequenceRanker(nn.Module):
         logits = self.score(user.unsqueeze(1), context, candidate_vectors)
         return logits, weights, user
 
+    @staticmethod
+    def gather_states(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """States at ``positions`` [B, P] → [B, P, D]."""
+        return states.gather(1, positions.unsqueeze(-1).expand(-1, -1, states.shape[-1]))
+
     def sequence_logits(
         self,
         states: torch.Tensor,
         history_mask: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
+        positions: torch.Tensor,
+        candidates: torch.Tensor,
     ) -> torch.Tensor:
-        """Training: logits at every position t for [next item, K shared negatives]: [B, L, 1+K].
+        """Training: full logits at sampled positions ``positions`` [B, P] for ``candidates`` [B, P, C, D].
 
-        State t reads events 0..t, and so does its target attention (causal key mask).
+        State t and its target attention read events 0..t only (causal key mask).
         """
-        b, length, dim = states.shape
-        causal = torch.ones(length, length, dtype=torch.bool, device=states.device).tril()
-        key_mask = (causal.unsqueeze(0) & (history_mask > 0.5).unsqueeze(1)).to(states.dtype)  # [B, L(t), L(j)]
-        cands = torch.cat([positives.unsqueeze(2), negatives.expand(b, length, -1, -1)], dim=2)  # [B,L,1+K,D]
-        context, _ = self.target_attention(states, key_mask.unsqueeze(2), cands)
-        return self.score(states.unsqueeze(2), context, cands)
+        length = states.shape[1]
+        keys_pos = torch.arange(length, device=states.device).view(1, 1, length)
+        key_mask = ((keys_pos <= positions.unsqueeze(-1)) & (history_mask > 0.5).unsqueeze(1)).to(
+            states.dtype
+        )
+        context, _ = self.target_attention(states, key_mask.unsqueeze(2), candidates)
+        return self.score(self.gather_states(states, positions).unsqueeze(2), context, candidates)
 
     def prior_logits(self, candidates: torch.Tensor) -> torch.Tensor:
         """Logits with an empty history (user state and context are zero)."""

@@ -41,7 +41,9 @@ def user_sequences(data: Dataset) -> list[UserSequence]:
     bounds = np.flatnonzero(users[order][1:] != users[order][:-1]) + 1
     out = []
     for idx in np.split(order, bounds):
-        out.append(UserSequence(str(users[idx[0]]), items[idx], values[idx], r.timestamps[idx].astype(np.float64)))
+        out.append(
+            UserSequence(str(users[idx[0]]), items[idx], values[idx], r.timestamps[idx].astype(np.float64))
+        )
     return out
 
 
@@ -79,8 +81,12 @@ def make_windows(sequences: list[UserSequence], length: int, stride: int) -> Win
             continue
         for end in range(n, 1, -stride):
             start = max(0, end - length - 1)
-            inputs = UserSequence(seq.user_id, seq.items[start : end - 1], seq.values[start : end - 1],
-                                  seq.timestamps[start : end - 1])  # fmt: skip
+            inputs = UserSequence(
+                seq.user_id,
+                seq.items[start : end - 1],
+                seq.values[start : end - 1],
+                seq.timestamps[start : end - 1],
+            )
             items, types, values, gaps, mask = history_arrays(inputs, length)
             targets = np.full(length, -1, dtype=np.int64)
             k = end - 1 - start

@@ -33,7 +33,9 @@ class FitConfig:
     id_dropout: float = 0.3
     epochs: int = 30
     batch_size: int = 128
-    negatives: int = 128
+    negatives: int = 256
+    rank_negatives: int = 32
+    positions: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
     bce_weight: float = 0.3
@@ -54,11 +56,15 @@ class RecModel(nn.Module):
         self.history_length = cfg.history_length
 
     @torch.no_grad()
-    def score_all(self, histories: Sequence[UserSequence], item_vectors: torch.Tensor | None = None) -> np.ndarray:
+    def score_all(
+        self, histories: Sequence[UserSequence], item_vectors: torch.Tensor | None = None
+    ) -> np.ndarray:
         """Scores of every catalog item for each history: [n, N] (eval mode)."""
         vectors = self.tower() if item_vectors is None else item_vectors
         arrays = [history_arrays(h, self.history_length) for h in histories]
-        items, types, values, gaps, mask = (torch.from_numpy(np.stack(col)) for col in zip(*arrays, strict=True))
+        items, types, values, gaps, mask = (
+            torch.from_numpy(np.stack(col)) for col in zip(*arrays, strict=True)
+        )
         hv = vectors[items] * mask.unsqueeze(-1)
         cands = vectors.unsqueeze(0).expand(len(histories), -1, -1)
         logits, _, _ = self.ranker(hv, types, values, gaps, mask, cands)
@@ -73,31 +79,52 @@ class FitResult:
     seconds: float = 0.0
 
 
+def _softmax_and_bce(logits: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
+    """Per-row loss of [..., 1 + K] logits whose column 0 is the positive."""
+    ce = -torch.log_softmax(logits, -1)[..., 0]
+    bce = nn.functional.softplus(-logits[..., 0]) + nn.functional.softplus(logits[..., 1:]).mean(-1)
+    return ce + cfg.bce_weight * bce
+
+
 def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig, train_items: torch.Tensor):
+    """Two views of the same next-item objective at P sampled positions per window.
+
+    Retrieval: the user state's dot product against the positive and K shared negatives (cheap, so K is
+    large; this is what ``/v1/recommend`` retrieves with). Ranking: the full logit (target attention +
+    MLP) against the first ``rank_negatives`` of them, softmax + BCE so sigmoid(logit) is a probability.
+    Positions are sampled (the newest always among them) because the full head costs per (position,
+    candidate) pair.
+    """
     vectors = model.tower()
     mask = batch["mask"]
     hv = vectors[batch["items"]] * mask.unsqueeze(-1)
     states = model.ranker.encode(hv, batch["types"], batch["values"], batch["gaps"], mask)
     targets = batch["targets"]
-    valid = targets >= 0
+    pick = torch.rand(targets.shape).masked_fill(targets < 0, -1.0)
+    pick[:, -1] = torch.where(targets[:, -1] >= 0, 2.0, -1.0)
+    positions = pick.topk(min(cfg.positions, targets.shape[1]), dim=1).indices
+    targets = targets.gather(1, positions)
+    valid = (targets >= 0).float()
     neg_ids = train_items[torch.randint(len(train_items), (cfg.negatives,))]
-    negatives = vectors[neg_ids].view(1, 1, cfg.negatives, -1)
-    positives = vectors[targets.clamp(min=0)]
-    logits = model.ranker.sequence_logits(states, mask, positives, negatives)  # [B, L, 1+K]
-    collide = neg_ids.view(1, 1, -1) == targets.unsqueeze(-1)
-    neg_logits = logits[..., 1:].masked_fill(collide, -1e4)
-    ce = -torch.log_softmax(torch.cat([logits[..., :1], neg_logits], -1), -1)[..., 0]
-    bce = nn.functional.softplus(-logits[..., 0]) + nn.functional.softplus(neg_logits).mean(-1)
-    loss = ((ce + cfg.bce_weight * bce) * valid).sum() / valid.sum().clamp(min=1)
-    # History-free prior: predict each window's first event from nothing.
-    first = mask.argmax(dim=1)
-    first_items = batch["items"].gather(1, first.unsqueeze(1)).squeeze(1)
-    prior = model.ranker.prior_logits(torch.cat([vectors[first_items].unsqueeze(1),
-                                                 vectors[neg_ids].unsqueeze(0).expand(len(first), -1, -1)], 1))  # fmt: skip
-    prior_loss = -torch.log_softmax(prior, -1)[:, 0].mean() + cfg.bce_weight * (
-        nn.functional.softplus(-prior[:, 0]) + nn.functional.softplus(prior[:, 1:]).mean(-1)
-    ).mean()
-    return loss + cfg.prior_weight * prior_loss
+    collide = neg_ids.view(1, 1, -1) == targets.unsqueeze(-1)  # [B, P, K]
+    pos_vec, neg_vec = vectors[targets.clamp(min=0)], vectors[neg_ids]
+
+    queries = model.ranker.gather_states(states, positions)
+    dot = torch.cat([(queries * pos_vec).sum(-1, keepdim=True), queries @ neg_vec.T], -1)
+    dot = torch.cat([dot[..., :1], dot[..., 1:].masked_fill(collide, -1e4)], -1)
+
+    k = cfg.rank_negatives
+    cands = torch.cat([pos_vec.unsqueeze(2), neg_vec[:k].expand(*positions.shape, k, -1)], 2)
+    full = model.ranker.sequence_logits(states, mask, positions, cands)
+    full = torch.cat([full[..., :1], full[..., 1:].masked_fill(collide[..., :k], -1e4)], -1)
+    per_case = -torch.log_softmax(dot, -1)[..., 0] + _softmax_and_bce(full, cfg)
+    loss = (per_case * valid).sum() / valid.sum().clamp(min=1)
+
+    # History-free prior: each window's first event, predicted from nothing.
+    first = batch["items"].gather(1, mask.argmax(dim=1, keepdim=True)).squeeze(1)
+    prior_cands = torch.cat([vectors[first].unsqueeze(1), neg_vec[:k].expand(len(first), -1, -1)], 1)
+    prior = model.ranker.prior_logits(prior_cands)
+    return loss + cfg.prior_weight * _softmax_and_bce(prior, cfg).mean()
 
 
 def fit(
@@ -114,8 +141,10 @@ def fit(
     rng = np.random.default_rng(cfg.seed)
     model = RecModel(num_items, text_features, cfg)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    tensors = {k: torch.from_numpy(getattr(windows, k)) for k in ("items", "types", "values", "gaps", "mask",
-                                                                   "targets")}  # fmt: skip
+    tensors = {
+        k: torch.from_numpy(getattr(windows, k))
+        for k in ("items", "types", "values", "gaps", "mask", "targets")
+    }
     train_items_t = torch.from_numpy(train_items)
     picks = rng.choice(len(valid), min(cfg.valid_users, len(valid)), replace=False) if valid else []
     valid_sample = [valid[i] for i in np.sort(picks)]
@@ -135,7 +164,7 @@ def fit(
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)
             optim.step()
-            total += float(loss)
+            total += loss.item()
         model.eval()
         if not valid:  # a final fit on all data: fixed epochs, keep the last state
             result.curve.append({"epoch": epoch, "loss": total / steps})
@@ -144,12 +173,25 @@ def fit(
             continue
         with torch.no_grad():
             vectors = model.tower()
-            metrics = evaluate_cases(lambda h, v=vectors: model.score_all(h, v), valid_sample, train_items, num_items)
-        result.curve.append({"epoch": epoch, "loss": total / steps, "valid_ndcg10": metrics["NDCG@10"],
-                             "valid_hr10": metrics["HR@10"]})  # fmt: skip
+            metrics = evaluate_cases(
+                lambda h, v=vectors: model.score_all(h, v), valid_sample, train_items, num_items
+            )
+        result.curve.append(
+            {
+                "epoch": epoch,
+                "loss": total / steps,
+                "valid_ndcg10": metrics["NDCG@10"],
+                "valid_hr10": metrics["HR@10"],
+            }
+        )
         bar.set_postfix(loss=f"{total / steps:.3f}", ndcg10=f"{metrics['NDCG@10']:.4f}")
         if metrics["NDCG@10"] > best:
-            best, best_state, stale, result.best_epoch = metrics["NDCG@10"], copy.deepcopy(model.state_dict()), 0, epoch
+            best, best_state, stale, result.best_epoch = (
+                metrics["NDCG@10"],
+                copy.deepcopy(model.state_dict()),
+                0,
+                epoch,
+            )
         else:
             stale += 1
             if stale >= cfg.patience:

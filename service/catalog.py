@@ -7,7 +7,12 @@ it already holds. Rows are only ever appended, never moved or removed, so a row 
 
 Sharing: ``publish`` writes each item's *text* vector (float32 bytes) and text to the hash
 ``{prefix}items:{model_version}`` and bumps the revision ``…:rev``; the log ``…:log`` maps each item id to
-the revision of its last publication. ``sync`` pulls the ids logged after the last revision it saw.
+the revision of its last publication. ``sync`` pulls the ids logged after the last revision it saw. A
+random ``…:epoch`` is set with the first revision, so a replica notices when Redis lost the log (a
+restart without persistence, a flush) and re-reads it from the start instead of waiting for revisions
+it has already counted. The keys are never evicted by design: run Redis with ``maxmemory-policy
+noeviction``.
+
 Every key carries the model version, so vectors of another model never mix in; each replica adds its
 own model's ID-embedding offset (``text vector + offset`` for items known at training time).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
@@ -31,8 +37,9 @@ log = logging.getLogger(__name__)
 
 _SYNC_CHUNK = 2000
 _PUBLISH_LUA = r"""#!lua
+if redis.call('EXISTS', KEYS[4]) == 0 then redis.call('SET', KEYS[4], ARGV[1]) end
 local rev = redis.call('INCR', KEYS[2])
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('ZADD', KEYS[3], rev, ARGV[i])
 end
@@ -69,10 +76,10 @@ class ItemCatalog:
         redis_prefix: str = "cr:",
         timeout_s: float = 1.0,
     ) -> None:
-        if vectors.ndim != 2 or id_offsets.shape != vectors.shape:
-            raise ValueError(
-                f"item vectors {vectors.shape} and id offsets {id_offsets.shape} must both be [N, D]"
-            )
+        if vectors.ndim != 2:
+            raise ValueError(f"item vectors must be [N, D], got shape {vectors.shape}")
+        if id_offsets.shape != vectors.shape:
+            raise ValueError(f"id offsets {id_offsets.shape} do not match item vectors {vectors.shape}")
         if not (len(item_ids) == len(texts) == len(vectors)):
             raise ValueError(
                 f"{len(item_ids)} ids, {len(texts)} texts and {len(vectors)} vectors differ in count"
@@ -88,12 +95,15 @@ class ItemCatalog:
         self._state = _Snapshot(list(item_ids), list(texts), index, _frozen(vectors), _frozen(id_offsets))
         self._write_lock = threading.Lock()
         self._revision = 0  # last revision of the shared log applied by sync
+        self._epoch: bytes | None = None  # identifies the shared log that _revision counts in
         self._timeout_s = timeout_s
         base = f"{redis_prefix}items:{model_version}"
-        self._keys = (base, f"{base}:rev", f"{base}:log")
+        self._keys = (base, f"{base}:rev", f"{base}:log", f"{base}:epoch")
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, model_version: str, **kwargs: object) -> ItemCatalog:
+    def from_model_dir(
+        cls, model_dir: Path, model_version: str, *, redis_prefix: str = "cr:", timeout_s: float = 1.0
+    ) -> ItemCatalog:
         """Load items.json, item_vectors.npy and item_id_offsets.npy; a ValueError names the bad file."""
         model_dir = Path(model_dir)
         paths = [model_dir / name for name in ("items.json", "item_vectors.npy", "item_id_offsets.npy")]
@@ -113,7 +123,7 @@ class ItemCatalog:
             except ValueError as exc:
                 raise ValueError(f"{path}: not a numpy array file ({exc})") from None
         try:
-            return cls(ids, texts, arrays[0], arrays[1], model_version, **kwargs)  # type: ignore[arg-type]
+            return cls(ids, texts, *arrays, model_version, redis_prefix=redis_prefix, timeout_s=timeout_s)
         except ValueError as exc:
             raise ValueError(f"{model_dir}: inconsistent item table: {exc}") from None
 
@@ -204,7 +214,7 @@ class ItemCatalog:
         items = self._validate(items)
         if not items:
             return
-        args: list[str | bytes] = []
+        args: list[str | bytes] = [uuid.uuid4().hex]  # the log's epoch, if this starts a new log
         for item_id, text, vec in items:
             args += [item_id, vec.astype("<f4").tobytes() + text.encode("utf-8")]
         script = client.register_script(_PUBLISH_LUA)
@@ -224,20 +234,21 @@ class ItemCatalog:
                 return applied
 
     async def _sync_chunk(self, client: Redis) -> tuple[int, bool]:
-        base, rev_key, log_key = self._keys
+        base, _, log_key, epoch_key = self._keys
 
         async def changes() -> list:
             async with client.pipeline(transaction=True) as pipe:
-                pipe.get(rev_key)
+                pipe.get(epoch_key)
                 pipe.zrangebyscore(
                     log_key, f"({self._revision}", "+inf", start=0, num=_SYNC_CHUNK, withscores=True
                 )
                 return await pipe.execute()
 
-        current, changed = await redis_call("catalog_sync", changes(), self._timeout_s)
-        if int(current or 0) < self._revision:
-            log.warning("item log revision went back from %d to %s: re-reading all", self._revision, current)
-            self._revision = 0
+        epoch, changed = await redis_call("catalog_sync", changes(), self._timeout_s)
+        if epoch is not None and epoch != self._epoch:
+            if self._epoch is not None:
+                log.warning("the shared item log of model %s was reset: re-reading it", self.model_version)
+            self._epoch, self._revision = epoch, 0
             return 0, True
         if not changed:
             return 0, False

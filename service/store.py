@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 DEDUP_WINDOW_S = 7 * 86400
-_BATCH_RESULT_TTL_S = 300
+_BATCH_RESULT_GRACE_S = 5  # a transparent retry happens within the call's deadline; keep results a bit longer
 _SEQ_DIGITS = 16
 # Trending scores are stored as 2^((t - ref) / half_life); once an event is this many half-lives past
 # ref the whole set is rescaled to a new ref, so stored scores stay below ~2^64 per event.
@@ -136,7 +136,8 @@ for i = 0, n - 1 do
     redis.call('ZADD', KEYS[base + 1], ts_arg, string.format('%016x', seq) .. payload)
     redis.call('SADD', KEYS[base + 2], item)
     touched[j] = true
-    local ts = tonumber(ts_arg)
+    -- trending is about now: a timestamp from a skewed clock must not outweigh every real event
+    local ts = math.min(tonumber(ts_arg), now + 3600)
     if ref == nil then ref, latest = ts, ts end
     if ts > latest then latest = ts end
     if (ts - ref) / half_life > max_exp then rescale(ts) end
@@ -173,6 +174,22 @@ class StoreUnavailable(Exception):
     """Redis unreachable or past its deadline."""
 
 
+_LOG_EVERY_S = 5.0
+_last_logged: dict[str, tuple[float, int]] = {}  # op -> (monotonic time of the last line, failures since)
+
+
+def _log_failure(op: str, elapsed_ms: float, reason: str) -> None:
+    """One warning line per op every few seconds: an outage under load must not flood the log."""
+    now = time.monotonic()
+    last, suppressed = _last_logged.get(op, (-math.inf, 0))
+    if now - last < _LOG_EVERY_S:
+        _last_logged[op] = (last, suppressed + 1)
+        return
+    _last_logged[op] = (now, 0)
+    more = f" ({suppressed} more since the last report)" if suppressed else ""
+    log.warning("redis %s failed after %.1f ms: %s%s", op, elapsed_ms, reason, more)
+
+
 async def redis_call(op: str, awaitable: Awaitable[T], timeout_s: float) -> T:
     """Await one Redis round trip under a deadline, recording latency or the error by ``op``."""
     start = time.perf_counter()
@@ -184,7 +201,7 @@ async def redis_call(op: str, awaitable: Awaitable[T], timeout_s: float) -> T:
             reason = f"no answer within {timeout_s * 1000:.0f} ms"
         else:
             reason = f"{type(exc).__name__}: {exc}"
-        log.warning("redis %s failed after %.1f ms: %s", op, (time.perf_counter() - start) * 1000, reason)
+        _log_failure(op, (time.perf_counter() - start) * 1000, reason)
         raise StoreUnavailable(f"redis {op}: {reason}") from exc
     REDIS_LATENCY.labels(op).observe(time.perf_counter() - start)
     return result
@@ -274,8 +291,8 @@ class HistoryStore:
         to the user's seen-set and to the recency-weighted trending counts. Raises ValueError on an invalid
         event (nothing is written) and StoreUnavailable.
 
-        Each call carries a random token under which its result is cached for a few minutes, so the
-        client's transparent retry after a lost reply cannot store the batch twice.
+        Each call carries a random token under which its result is cached for a few seconds past the
+        deadline, so the client's transparent retry after a lost reply cannot store the batch twice.
         """
         if not events:
             return 0, 0
@@ -287,9 +304,8 @@ class HistoryStore:
             except ValueError as exc:
                 raise ValueError(f"event {i}: {exc}") from None
             j = users.setdefault(user_id, len(users) + 1)
-            payload = json.dumps(
-                [event.item_id, event.type, event.value, event.event_id], separators=(",", ":")
-            )
+            value = None if event.value is None else float(event.value)
+            payload = json.dumps([event.item_id, event.type, value, event.event_id], separators=(",", ":"))
             argv += [j, event.event_id or "", repr(float(event.timestamp)), event.item_id, payload]
         keys = [
             self._key("seq"),
@@ -303,7 +319,7 @@ class HistoryStore:
             self._cap,
             repr(self._half_life_s),
             self._dedup_window_s,
-            _BATCH_RESULT_TTL_S,
+            math.ceil(self._timeout_s) + _BATCH_RESULT_GRACE_S,
             _RESCALE_EXPONENT,
         ]
         accepted, duplicates = await redis_call(

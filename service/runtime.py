@@ -1,0 +1,340 @@
+"""ONNX Runtime sessions of the two exported graphs, with manifest checksums and shape-bucket padding.
+
+The model directory is trusted only after every file listed in ``manifest.json`` matches its sha256;
+the graphs and the tokenizer are built from the very bytes that were checked. ``rank`` runs one
+``ranker.onnx`` call for a whole micro-batch: histories are left-padded (newest event in the last slot,
+as in training) and candidate lists right-padded to a few fixed bucket sizes, so the runtime only ever
+sees a handful of shapes, all of which ``warm_up`` runs once before the first request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from service.metrics import INFERENCE_SECONDS, MODEL_INFO
+
+log = logging.getLogger("clickrank.runtime")
+
+HISTORY_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
+"""Padded history lengths; the manifest's ``history_length`` replaces every larger bucket."""
+CANDIDATE_BUCKETS: tuple[int, ...] = (16, 32, 64, 128, 256, 384, 512, 1024)
+"""Padded candidate counts; 384 because /v1/recommend ranks ~300 retrieved items by default.
+Beyond the last bucket the count is rounded up to a multiple of it."""
+ENCODE_BATCH = 64
+"""Texts per ``item_encoder.onnx`` call (texts are sorted by length first, so little is padding)."""
+
+RANKER = "ranker.onnx"
+ITEM_ENCODER = "item_encoder.onnx"
+TOKENIZER = "tokenizer.json"
+RANKER_INPUTS = ("history_vectors", "history_types", "history_values", "history_gaps", "history_mask",
+                 "candidate_vectors")  # fmt: skip
+RANKER_OUTPUTS = ("logits", "attention", "user_vectors")
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+ENCODER_OUTPUTS = ("item_vectors",)
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+class ModelLoadError(Exception):
+    """The model directory is missing, incomplete or corrupt; the message says which file and why."""
+
+
+@dataclass
+class RankRequest:
+    """One request's ranker input, unpadded: ``n >= 0`` real events oldest first, ``C >= 1`` candidates."""
+
+    history_vectors: np.ndarray  # [n, D] f32
+    history_types: np.ndarray  # [n] i64 (models.features.event_type_id)
+    history_values: np.ndarray  # [n] i64 (models.features.value_bucket)
+    history_gaps: np.ndarray  # [n] i64 (models.features.gap_buckets of the n timestamps)
+    candidate_vectors: np.ndarray  # [C, D] f32
+
+
+@dataclass
+class RankResult:
+    logits: np.ndarray  # [C] f32
+    attention: np.ndarray  # [C, n] f32, over the real events only (of the truncated history)
+    user_vector: np.ndarray  # [D] f32
+
+
+def bucket(size: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= size; past the last one, the next multiple of the last one."""
+    for b in buckets:
+        if size <= b:
+            return b
+    last = buckets[-1]
+    return -(-size // last) * last
+
+
+def history_buckets(history_length: int) -> tuple[int, ...]:
+    return tuple(sorted({b for b in HISTORY_BUCKETS if b < history_length} | {history_length}))
+
+
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    """The parsed ``manifest.json`` with the fields the service relies on checked."""
+    path = model_dir / "manifest.json"
+    if not model_dir.is_dir():
+        raise ModelLoadError(f"model directory {model_dir} does not exist")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is missing: {model_dir} is not an exported model directory")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+        config = manifest["config"]
+        checks = {
+            "version": isinstance(manifest["version"], str) and manifest["version"] != "",
+            "files": isinstance(manifest["files"], dict),
+            "config.dim": isinstance(config["dim"], int) and config["dim"] > 0,
+            "config.history_length": isinstance(config["history_length"], int)
+            and config["history_length"] > 0,
+            "config.max_text_tokens": isinstance(config["max_text_tokens"], int)
+            and config["max_text_tokens"] > 2,
+        }
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{path} cannot be read as JSON: {exc}") from exc
+    except (KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{path} lacks the field {exc}") from exc
+    bad = [name for name, ok in checks.items() if not ok]
+    if bad:
+        raise ModelLoadError(f"{path} has invalid {', '.join(bad)}")
+    return manifest
+
+
+def read_verified(model_dir: Path, name: str, digest: str) -> bytes:
+    """The bytes of one listed file, after checking them against the manifest's sha256."""
+    if Path(name).name != name or name in ("", ".", ".."):
+        raise ModelLoadError(f"manifest.json lists {name!r}, which is not a plain file name")
+    path = model_dir / name
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ModelLoadError(f"{name} is missing from {model_dir} (listed in manifest.json)") from None
+    except OSError as exc:
+        raise ModelLoadError(f"{name} in {model_dir} cannot be read: {exc}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != str(digest).lower():
+        raise ModelLoadError(
+            f"{name} in {model_dir}: checksum mismatch (manifest sha256 {digest}, file sha256 {actual}); "
+            "the model directory is corrupt or was partly overwritten"
+        )
+    return data
+
+
+def session_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
+    """The providers to ask ONNX Runtime for: CUDA (with CPU for the ops CUDA lacks) or CPU alone."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, not {device!r}")
+    available = ort.get_available_providers()
+    if device == "cuda" and CUDA not in available:
+        raise ModelLoadError(
+            f"device=cuda, but this onnxruntime offers only {available}; install onnxruntime-gpu "
+            "(and the CUDA libraries) or use device=auto/cpu"
+        )
+    if device == "cpu" or CUDA not in available:
+        return [CPU]
+    # Same-as-requested arena growth: with dynamic shapes, power-of-two growth over-reserves GPU memory.
+    return [(CUDA, {"arena_extend_strategy": "kSameAsRequested"}), CPU]
+
+
+def session_options(intra_op_threads: int) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    # The memory-pattern planner records one plan per input shape; batch sizes vary freely, so it would
+    # keep re-planning and caching. The arena still recycles buffers across calls.
+    options.enable_mem_pattern = False
+    options.log_severity_level = 3  # errors only: CPU fallback of shape ops under CUDA is expected
+    return options
+
+
+class OnnxModels:
+    """The ranker and item-encoder sessions of one verified model directory. Thread-safe; calls are sync."""
+
+    def __init__(self, model_dir: Path, *, device: str = "auto", intra_op_threads: int = 0) -> None:
+        model_dir = Path(model_dir)
+        providers = session_providers(device)
+        self.manifest = read_manifest(model_dir)
+        files: dict[str, str] = self.manifest["files"]
+        for required in (RANKER, ITEM_ENCODER, TOKENIZER):
+            if required not in files:
+                raise ModelLoadError(f"manifest.json in {model_dir} does not list {required}")
+        blobs = {name: read_verified(model_dir, name, digest) for name, digest in files.items()}
+        config = self.manifest["config"]
+        self.version: str = self.manifest["version"]
+        self.dim: int = config["dim"]
+        self.history_length: int = config["history_length"]
+        self.max_text_tokens: int = config["max_text_tokens"]
+        self.history_buckets = history_buckets(self.history_length)
+
+        options = session_options(intra_op_threads)
+        self._ranker = self._session(RANKER, blobs[RANKER], options, providers, RANKER_INPUTS, RANKER_OUTPUTS)
+        self._encoder = self._session(
+            ITEM_ENCODER, blobs[ITEM_ENCODER], options, providers, ENCODER_INPUTS, ENCODER_OUTPUTS
+        )
+        self.providers: list[str] = self._ranker.get_providers()
+        if providers[0] != CPU and self.providers[0] != CUDA:
+            if device == "cuda":
+                raise ModelLoadError(
+                    f"device=cuda, but ONNX Runtime could not start CUDA (got {self.providers})"
+                )
+            log.warning("CUDA is offered but could not be started; running on %s", self.providers)
+
+        try:
+            self._tokenizer = Tokenizer.from_str(blobs[TOKENIZER].decode("utf-8"))
+        except Exception as exc:
+            raise ModelLoadError(f"{TOKENIZER} in {model_dir} is not a valid tokenizer: {exc}") from exc
+        padding = self._tokenizer.padding
+        self._pad_id = int(padding["pad_id"]) if padding else int(self._tokenizer.token_to_id("[PAD]") or 0)
+        self._tokenizer.no_padding()  # encode_texts pads each length-sorted chunk itself
+        self._tokenizer.enable_truncation(max_length=self.max_text_tokens)
+
+        MODEL_INFO.clear()
+        MODEL_INFO.labels(version=self.version, provider=self.providers[0]).set(1)
+        log.info("loaded model %s from %s on %s", self.version, model_dir, self.providers)
+
+    def _session(
+        self,
+        name: str,
+        blob: bytes,
+        options: ort.SessionOptions,
+        providers: list,
+        inputs: tuple[str, ...],
+        outputs: tuple[str, ...],
+    ) -> ort.InferenceSession:
+        try:
+            session = ort.InferenceSession(blob, sess_options=options, providers=providers)
+        except Exception as exc:
+            raise ModelLoadError(f"ONNX Runtime cannot load {name}: {exc}") from exc
+        got_in = tuple(i.name for i in session.get_inputs())
+        got_out = {o.name for o in session.get_outputs()}
+        if sorted(got_in) != sorted(inputs) or not set(outputs) <= got_out:
+            raise ModelLoadError(
+                f"{name} has inputs {got_in} and outputs {sorted(got_out)}; expected {inputs} → {outputs}"
+            )
+        return session
+
+    def rank(self, requests: Sequence[RankRequest]) -> list[RankResult]:
+        """Score every request's candidates in ONE ``ranker.onnx`` call; results are cut back to size.
+
+        Histories longer than ``history_length`` keep their newest events (the first kept event's gap
+        becomes 0, as for the first event of any window). Raises ValueError for a malformed request.
+        """
+        if not requests:
+            return []
+        lengths = [self._check(i, r) for i, r in enumerate(requests)]
+        counts = [len(r.candidate_vectors) for r in requests]
+        b, d = len(requests), self.dim
+        length = bucket(max(lengths), self.history_buckets)
+        width = bucket(max(counts), CANDIDATE_BUCKETS)
+        vectors = np.zeros((b, length, d), dtype=np.float32)
+        types = np.zeros((b, length), dtype=np.int64)
+        values = np.zeros((b, length), dtype=np.int64)
+        gaps = np.zeros((b, length), dtype=np.int64)
+        mask = np.zeros((b, length), dtype=np.float32)
+        candidates = np.zeros((b, width, d), dtype=np.float32)
+        for i, (r, n, c) in enumerate(zip(requests, lengths, counts, strict=True)):
+            if n:
+                start = length - n
+                vectors[i, start:] = r.history_vectors[-n:]
+                types[i, start:] = r.history_types[-n:]
+                values[i, start:] = r.history_values[-n:]
+                gaps[i, start:] = r.history_gaps[-n:]
+                if n < len(r.history_gaps):
+                    gaps[i, start] = 0  # truncated: the oldest kept event opens the window
+                mask[i, start:] = 1.0
+            candidates[i, :c] = r.candidate_vectors
+        feeds = dict(zip(RANKER_INPUTS, (vectors, types, values, gaps, mask, candidates), strict=True))
+        started = time.perf_counter()
+        logits, attention, users = self._ranker.run(list(RANKER_OUTPUTS), feeds)
+        INFERENCE_SECONDS.labels(graph="ranker").observe(time.perf_counter() - started)
+        return [
+            RankResult(
+                logits=logits[i, :c].copy(),
+                attention=attention[i, :c, length - n :].copy(),
+                user_vector=users[i].copy(),
+            )
+            for i, (n, c) in enumerate(zip(lengths, counts, strict=True))
+        ]
+
+    def _check(self, index: int, r: RankRequest) -> int:
+        """The number of history events the ranker reads for one request, after checking its shapes."""
+        n = len(r.history_vectors)
+        if r.history_vectors.ndim != 2 or r.history_vectors.shape[1] != self.dim:
+            raise ValueError(
+                f"request {index}: history_vectors must be [n, {self.dim}], got {r.history_vectors.shape}"
+            )
+        for name in ("history_types", "history_values", "history_gaps"):
+            if getattr(r, name).shape != (n,):
+                raise ValueError(f"request {index}: {name} must be [{n}], got {getattr(r, name).shape}")
+        if (
+            r.candidate_vectors.ndim != 2
+            or r.candidate_vectors.shape[1] != self.dim
+            or not len(r.candidate_vectors)
+        ):
+            raise ValueError(
+                f"request {index}: candidate_vectors must be [C >= 1, {self.dim}], "
+                f"got {r.candidate_vectors.shape}"
+            )
+        return min(n, self.history_length)
+
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Item text → text vector ``[n, D]`` (the text part only; no ID embedding)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self._tokenizer.encode_batch(list(texts))
+        sizes = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(sizes, kind="stable")
+        for start in range(0, len(order), ENCODE_BATCH):
+            rows = order[start : start + ENCODE_BATCH]
+            width = int(sizes[rows].max())
+            ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for j, row in enumerate(rows):
+                ids[j, : sizes[row]] = encodings[row].ids
+                mask[j, : sizes[row]] = 1
+            started = time.perf_counter()
+            (vectors,) = self._encoder.run(list(ENCODER_OUTPUTS), {"input_ids": ids, "attention_mask": mask})
+            INFERENCE_SECONDS.labels(graph="item_encoder").observe(time.perf_counter() - started)
+            out[rows] = vectors
+        return out
+
+    def warm_up(self) -> None:
+        """Run every (history, candidate) bucket pair and the encoder once: no request pays a first run.
+
+        Also a self-test: a graph that gives non-finite outputs (e.g. for an empty history) is refused.
+        """
+        empty = np.zeros(0, dtype=np.int64)
+        for length in self.history_buckets:
+            events = np.ones(length, dtype=np.int64)
+            history = np.zeros((length, self.dim), dtype=np.float32)
+            for width in CANDIDATE_BUCKETS:
+                candidates = np.zeros((width, self.dim), dtype=np.float32)
+                full, cold = self.rank(
+                    [
+                        RankRequest(history, events, events, events, candidates),
+                        RankRequest(history[:0], empty, empty, empty, candidates),
+                    ]
+                )
+                for result, n in ((full, length), (cold, 0)):
+                    if not all(
+                        np.isfinite(a).all() for a in (result.logits, result.attention, result.user_vector)
+                    ):
+                        raise ModelLoadError(
+                            f"{RANKER} gives non-finite outputs for {n} history events and {width} candidates"
+                        )
+        texts = ["warm up", "a longer warm up text " * self.max_text_tokens]
+        if not np.isfinite(self.encode_texts(texts)).all():
+            raise ModelLoadError(f"{ITEM_ENCODER} gives non-finite outputs")

@@ -1,0 +1,237 @@
+"""OnnxModels on a real exported model: checksums, providers, padding-invariant ranking, text encoding."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from prometheus_client import REGISTRY
+
+from models.features import EVENT_TYPES, event_type_id, gap_buckets, value_bucket
+from service.runtime import (
+    CANDIDATE_BUCKETS,
+    RANKER_INPUTS,
+    ModelLoadError,
+    OnnxModels,
+    RankRequest,
+    bucket,
+    history_buckets,
+)
+
+
+@pytest.fixture(scope="module")
+def models(model_dir: Path) -> OnnxModels:
+    return OnnxModels(model_dir, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def item_vectors(model_dir: Path) -> np.ndarray:
+    return np.load(model_dir / "item_vectors.npy")
+
+
+def make_request(
+    rng: np.random.Generator, item_vectors: np.ndarray, n: int, c: int
+) -> tuple[RankRequest, np.ndarray]:
+    """A request of n real catalog events (random types, ratings, times) and c catalog candidates."""
+    rows = rng.integers(0, len(item_vectors), n)
+    types = [EVENT_TYPES[t] for t in rng.integers(0, len(EVENT_TYPES), n)]
+    timestamps = np.sort(rng.uniform(8.8e8, 8.9e8, n))
+    request = RankRequest(
+        history_vectors=item_vectors[rows],
+        history_types=np.array([event_type_id(t) for t in types], dtype=np.int64),
+        history_values=np.array(
+            [value_bucket(float(rng.integers(1, 6)) if t == "rate" else None) for t in types], dtype=np.int64
+        ),
+        history_gaps=gap_buckets(timestamps),
+        candidate_vectors=item_vectors[rng.integers(0, len(item_vectors), c)],
+    )
+    return request, timestamps
+
+
+def exact_shape_run(model_dir: Path, request: RankRequest) -> list[np.ndarray]:
+    """The ranker run directly at the request's own shape [1, n, D] / [1, C, D]: no bucket padding."""
+    session = ort.InferenceSession(str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    n = len(request.history_types)
+    feeds = (request.history_vectors, request.history_types, request.history_values, request.history_gaps,
+             np.ones(n, dtype=np.float32), request.candidate_vectors)  # fmt: skip
+    return session.run(None, {k: v[None] for k, v in zip(RANKER_INPUTS, feeds, strict=True)})
+
+
+def test_manifest_fields_and_providers(models: OnnxModels, model_dir: Path) -> None:
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    assert models.version == manifest["version"]
+    assert models.dim == manifest["config"]["dim"]
+    assert models.history_length == manifest["config"]["history_length"]
+    assert models.providers == ["CPUExecutionProvider"]
+    assert REGISTRY.get_sample_value(
+        "clickrank_model_info", {"version": models.version, "provider": "CPUExecutionProvider"}
+    ) == 1  # fmt: skip
+
+
+def test_auto_device_uses_cuda_only_when_offered(model_dir: Path) -> None:
+    expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else None
+    providers = OnnxModels(model_dir, device="auto").providers
+    assert providers[0] == (expected or "CPUExecutionProvider")
+
+
+def test_cuda_device_without_cuda_is_a_load_error(model_dir: Path) -> None:
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime offers CUDA")
+    with pytest.raises(ModelLoadError, match=r"device=cuda"):
+        OnnxModels(model_dir, device="cuda")
+
+
+def test_buckets() -> None:
+    assert history_buckets(20) == (8, 16, 20)
+    assert history_buckets(50) == (8, 16, 32, 50)
+    assert [bucket(s, CANDIDATE_BUCKETS) for s in (1, 16, 17, 300, 1024)] == [16, 16, 32, 384, 1024]
+    assert bucket(1025, CANDIDATE_BUCKETS) == 2048
+
+
+def test_batched_ranking_equals_each_request_alone(models: OnnxModels, item_vectors: np.ndarray) -> None:
+    rng = np.random.default_rng(7)
+    length = models.history_length
+    shapes = [(0, 3), (1, 1), (5, 17), (length, 40), (length - 1, 300), (2, 2)]
+    requests = [make_request(rng, item_vectors, n, c)[0] for n, c in shapes]
+    batched = models.rank(requests)
+    assert len(batched) == len(requests)
+    for (n, c), request, got in zip(shapes, requests, batched, strict=True):
+        alone = models.rank([request])[0]
+        assert all(np.isfinite(a).all() for a in (got.logits, got.attention, got.user_vector)), (n, c)
+        assert got.logits.shape == (c,) and got.logits.dtype == np.float32
+        assert got.attention.shape == (c, n) and got.user_vector.shape == (models.dim,)
+        np.testing.assert_allclose(got.logits, alone.logits, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.attention, alone.attention, atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.user_vector, alone.user_vector, atol=1e-5, rtol=0)
+        if n:
+            np.testing.assert_allclose(got.attention.sum(axis=1), 1.0, atol=1e-5)
+            assert (got.attention >= 0).all()
+        else:
+            np.testing.assert_array_equal(got.user_vector, 0.0)
+
+
+def test_bucket_padding_matches_the_exact_shape(
+    models: OnnxModels, item_vectors: np.ndarray, model_dir: Path
+) -> None:
+    rng = np.random.default_rng(11)
+    for n, c in ((3, 5), (models.history_length, 33)):
+        request = make_request(rng, item_vectors, n, c)[0]
+        logits, attention, users = exact_shape_run(model_dir, request)
+        got = models.rank([request])[0]
+        np.testing.assert_allclose(got.logits, logits[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.attention, attention[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(got.user_vector, users[0], atol=1e-5, rtol=0)
+
+
+def test_history_changes_the_scores(models: OnnxModels, item_vectors: np.ndarray) -> None:
+    rng = np.random.default_rng(3)
+    request = make_request(rng, item_vectors, 10, 20)[0]
+    cold = RankRequest(request.history_vectors[:0], request.history_types[:0], request.history_values[:0],
+                       request.history_gaps[:0], request.candidate_vectors)  # fmt: skip
+    with_history, without = models.rank([request, cold])
+    assert np.abs(with_history.logits - without.logits).max() > 1e-3
+
+
+def test_long_history_keeps_the_newest_events(models: OnnxModels, item_vectors: np.ndarray) -> None:
+    rng = np.random.default_rng(5)
+    length = models.history_length
+    request, timestamps = make_request(rng, item_vectors, length + 7, 12)
+    window = RankRequest(
+        history_vectors=request.history_vectors[-length:],
+        history_types=request.history_types[-length:],
+        history_values=request.history_values[-length:],
+        history_gaps=gap_buckets(timestamps[-length:]),  # the window's first gap is 0, as in training
+        candidate_vectors=request.candidate_vectors,
+    )
+    long, cut = models.rank([request, window])
+    assert long.attention.shape == (12, length)
+    np.testing.assert_allclose(long.logits, cut.logits, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(long.attention, cut.attention, atol=1e-5, rtol=0)
+
+
+def test_malformed_requests_are_refused(models: OnnxModels, item_vectors: np.ndarray) -> None:
+    good = make_request(np.random.default_rng(0), item_vectors, 4, 4)[0]
+    wrong_dim = RankRequest(good.history_vectors, good.history_types, good.history_values, good.history_gaps,
+                            np.zeros((4, models.dim + 1), np.float32))  # fmt: skip
+    short_types = RankRequest(good.history_vectors, good.history_types[:2], good.history_values,
+                              good.history_gaps, good.candidate_vectors)  # fmt: skip
+    no_candidates = RankRequest(good.history_vectors, good.history_types, good.history_values,
+                                good.history_gaps, np.zeros((0, models.dim), np.float32))  # fmt: skip
+    for bad, field in ((wrong_dim, "candidate_vectors"), (short_types, "history_types"),
+                       (no_candidates, "candidate_vectors")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"request 1: {field}"):
+            models.rank([good, bad])
+    assert models.rank([]) == []
+
+
+def test_encode_texts_reproduces_the_catalog_text_vectors(models: OnnxModels, model_dir: Path) -> None:
+    items = json.loads((model_dir / "items.json").read_text())
+    text_part = np.load(model_dir / "item_vectors.npy") - np.load(model_dir / "item_id_offsets.npy")
+    rows = [0, 1, 49, 500, len(items) - 1]
+    encoded = models.encode_texts([items[k]["text"] for k in rows])
+    assert encoded.shape == (len(rows), models.dim) and encoded.dtype == np.float32
+    np.testing.assert_allclose(encoded, text_part[rows], atol=1e-4, rtol=0)
+
+
+def test_encode_texts_is_deterministic_and_batch_independent(models: OnnxModels) -> None:
+    texts = ["Heat (1995) | Action, Crime, Thriller", "A", "", "word " * 500, "Toy Story (1995) | Animation"]
+    first = models.encode_texts(texts)
+    np.testing.assert_array_equal(first, models.encode_texts(texts))
+    for i, text in enumerate(texts):
+        np.testing.assert_allclose(models.encode_texts([text])[0], first[i], atol=1e-5, rtol=0)
+    assert not np.allclose(first[0], first[4], atol=1e-3)
+    assert models.encode_texts([]).shape == (0, models.dim)
+
+
+def test_warm_up_runs_every_bucket(models: OnnxModels) -> None:  # and checks outputs are finite
+    def runs() -> float:
+        return REGISTRY.get_sample_value("clickrank_inference_seconds_count", {"graph": "ranker"}) or 0.0
+
+    before = runs()
+    models.warm_up()
+    assert runs() - before >= len(models.history_buckets) * len(CANDIDATE_BUCKETS)
+
+
+@pytest.fixture()
+def model_copy(model_dir: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model_dir, target)
+    return target
+
+
+@pytest.mark.parametrize("name", ["ranker.onnx", "tokenizer.json"])
+def test_missing_file_is_a_load_error(model_copy: Path, name: str) -> None:
+    (model_copy / name).unlink()
+    with pytest.raises(ModelLoadError, match=rf"{name} is missing"):
+        OnnxModels(model_copy, device="cpu")
+
+
+@pytest.mark.parametrize("name", ["ranker.onnx", "item_encoder.onnx", "item_vectors.npy"])
+def test_corrupted_file_is_a_load_error(model_copy: Path, name: str) -> None:
+    path = model_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match=rf"{name} in .*checksum mismatch"):
+        OnnxModels(model_copy, device="cpu")
+
+
+def test_missing_or_broken_manifest_is_a_load_error(model_copy: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        OnnxModels(tmp_path / "nowhere", device="cpu")
+    manifest = model_copy / "manifest.json"
+    content = json.loads(manifest.read_text())
+    manifest.write_text("{not json")
+    with pytest.raises(ModelLoadError, match="cannot be read as JSON"):
+        OnnxModels(model_copy, device="cpu")
+    del content["files"]["ranker.onnx"]
+    manifest.write_text(json.dumps(content))
+    with pytest.raises(ModelLoadError, match=r"does not list ranker\.onnx"):
+        OnnxModels(model_copy, device="cpu")
+    manifest.unlink()
+    with pytest.raises(ModelLoadError, match=r"manifest\.json is missing"):
+        OnnxModels(model_copy, device="cpu")

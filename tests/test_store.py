@@ -1,0 +1,339 @@
+"""HistoryStore and Settings against a real redis-server: ordering, cap, idempotency, atomicity, trending,
+forget, deadlines and recovery after a Redis restart."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import threading
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from prometheus_client import REGISTRY
+from pydantic import ValidationError
+
+from service.settings import Settings
+from service.store import HistoryStore, StoredEvent, StoreUnavailable, connect
+
+pytestmark = pytest.mark.anyio
+
+DAY = 86400.0
+T0 = 1_700_000_000.0
+
+
+@pytest.fixture()
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture()
+async def store(redis_url: str) -> AsyncIterator[HistoryStore]:
+    s = HistoryStore(
+        connect(redis_url, timeout_s=1.0), history_cap=5, timeout_s=1.0, trending_half_life_s=DAY
+    )
+    yield s
+    await s.close()
+
+
+def ev(
+    item: str, ts: float, kind: str = "click", value: float | None = None, eid: str | None = None
+) -> StoredEvent:
+    return StoredEvent(item, kind, ts, value, eid)
+
+
+def metric(name: str, op: str) -> float:
+    return REGISTRY.get_sample_value(name, {"op": op}) or 0.0
+
+
+def dbsize(url: str) -> int:
+    with redis.Redis.from_url(url) as client:
+        return client.dbsize()
+
+
+# --- history ---------------------------------------------------------------------------------------------
+
+
+async def test_history_is_time_ordered_newest_last_whatever_the_arrival_order(store: HistoryStore) -> None:
+    batch1 = [("u", ev("c", T0 + 30, "rate", 4.0, "e3")), ("u", ev("a", T0 + 10, "view"))]
+    batch2 = [("u", ev("d", T0 + 40, "purchase")), ("u", ev("b", T0 + 20, "add_to_cart", eid="e2"))]
+    assert await store.append(batch1) == (2, 0)
+    assert await store.append(batch2) == (2, 0)
+
+    events, seen = await store.history("u", 10)
+    assert [e.item_id for e in events] == ["a", "b", "c", "d"]
+    assert seen is None
+    assert events[2] == StoredEvent("c", "rate", T0 + 30, 4.0, "e3")
+    assert events[1] == StoredEvent("b", "add_to_cart", T0 + 20, None, "e2")
+
+    last_two, seen = await store.history("u", 2, with_seen=True)
+    assert [e.item_id for e in last_two] == ["c", "d"]
+    assert seen == {"a", "b", "c", "d"}
+    assert await store.history("nobody", 10, with_seen=True) == ([], set())
+
+
+async def test_identical_events_in_the_same_second_are_all_kept_in_arrival_order(store: HistoryStore) -> None:
+    same = ev("x", T0)
+    await store.append([("u", same), ("u", ev("y", T0)), ("u", same)])
+    events, _ = await store.history("u", 10)
+    assert [e.item_id for e in events] == ["x", "y", "x"]
+
+
+async def test_cap_keeps_newest_events_while_the_seen_set_keeps_everything(store: HistoryStore) -> None:
+    stamps = list(range(12))
+    random.Random(0).shuffle(stamps)
+    await store.append([("u", ev(f"i{t}", T0 + t)) for t in stamps])
+    events, seen = await store.history("u", 100, with_seen=True)
+    assert [e.item_id for e in events] == [f"i{t}" for t in range(7, 12)]  # cap = 5
+    assert seen == {f"i{t}" for t in range(12)}
+
+    # a late event older than everything kept is accepted (seen, trending) but trimmed at once
+    assert await store.append([("u", ev("late", T0 - 100))]) == (1, 0)
+    events, seen = await store.history("u", 100, with_seen=True)
+    assert [e.item_id for e in events] == [f"i{t}" for t in range(7, 12)]
+    assert "late" in seen
+
+
+# --- idempotency and atomicity ---------------------------------------------------------------------------
+
+
+async def test_a_retried_batch_is_not_stored_twice(store: HistoryStore, redis_url: str) -> None:
+    batch = [("u", ev("a", T0, eid="e1")), ("u", ev("b", T0 + 1, eid="e2")), ("v", ev("a", T0, eid="e1"))]
+    assert await store.append(batch) == (3, 0)  # event ids are scoped per user
+    assert await store.append(batch) == (0, 3)
+
+    mixed = [
+        ("u", ev("b", T0 + 1, eid="e2")),
+        ("u", ev("c", T0 + 2, eid="e3")),
+        ("u", ev("c", T0 + 2, eid="e3")),
+    ]
+    assert await store.append(mixed) == (1, 2)  # a duplicate inside the batch is stored once
+
+    events, _ = await store.history("u", 10)
+    assert [e.event_id for e in events] == ["e1", "e2", "e3"]
+    trending = dict(await store.trending(5))
+    # duplicates do not count: two events of "a" at T0, seen from the latest event at T0 + 2
+    assert trending["a"] == pytest.approx(2 * 2 ** (-2 / DAY), rel=1e-12)
+    with redis.Redis.from_url(redis_url) as client:
+        assert 0 < client.ttl("cr:e:u") <= 7 * 86400  # the dedup window is bounded
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ev("b", math.nan),
+        ev("b", math.inf),
+        ev("", T0),
+        ev("b", T0, kind="like"),
+        ev("b", T0, value=math.nan),
+        ev("b", T0, eid=""),
+    ],
+    ids=["nan-ts", "inf-ts", "empty-item", "unknown-type", "nan-value", "empty-event-id"],
+)
+async def test_an_invalid_event_rejects_the_whole_batch(
+    store: HistoryStore, redis_url: str, bad: StoredEvent
+) -> None:
+    with pytest.raises(ValueError, match="event 1"):
+        await store.append([("u", ev("a", T0, eid="ok")), ("u", bad)])
+    assert dbsize(redis_url) == 0
+
+
+async def test_a_batch_failing_inside_redis_writes_nothing(store: HistoryStore, redis_url: str) -> None:
+    """The script checks everything before its first write: a foreign key of the wrong type for the second
+    user's history must leave the first user, the trending set and the dedup ids untouched."""
+    with redis.Redis.from_url(redis_url) as client:
+        client.set("cr:h:bob", "not a sorted set")
+    errors = metric("clickrank_redis_errors_total", "append")
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await store.append([("alice", ev("a", T0, eid="e1")), ("bob", ev("b", T0, eid="e2"))])
+    assert metric("clickrank_redis_errors_total", "append") == errors + 1
+    assert dbsize(redis_url) == 1
+    assert await store.append([("alice", ev("a", T0, eid="e1"))]) == (1, 0)  # e1 was never recorded
+
+
+# --- trending --------------------------------------------------------------------------------------------
+
+
+async def test_recent_events_beat_older_more_numerous_ones_once_decay_dominates(store: HistoryStore) -> None:
+    now = T0
+    await store.append(
+        [("u1", ev("old", now - 10 * DAY)) for _ in range(8)]  # 8 events, 10 half-lives ago: 8/1024
+        + [("u2", ev("fresh", now)) for _ in range(2)]  # 2 events now: 2
+        + [("u3", ev("yesterday", now - DAY)) for _ in range(3)]  # 3 events one half-life ago: 1.5
+        + [("u4", ev("busy", now - DAY)) for _ in range(10)]  # 10 events one half-life ago: 5
+    )
+    top = await store.trending(10)
+    assert [item for item, _ in top] == ["busy", "fresh", "yesterday", "old"]
+    assert [score for _, score in top] == pytest.approx([5.0, 2.0, 1.5, 8 / 1024])
+    assert [item for item, _ in await store.trending(2, exclude={"busy"})] == ["fresh", "yesterday"]
+    assert await store.trending(0) == []
+
+
+async def test_trending_is_exact_from_1997_to_now_in_any_arrival_order(redis_url: str) -> None:
+    now = time.time()
+    events = (
+        [("u", ev("ml", 875_000_000.0 + i * 3600)) for i in range(20)]  # MovieLens era, 1997
+        + [("u", ev("hot", now)), ("v", ev("hot", now - DAY)), ("w", ev("warm", now - 3 * DAY))]
+        + [("u", ev("mid", 1_300_000_000.0))]
+    )
+    results = []
+    for seed in range(3):
+        order = events[:]
+        random.Random(seed).shuffle(order)
+        s = HistoryStore(connect(redis_url, timeout_s=1.0), prefix=f"t{seed}:", trending_half_life_s=DAY)
+        for start in range(0, len(order), 4):  # several batches, so rescaling happens between them too
+            await s.append(order[start : start + 4])
+        results.append(await s.trending(10))
+        await s.close()
+    for top in results:
+        assert [item for item, _ in top[:2]] == ["hot", "warm"]
+        assert dict(top)["hot"] == pytest.approx(1.5)
+        assert dict(top)["warm"] == pytest.approx(0.125)
+        assert all(math.isfinite(score) and score >= 0 for _, score in top)
+        assert dict(top).get("ml", 0.0) < 1e-9  # decayed to nothing, not overflowed
+
+    # a clock far in the future counts as "now" (+1 h at most): it cannot erase the real trend
+    s = HistoryStore(connect(redis_url, timeout_s=1.0), prefix="t0:", trending_half_life_s=DAY)
+    await s.append([("z", ev("skewed", 4_102_444_800.0))])  # year 2100
+    top = dict(await s.trending(10))
+    assert top["hot"] / top["warm"] == pytest.approx(1.5 / 0.125)
+    assert top["skewed"] == pytest.approx(1.0) and top["hot"] > 1.4
+    await s.close()
+
+
+# --- forget ----------------------------------------------------------------------------------------------
+
+
+async def test_forget_removes_history_seen_set_and_event_ids(store: HistoryStore) -> None:
+    await store.append([("u", ev("a", T0, eid="e1")), ("other", ev("a", T0))])
+    assert await store.forget("u") is True
+    assert await store.history("u", 10, with_seen=True) == ([], set())
+    assert await store.forget("u") is False
+    assert await store.append([("u", ev("a", T0, eid="e1"))]) == (1, 0)  # the id is forgotten too
+    assert [e.item_id for e in (await store.history("other", 10))[0]] == ["a"]
+
+
+# --- faults ----------------------------------------------------------------------------------------------
+
+
+async def test_redis_down_fails_fast_and_the_client_recovers_after_restart(
+    redis_url: str, redis_server
+) -> None:
+    s = HistoryStore(connect(redis_url, timeout_s=0.05), timeout_s=0.05)
+    await s.append([("u", ev("a", T0))])  # the pool now holds a connection that the restart will kill
+    errors = metric("clickrank_redis_errors_total", "history")
+    redis_server.stop()
+    try:
+        for call in (
+            lambda: s.history("u", 10, with_seen=True),
+            lambda: s.append([("u", ev("b", T0))]),
+            s.ping,
+        ):
+            start = time.perf_counter()
+            with pytest.raises(StoreUnavailable):
+                await call()
+            assert time.perf_counter() - start < 0.5
+        assert metric("clickrank_redis_errors_total", "history") == errors + 1
+    finally:
+        redis_server.start()
+    await s.ping()  # same client, no manual reconnect
+    assert await s.append([("u", ev("c", T0, eid="x"))]) == (1, 0)
+    assert [e.item_id for e in (await s.history("u", 10))[0]] == ["c"]  # the server lost its data
+
+    redis_server.stop()  # a restart between two calls leaves a dead connection in the pool
+    redis_server.start()
+    assert await s.history("u", 10) == ([], None)  # retried on a fresh connection, no error
+    await s.close()
+
+
+async def test_a_slow_redis_answers_within_the_deadline(redis_url: str) -> None:
+    """A real busy server (a 400 ms Lua loop from another client) must not hold a 50 ms call."""
+    s = HistoryStore(connect(redis_url, timeout_s=0.05), timeout_s=0.05)
+    await s.ping()
+    busy = (
+        "local t0 = redis.call('TIME') local s = t0[1] * 1e6 + t0[2] "
+        "repeat local t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 400000 return 1"
+    )
+    with redis.Redis.from_url(redis_url) as client:
+        thread = threading.Thread(target=client.eval, args=(busy, 0))
+        thread.start()
+        time.sleep(0.1)
+        start = time.perf_counter()
+        with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+            await s.history("u", 10)
+        assert time.perf_counter() - start < 0.2
+        thread.join()
+    assert await s.history("u", 10) == ([], None)  # the timed-out connection was replaced
+    await s.close()
+
+
+async def test_latency_is_recorded_by_operation(store: HistoryStore) -> None:
+    before = metric("clickrank_redis_seconds_count", "history")
+    await store.history("u", 5, with_seen=True)
+    assert metric("clickrank_redis_seconds_count", "history") == before + 1
+
+
+# --- settings --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No CLICKRANK_* variable from the caller's environment leaks into a settings test."""
+    for key in [k for k in os.environ if k.startswith("CLICKRANK_")]:
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+async def test_store_from_settings_uses_the_environment(
+    clean_env: pytest.MonkeyPatch, redis_url: str
+) -> None:
+    monkeypatch = clean_env
+    monkeypatch.setenv("CLICKRANK_REDIS_URL", redis_url)
+    monkeypatch.setenv("CLICKRANK_REDIS_PREFIX", "env:")
+    monkeypatch.setenv("CLICKRANK_HISTORY_CAP", "60")
+    settings = Settings()
+    assert (settings.redis_url, settings.history_cap) == (redis_url, 60)
+    s = HistoryStore.from_settings(settings)
+    await s.append([("u", ev("a", T0 + i)) for i in range(70)])
+    assert len((await s.history("u", 100))[0]) == 60
+    with redis.Redis.from_url(redis_url) as client:
+        assert client.exists("env:h:u")
+    await s.close()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"CLICKRANK_MAX_BATCH_SIZE": "0"},
+        {"CLICKRANK_REDIS_TIMEOUT_MS": "-1"},
+        {"CLICKRANK_TRENDING_HALF_LIFE_S": "0"},
+        {"CLICKRANK_DEVICE": "tpu"},
+        {"CLICKRANK_REDIS_URL": "http://localhost"},
+        {"CLICKRANK_LOG_LEVEL": "loud"},
+        {"CLICKRANK_HISTORY_CAP": "10", "CLICKRANK_HISTORY_LENGTH": "50"},
+        {"CLICKRANK_MAX_QUEUE": "many"},
+    ],
+)
+def test_invalid_settings_fail_with_the_field_name(
+    clean_env: pytest.MonkeyPatch, env: dict[str, str]
+) -> None:
+    for key, value in env.items():
+        clean_env.setenv(key, value)
+    with pytest.raises(ValidationError) as info:
+        Settings()
+    field = next(iter(env)).removeprefix("CLICKRANK_").lower()
+    assert field in str(info.value) or "history_cap" in str(info.value)
+
+
+def test_settings_defaults_and_api_keys(clean_env: pytest.MonkeyPatch) -> None:
+    monkeypatch = clean_env
+    settings = Settings()
+    assert settings.api_key_list() == []
+    assert (settings.max_batch_size, settings.history_length, settings.log_level) == (64, 50, "INFO")
+    monkeypatch.setenv("CLICKRANK_API_KEYS", " k1, ,k2 ")
+    monkeypatch.setenv("CLICKRANK_LOG_LEVEL", "debug")
+    settings = Settings()
+    assert settings.api_key_list() == ["k1", "k2"]
+    assert settings.log_level == "DEBUG"
