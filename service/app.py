@@ -31,9 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 from service.catalog import ItemCatalog
-from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, MODEL_INFO, REQUEST_LATENCY, REQUESTS
-from service.ranking import Ranker
-from service.runtime import OnnxModels
+from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, REQUEST_LATENCY, REQUESTS
+from service.ranking import ModelOutputError, Ranker
+from service.runtime import ModelLoadError, OnnxModels
 from service.schemas import (
     CANDIDATE_TAGS,
     ID_PATTERN,
@@ -62,7 +62,7 @@ from service.store import HistoryStore, StoredEvent, StoreUnavailable
 log = logging.getLogger("clickrank.api")
 
 T = TypeVar("T")
-STORE_RETRY_AFTER_S = 1
+RETRY_AFTER_S = 1
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 
@@ -82,7 +82,6 @@ class Services:
 
     settings: Settings
     store: HistoryStore
-    models: OnnxModels | None = None
     catalog: ItemCatalog | None = None
     batcher: MicroBatcher | None = None
     ranker: Ranker | None = None
@@ -113,7 +112,7 @@ async def _load_model(services: Services) -> None:
         )
         await asyncio.to_thread(models.warm_up)
     except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
-        services.model_error = f"{type(exc).__name__}: {exc}"
+        services.model_error = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
         log.error("model not loaded from %s: %s", settings.model_dir, services.model_error)
         return
     batcher = MicroBatcher(
@@ -123,7 +122,7 @@ async def _load_model(services: Services) -> None:
         max_queue=settings.max_queue,
     )
     await batcher.start()
-    services.models, services.catalog, services.batcher = models, catalog, batcher
+    services.catalog, services.batcher = catalog, batcher
     services.ranker = Ranker(
         models,
         catalog,
@@ -133,29 +132,36 @@ async def _load_model(services: Services) -> None:
         retrieval_size=settings.retrieval_size,
     )
     services.model_error = None
-    for provider in models.providers:
-        MODEL_INFO.labels(version=models.version, provider=provider).set(1)
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
-    await _sync_catalog_once(services)
-    services.tasks.append(asyncio.create_task(_sync_catalog_forever(services), name="catalog-sync"))
+    failing = await _sync_catalog(services, failing=False)
+    services.tasks.append(asyncio.create_task(_sync_catalog_forever(services, failing), name="catalog-sync"))
 
 
-async def _sync_catalog_once(services: Services) -> None:
+async def _sync_catalog(services: Services, *, failing: bool) -> bool:
+    """One sync round; returns whether it failed. A failure is logged when it starts, and the recovery."""
     assert services.catalog is not None
     try:
         applied = await services.catalog.sync(services.store.client)
-    except Exception as exc:  # Redis down or slow: the next round retries; the catalog stays usable
-        log.warning("catalog sync failed: %s", exc)
-        return
+    except (
+        Exception
+    ) as exc:  # Redis down or slow, a malformed entry: retried next round, the catalog stays usable
+        if not failing:
+            log.warning(
+                "catalog sync failing, retrying every %gs: %s", services.settings.item_sync_interval_s, exc
+            )
+        return True
+    if failing:
+        log.info("catalog sync recovered")
     if applied:
         log.info("catalog sync applied %d items published by other replicas", applied)
+    return False
 
 
-async def _sync_catalog_forever(services: Services) -> None:
+async def _sync_catalog_forever(services: Services, failing: bool) -> None:
     """Pick up items that other replicas (or a previous run) published, every ``item_sync_interval_s``."""
     while True:
         await asyncio.sleep(services.settings.item_sync_interval_s)
-        await _sync_catalog_once(services)
+        failing = await _sync_catalog(services, failing=failing)
 
 
 async def _shutdown(services: Services) -> None:
@@ -271,7 +277,7 @@ def field_path(loc: Sequence[str | int]) -> str:
             continue
         if isinstance(part, int):
             parts.append(f"[{part}]")
-        elif part in CANDIDATE_TAGS and i > 0 and isinstance(loc[i - 1], int):
+        elif part in CANDIDATE_TAGS and i > 1 and loc[i - 2] == "candidates":
             continue
         else:
             parts.append(f".{part}" if parts else str(part))
@@ -309,7 +315,7 @@ def install_error_handlers(app: FastAPI) -> None:
     async def on_store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("%s %s → 503 store unavailable: %s", request.method, request.url.path, exc)
         message = f"the history store (Redis) is unavailable: {exc}"
-        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
         return _error_response(503, "store_unavailable", message, _request_id(request), headers=headers)
 
     async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
@@ -319,9 +325,13 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(503, "overloaded", message, _request_id(request), headers=headers)
 
     async def on_batcher_closed(request: Request, exc: BatcherClosed) -> JSONResponse:
-        headers = {"Retry-After": str(STORE_RETRY_AFTER_S)}
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
         message = "the service is shutting down"
         return _error_response(503, "shutting_down", message, _request_id(request), headers=headers)
+
+    async def on_model_output(request: Request, exc: ModelOutputError) -> JSONResponse:
+        log.error("%s %s → 500: %s", request.method, request.url.path, exc)
+        return _error_response(500, "model_error", str(exc), _request_id(request))
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "http_error")
@@ -334,6 +344,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StoreUnavailable, on_store_unavailable)  # type: ignore[arg-type]
     app.add_exception_handler(QueueFull, on_queue_full)  # type: ignore[arg-type]
     app.add_exception_handler(BatcherClosed, on_batcher_closed)  # type: ignore[arg-type]
+    app.add_exception_handler(ModelOutputError, on_model_output)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, on_http_error)  # type: ignore[arg-type]
 
 
@@ -378,7 +389,8 @@ v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=
 @v1.post("/events", response_model=EventsResponse, responses=_errors(503, 504))
 async def post_events(body: EventsRequest, services: ServicesDep) -> EventsResponse:
     """Store behaviour events, all or nothing; acknowledged only once Redis has them. A repeated
-    ``event_id`` is acknowledged as a duplicate and not stored twice."""
+    ``event_id`` is acknowledged as a duplicate and not stored twice, so after a 503 or 504 (which may
+    come after Redis applied the batch) the client can safely resend the same batch."""
     events = [
         (e.user_id, StoredEvent(item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value,
                                 event_id=e.event_id))
@@ -414,8 +426,9 @@ async def recommend(body: RecommendRequest, services: ServicesDep) -> RecommendR
 
 @v1.post("/items", response_model=ItemsResponse, responses=_errors(503, 504))
 async def post_items(body: ItemsRequest, services: ServicesDep) -> ItemsResponse:
-    """Add or update items: the text is encoded by the BERT encoder, published to Redis for every
-    replica, then applied locally; the item can be ranked by the very next request."""
+    """Add or update items: the text is encoded by the BERT encoder, published to Redis, then applied
+    locally: this replica ranks the item from the very next request, the others within
+    ``item_sync_interval_s``. An item known at training time keeps its learned ID embedding."""
     ranker = services.require_ranker()
     texts = {item.item_id: item.text for item in body.items}  # a repeated id: the last text wins
 

@@ -4,8 +4,9 @@ Pure of HTTP: the app maps the exceptions raised here (``StoreUnavailable`` only
 impossible without Redis, ``QueueFull``, ``BatcherClosed``) to status codes. When the history read fails
 the answer is computed from the request's ``context`` alone and flagged ``degraded``.
 
-All reads of the catalog's rows and vectors for one request happen without an ``await`` in between, so
-they come from one consistent snapshot even while ``POST /v1/items`` or the sync task replace them.
+The catalog may change at any ``await`` (``POST /v1/items``, the sync task). Its rows are append-only, so
+a row found in one snapshot is valid in every later one; the ids and vectors handed to one ranker call
+are always read together, from one snapshot.
 """
 
 from __future__ import annotations
@@ -38,6 +39,12 @@ log = logging.getLogger("clickrank.ranking")
 
 EXPLAIN_TOP = 5
 """History items reported per candidate when ``explain`` is asked."""
+PRIOR_CHUNK = 1024
+"""Candidates per ranker request when the history-free prior is computed over the whole catalog."""
+
+
+class ModelOutputError(RuntimeError):
+    """The ranker returned non-finite numbers: a broken export, never a valid answer."""
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
@@ -160,6 +167,7 @@ class Ranker:
         self.batcher = batcher
         self.history_length = history_length
         self.retrieval_size = retrieval_size
+        self._prior: tuple[np.ndarray, np.ndarray] | None = None
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
         stored, _, degraded = await self._stored(req.user_id, "/v1/predict", with_seen=False)
@@ -167,7 +175,7 @@ class Ranker:
         item_ids, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[Prediction] = []
         if item_ids:
-            result = await self.batcher.submit(window.request(vectors))
+            result = await self._rank(window, vectors)
             predictions = rank_predictions(item_ids, result, window, req.top_k, req.explain)
         return PredictResponse(
             user_id=req.user_id,
@@ -185,31 +193,32 @@ class Ranker:
         window = build_window(events, self.catalog, self.history_length)
         exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
 
-        trending: list[str] = []
-        if not len(window) and not degraded:
-            try:
-                trending = [i for i, _ in await self.store.trending(2 * req.top_k, exclude=exclude)]
-            except StoreUnavailable as exc:
-                degraded = self._degraded(route, exc)
-
-        item_ids = self.catalog.item_ids
-        vectors = self.catalog.vectors
         excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
         excluded = excluded[excluded >= 0]
-        rows = self.catalog.index_of(trending) if trending else np.empty(0, dtype=np.int64)
-        rows = rows[rows >= 0][: req.top_k]
-        if len(rows) < req.top_k:
-            # Warm user (or not enough trending items): retrieve by similarity to the user vector. A cold
-            # user's vector is the ranker's history-free prior, so this is also the fresh-Redis fallback.
-            probe = await self.batcher.submit(window.request(np.zeros((1, vectors.shape[1]), np.float32)))
-            want = self.retrieval_size if not len(rows) else req.top_k - len(rows)
-            found = top_rows(vectors @ probe.user_vector, want, np.concatenate([excluded, rows]))
-            rows = np.concatenate([rows, found]).astype(np.int64)
+        if len(window):
+            # Retrieval: the user vector's dot product with every item, then the ranker on the best few.
+            probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
+            rows = top_rows(self.catalog.vectors @ probe.user_vector, self.retrieval_size, excluded)
+        else:
+            # No history: what is trending now, topped up from the ranker's history-free prior.
+            trending: list[str] = []
+            if not degraded:
+                try:
+                    trending = [i for i, _ in await self.store.trending(2 * req.top_k, exclude=exclude)]
+                except StoreUnavailable as exc:
+                    degraded = self._degraded(route, exc)
+            rows = self.catalog.index_of(trending) if trending else np.empty(0, dtype=np.int64)
+            rows = rows[rows >= 0][: req.top_k]
+            if len(rows) < req.top_k:
+                prior = await self._prior_logits()
+                rows = np.concatenate([rows, top_rows(prior, req.top_k - len(rows), np.r_[excluded, rows])])
 
         items: list[Prediction] = []
         if len(rows):
-            result = await self.batcher.submit(window.request(vectors[rows]))
+            # Rows are append-only: those found above are valid in the catalog as it is now.
+            item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
+            result = await self._rank(window, vectors[rows])
             items = rank_predictions(ids, result, window, req.top_k, req.explain)
         return RecommendResponse(
             user_id=req.user_id,
@@ -218,6 +227,23 @@ class Ranker:
             degraded=degraded,
             items=items,
         )
+
+    async def _prior_logits(self) -> np.ndarray:
+        """The ranker's logits for every catalog item with an empty history, cached per catalog snapshot
+        (rows are append-only, so the cached rows stay valid for later snapshots)."""
+        vectors = self.catalog.vectors
+        if self._prior is None or self._prior[0] is not vectors:
+            empty = build_window([], self.catalog, 0)
+            chunks = range(0, len(vectors), PRIOR_CHUNK)
+            results = await asyncio.gather(*(self._rank(empty, vectors[i : i + PRIOR_CHUNK]) for i in chunks))
+            self._prior = (vectors, np.concatenate([r.logits for r in results]))
+        return self._prior[1]
+
+    async def _rank(self, window: Window, candidate_vectors: np.ndarray) -> RankResult:
+        result = await self.batcher.submit(window.request(candidate_vectors))
+        if not (np.isfinite(result.logits).all() and np.isfinite(result.user_vector).all()):
+            raise ModelOutputError(f"ranker.onnx of model {self.models.version} returned non-finite scores")
+        return result
 
     async def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Item texts → text vectors with one encoder call, off the event loop."""

@@ -1,0 +1,643 @@
+"""The v1 API through real HTTP (ASGI) against a real redis-server and a real exported model.
+
+One app per module (the model loads once); tests that need an empty Redis take the ``redis_url`` fixture,
+which flushes the database. The parity test recomputes click probabilities with onnxruntime directly on
+``ranker.onnx`` from features built by hand, independently of the service's code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, get_args
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import redis
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.features import EVENT_TYPES, encode_window, event_type_id, value_bucket
+from service.app import create_app
+from service.ranking import influences, merge_events, sigmoid, top_rows
+from service.schemas import ContextEvent, EventType, parse_timestamp
+from service.settings import Settings
+from service.store import StoredEvent
+
+pytestmark = pytest.mark.anyio
+
+NOW = time.time()
+BASE_URL = "http://clickrank.test"
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """The app with its lifespan running, and an HTTP client talking to it through ASGI."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as client:
+            yield client, app
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    settings = Settings(
+        redis_url=redis_server.url,
+        model_dir=model_dir,
+        device="cpu",
+        max_batch_delay_ms=10.0,
+        redis_timeout_ms=2000.0,  # generous: the test machine is shared; faults are tested separately
+        request_timeout_ms=20000.0,
+        retrieval_size=100,
+        item_sync_interval_s=0.2,
+    )
+    async with running(settings) as handle:
+        yield handle
+
+
+@pytest.fixture()
+def client(api: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.AsyncClient:
+    """The module's client, with Redis flushed for this test."""
+    return api[0]
+
+
+class ModelFiles:
+    """The exported model read straight from disk, without the service's code."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.manifest = json.loads((model_dir / "manifest.json").read_text())
+        items = json.loads((model_dir / "items.json").read_text())
+        self.item_ids = [str(item["item_id"]) for item in items]
+        self.texts = [item["text"] for item in items]
+        self.row = {item_id: i for i, item_id in enumerate(self.item_ids)}
+        self.vectors = np.load(model_dir / "item_vectors.npy")
+        self.session = ort.InferenceSession(
+            str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"]
+        )
+
+    @property
+    def history_length(self) -> int:
+        return int(self.manifest["config"]["history_length"])
+
+    def probabilities(self, events: list[dict[str, Any]], candidates: list[str]) -> np.ndarray:
+        """sigmoid(ranker logits) for one user from features built by hand (padded to the manifest L)."""
+        events = sorted(events, key=lambda e: e["timestamp"])[-self.history_length :]
+        length = self.history_length
+        types, values, gaps, mask = encode_window(
+            [event_type_id(e["type"]) for e in events],
+            [value_bucket(e.get("value")) for e in events],
+            [float(e["timestamp"]) for e in events],
+            length,
+        )
+        history = np.zeros((length, self.vectors.shape[1]), dtype=np.float32)
+        if events:
+            history[length - len(events) :] = self.vectors[[self.row[e["item_id"]] for e in events]]
+        logits = self.session.run(
+            ["logits"],
+            {
+                "history_vectors": history[None],
+                "history_types": types[None],
+                "history_values": values[None],
+                "history_gaps": gaps[None],
+                "history_mask": mask[None],
+                "candidate_vectors": self.vectors[[self.row[c] for c in candidates]][None],
+            },
+        )[0][0]
+        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+
+
+@pytest.fixture(scope="module")
+def files(model_dir: Path) -> ModelFiles:
+    return ModelFiles(model_dir)
+
+
+def event(user: str, item: str, ts: float, kind: str = "click", **extra: Any) -> dict[str, Any]:
+    return {"user_id": user, "item_id": item, "type": kind, "timestamp": ts, **extra}
+
+
+async def post_events(client: httpx.AsyncClient, events: list[dict[str, Any]]) -> dict[str, int]:
+    response = await client.post("/v1/events", json={"events": events})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def history(client: httpx.AsyncClient, user: str) -> list[dict[str, Any]]:
+    response = await client.get(f"/v1/users/{user}/history")
+    assert response.status_code == 200, response.text
+    return response.json()["events"]
+
+
+def user_history(files: ModelFiles, user: str, n: int, seed: int) -> list[dict[str, Any]]:
+    """n events of catalog items with mixed types, ratings and gaps, in time order."""
+    rng = np.random.default_rng(seed)
+    items = rng.choice(len(files.item_ids), size=n, replace=False)
+    kinds = ["view", "click", "add_to_cart", "purchase", "rate"]
+    ts = NOW - 86400 * 30 + np.cumsum(rng.integers(30, 50000, size=n))
+    out = []
+    for i, row in enumerate(items.tolist()):
+        kind = kinds[int(rng.integers(len(kinds)))]
+        extra = {"value": int(rng.integers(1, 6))} if kind == "rate" else {}
+        out.append(event(user, files.item_ids[row], float(ts[i]), kind, event_id=f"{user}-{i}", **extra))
+    return out
+
+
+def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                out[tuple(sorted(sample.labels.items()))] = sample.value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- operations
+
+
+async def test_health_ready_model_info_and_openapi(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+
+    info = (await client.get("/v1/model")).json()
+    assert info["version"] == files.manifest["version"]
+    assert info["metrics"] == files.manifest["metrics"]
+    assert "CPUExecutionProvider" in info["providers"]
+    assert info["history_length"] == min(50, files.history_length)
+    assert info["catalog_size"] >= len(files.item_ids)
+    assert info["batching"]["max_batch_size"] == 64 and info["batching"]["max_batch_delay_ms"] == 10.0
+
+    schema = (await client.get("/openapi.json")).json()
+    paths = schema["paths"]
+    for path in (
+        "/v1/events",
+        "/v1/predict",
+        "/v1/recommend",
+        "/v1/items",
+        "/v1/items/{item_id}",
+        "/v1/users/{user_id}/history",
+        "/v1/users/{user_id}",
+        "/v1/model",
+        "/healthz",
+        "/readyz",
+    ):
+        assert path in paths, path  # fmt: skip
+    assert schema["components"]["schemas"]["PredictRequest"]["examples"]
+
+
+async def test_request_id_is_echoed_or_generated(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    generated = (await client.get("/healthz")).headers["x-request-id"]
+    assert len(generated) == 32
+
+
+async def test_unknown_route_method_and_oversized_body_are_json_errors(client: httpx.AsyncClient) -> None:
+    missing = await client.get("/v1/nothing-here")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    wrong_method = await client.get("/v1/predict")
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["code"] == "method_not_allowed"
+    big = await client.post(
+        "/v1/events", content=b"x" * 1_000_001, headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413 and big.json()["error"]["code"] == "payload_too_large"
+
+    async def chunks() -> AsyncIterator[bytes]:  # streamed: no Content-Length to check up front
+        for _ in range(3):
+            yield b" " * 400_000
+
+    streamed = await client.post("/v1/events", content=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413 and streamed.json()["error"]["code"] == "payload_too_large"
+
+
+# -------------------------------------------------------------------------------------------------- events
+
+
+async def test_events_history_newest_last_and_forget(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    a, b, c = files.item_ids[:3]
+    events = [
+        event("u1", a, NOW - 100, "rate", value=4, event_id="e1"),
+        event("u1", b, "2024-05-01T12:00:00Z", "view"),  # RFC 3339, oldest
+        event("u1", c, NOW - 10, "purchase"),
+    ]
+    assert await post_events(client, events) == {"accepted": 3, "duplicates": 0}
+
+    stored = await history(client, "u1")
+    assert [e["item_id"] for e in stored] == [b, a, c]
+    assert stored[0]["timestamp"] == 1714564800.0
+    assert stored[1] == {"item_id": a, "type": "rate", "timestamp": NOW - 100, "value": 4.0, "event_id": "e1"}
+    limited = (await client.get("/v1/users/u1/history", params={"limit": 2})).json()["events"]
+    assert [e["item_id"] for e in limited] == [a, c]
+
+    forgotten = await client.delete("/v1/users/u1")
+    assert forgotten.status_code == 200 and forgotten.json() == {"user_id": "u1", "forgotten": True}
+    assert await history(client, "u1") == []
+    assert (await client.delete("/v1/users/u1")).json()["forgotten"] is False
+
+
+async def test_retried_batch_is_stored_once(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    batch = [event("u2", files.item_ids[i], NOW - 50 + i, event_id=f"retry-{i}") for i in range(5)]
+    assert await post_events(client, batch) == {"accepted": 5, "duplicates": 0}
+    assert await post_events(client, batch) == {"accepted": 0, "duplicates": 5}
+    extended = [*batch[:2], event("u2", files.item_ids[9], NOW, event_id="retry-new")]
+    assert await post_events(client, extended) == {"accepted": 1, "duplicates": 2}
+    assert len(await history(client, "u2")) == 6
+
+
+TOO_MANY = [event("u3", "1", NOW + i) for i in range(1001)]
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"events": [event("u3", "1", NOW), event("bad user", "1", NOW)]}, "events[1].user_id"),
+        ({"events": [event("u3", "x" * 129, NOW)]}, "events[0].item_id"),
+        ({"events": TOO_MANY}, "events"),
+        ({"events": []}, "events"),
+        ({"events": [event("u3", "1", NOW, "like")]}, "events[0].type"),
+        ({"events": [event("u3", "1", "yesterday")]}, "events[0].timestamp"),
+        ({"events": [event("u3", "1", "2024-05-01T12:00:00")]}, "events[0].timestamp"),
+        ({"events": [event("u3", "1", NOW * 1000)]}, "events[0].timestamp"),
+        ({"events": [event("u3", "1", NOW, value="five")]}, "events[0].value"),
+        ({"events": [event("u3", "1", NOW, rating=5)]}, "events[0].rating"),
+        ({"events": [event("u3", "1", NOW)], "user": "u3"}, "user"),
+        ({"event": [event("u3", "1", NOW)]}, "events"),
+    ],
+)
+async def test_invalid_events_are_422_and_write_nothing(
+    client: httpx.AsyncClient, redis_url: str, payload: dict[str, Any], field: str
+) -> None:
+    response = await client.post("/v1/events", json=payload)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["code"] == "validation_error"
+    assert error["message"].startswith(f"{field}: ") or f"; {field}: " in error["message"], error["message"]
+    assert field in [d["field"] for d in error["details"]]
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.dbsize() == 0
+    assert await history(client, "u3") == []
+
+
+async def test_malformed_json_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/events", content=b'{"events": [', headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 422 and response.json()["error"]["code"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    ("path", "payload", "field"),
+    [
+        ("/v1/predict", {"user_id": "u4", "candidates": []}, "candidates"),
+        ("/v1/predict", {"user_id": "u4", "candidates": ["ok", "not ok"]}, "candidates[1]"),
+        ("/v1/predict", {"user_id": "u4", "candidates": [{"item_id": "n1"}]}, "candidates[0].text"),
+        ("/v1/predict", {"user_id": "u4", "candidates": [7]}, "candidates[0]"),
+        ("/v1/predict", {"user_id": "u4", "candidates": ["1"], "top_k": 0}, "top_k"),
+        ("/v1/predict", {"user_id": "u4", "candidates": ["1"], "explian": True}, "explian"),
+        (
+            "/v1/predict",
+            {"user_id": "u4", "candidates": ["1"], "context": [{"item_id": "1"}]},
+            "context[0].type",
+        ),
+        ("/v1/recommend", {"user_id": "u4", "top_k": 101}, "top_k"),
+        ("/v1/recommend", {"user_id": ""}, "user_id"),
+        ("/v1/items", {"items": [{"item_id": "n1", "text": "   "}]}, "items[0].text"),
+        ("/v1/items", {"items": [{"item_id": "n1", "text": "x" * 2001}]}, "items[0].text"),
+    ],
+)
+async def test_invalid_requests_are_422_naming_the_field(
+    client: httpx.AsyncClient, path: str, payload: dict[str, Any], field: str
+) -> None:
+    response = await client.post(path, json=payload)
+    assert response.status_code == 422, response.text
+    assert field in [d["field"] for d in response.json()["error"]["details"]]
+    assert field in response.json()["error"]["message"]
+
+
+async def test_invalid_path_ids_are_422(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/v1/users/bad%20user/history")).status_code == 422
+    assert (await client.delete("/v1/users/" + "u" * 129)).status_code == 422
+    assert (await client.get("/v1/items/bad%20id")).status_code == 422
+    missing = await client.get("/v1/items/no-such-item")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+# ------------------------------------------------------------------------------------------------- predict
+
+
+async def test_predict_matches_onnxruntime_run_by_hand(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    events = user_history(files, "parity", 12, seed=1)
+    await post_events(client, events)
+    candidates = [files.item_ids[i] for i in range(20, 60, 2)]
+    response = await client.post(
+        "/v1/predict", json={"user_id": "parity", "candidates": [*candidates, "no-such-item"]}
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model_version"] == files.manifest["version"]
+    assert body["history_length"] == 12 and body["degraded"] is False
+    assert body["unknown_items"] == ["no-such-item"]
+
+    expected = dict(zip(candidates, files.probabilities(events, candidates).tolist(), strict=True))
+    got = {p["item_id"]: p["click_probability"] for p in body["predictions"]}
+    assert got.keys() == expected.keys()
+    for item_id, probability in expected.items():
+        assert got[item_id] == pytest.approx(probability, abs=1e-5), item_id
+    assert [p["rank"] for p in body["predictions"]] == list(range(1, len(candidates) + 1))
+    assert [p["item_id"] for p in body["predictions"]] == sorted(expected, key=lambda i: -expected[i])
+    assert all("influences" not in p for p in body["predictions"])
+
+
+async def test_predict_context_top_k_and_explain(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    stored = user_history(files, "ctx", 6, seed=2)
+    await post_events(client, stored)
+    context = [
+        {"item_id": files.item_ids[300], "type": "click", "timestamp": NOW},
+        {"item_id": "not-in-catalog", "type": "view", "timestamp": NOW + 1},  # skipped, not an error
+        {**{k: v for k, v in stored[-1].items() if k != "user_id"}},  # same event_id as stored: counted once
+    ]
+    candidates = files.item_ids[100:110]
+    request = {"user_id": "ctx", "candidates": candidates, "context": context, "top_k": 3, "explain": True}
+    body = (await client.post("/v1/predict", json=request)).json()
+    assert body["history_length"] == 7
+    assert len(body["predictions"]) == 3
+
+    merged = [*stored, {**context[0], "user_id": "ctx"}]
+    expected = files.probabilities(merged, candidates)
+    best = np.argsort(-expected)[:3]
+    assert [p["item_id"] for p in body["predictions"]] == [candidates[i] for i in best]
+    history_items = {e["item_id"] for e in merged}
+    for prediction in body["predictions"]:
+        influences = prediction["influences"]
+        assert 1 <= len(influences) <= 5
+        assert {i["item_id"] for i in influences} <= history_items
+        weights = [i["weight"] for i in influences]
+        assert weights == sorted(weights, reverse=True) and 0 <= sum(weights) <= 1.0001
+
+
+async def test_predict_unknown_candidates(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    text = files.texts[5]
+    body = (
+        await client.post(
+            "/v1/predict",
+            json={
+                "user_id": "u5",
+                "candidates": ["ghost-1", {"item_id": "ghost-2", "text": text}, "ghost-1"],
+            },
+        )
+    ).json()
+    assert body["unknown_items"] == ["ghost-1"]
+    assert [p["item_id"] for p in body["predictions"]] == ["ghost-2"]
+    assert 0.0 < body["predictions"][0]["click_probability"] < 1.0
+    assert (await client.get("/v1/items/ghost-2")).status_code == 404  # scored on the fly, not added
+
+    none = (await client.post("/v1/predict", json={"user_id": "u5", "candidates": ["ghost-3"]})).json()
+    assert none["predictions"] == [] and none["unknown_items"] == ["ghost-3"]
+
+
+# ----------------------------------------------------------------------------------------- items, recommend
+
+
+async def test_new_item_is_served_at_once_and_exclude_seen_covers_all_history(
+    api: tuple[httpx.AsyncClient, FastAPI], redis_url: str, files: ModelFiles
+) -> None:
+    """The user has touched every catalog item but three (far beyond the history the ranker reads):
+    recommend can only return those three, then also the item added a moment ago."""
+    client, app = api
+    catalog_ids = list(app.state.services.catalog.item_ids)
+    keep = set(catalog_ids[10:13])
+    touched = [item for item in catalog_ids if item not in keep]
+    for start in range(0, len(touched), 1000):
+        chunk = touched[start : start + 1000]
+        await post_events(
+            client, [event("heavy", item, NOW - 1e5 + start + i) for i, item in enumerate(chunk)]
+        )
+
+    body = (await client.post("/v1/recommend", json={"user_id": "heavy", "top_k": 10})).json()
+    assert {i["item_id"] for i in body["items"]} == keep
+    assert body["history_length"] == min(50, files.history_length)
+
+    new_item = {"item_id": "fresh:1", "text": files.texts[int(files.row[touched[-1]])] + " (director's cut)"}
+    response = await client.post("/v1/items", json={"items": [new_item]})
+    assert response.status_code == 200 and response.json() == {"upserted": 1}
+    assert (await client.get("/v1/items/fresh:1")).json() == new_item
+
+    body = (await client.post("/v1/recommend", json={"user_id": "heavy", "top_k": 10})).json()
+    assert {i["item_id"] for i in body["items"]} == keep | {"fresh:1"}
+    probabilities = [i["click_probability"] for i in body["items"]]
+    assert probabilities == sorted(probabilities, reverse=True)
+
+    predicted = (
+        await client.post("/v1/predict", json={"user_id": "heavy", "candidates": ["fresh:1"]})
+    ).json()
+    assert predicted["unknown_items"] == []
+    assert predicted["predictions"][0]["click_probability"] == pytest.approx(
+        next(i["click_probability"] for i in body["items"] if i["item_id"] == "fresh:1"), abs=1e-6
+    )
+    everything = (
+        await client.post("/v1/recommend", json={"user_id": "heavy", "top_k": 20, "exclude_seen": False})
+    ).json()
+    assert len(everything["items"]) == 20
+
+
+async def test_items_reach_every_replica(
+    api: tuple[httpx.AsyncClient, FastAPI], redis_server: Any, redis_url: str, model_dir: Path
+) -> None:
+    """Items published through one replica reach another: at its startup and while it runs."""
+    client = api[0]
+    before = {"items": [{"item_id": "replica:early", "text": "Early Bird (2026) | Comedy"}]}
+    assert (await client.post("/v1/items", json=before)).status_code == 200
+    settings = Settings(
+        redis_url=redis_server.url, model_dir=model_dir, device="cpu", item_sync_interval_s=0.1
+    )
+    async with running(settings) as (other, _):
+        assert (await other.get("/v1/items/replica:early")).json()["text"] == "Early Bird (2026) | Comedy"
+        after = {"items": [{"item_id": "replica:late", "text": "Late Show (2026) | Drama"}]}
+        assert (await client.post("/v1/items", json=after)).status_code == 200
+        deadline = time.monotonic() + 5
+        while (await other.get("/v1/items/replica:late")).status_code != 200:
+            assert time.monotonic() < deadline, "the item did not reach the other replica"
+            await asyncio.sleep(0.05)
+        body = (await other.post("/v1/predict", json={"user_id": "r", "candidates": ["replica:late"]})).json()
+        assert body["unknown_items"] == [] and len(body["predictions"]) == 1
+
+
+async def test_recommend_agrees_with_predict(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    events = user_history(files, "warm", 20, seed=3)
+    await post_events(client, events)
+    body = (await client.post("/v1/recommend", json={"user_id": "warm", "top_k": 15, "explain": True})).json()
+    assert body["degraded"] is False and body["history_length"] == 20
+    items = [i["item_id"] for i in body["items"]]
+    assert len(items) == 15 and not set(items) & {e["item_id"] for e in events}
+    assert [i["rank"] for i in body["items"]] == list(range(1, 16))
+    assert all(i["influences"] for i in body["items"])
+
+    shipped = [i for i in body["items"] if i["item_id"] in files.row]  # not items added by other tests
+    expected = files.probabilities(events, [i["item_id"] for i in shipped])
+    assert [i["click_probability"] for i in shipped] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert np.all(np.diff(expected) <= 1e-6)  # ranked by probability
+
+
+async def test_new_user_gets_recency_weighted_trending(client: httpx.AsyncClient, files: ModelFiles) -> None:
+    old, recent, other = files.item_ids[40], files.item_ids[41], files.item_ids[42]
+    month_ago = NOW - 30 * 86400
+    await post_events(client, [event(f"fan{i}", old, month_ago + i) for i in range(6)])
+    await post_events(client, [event("fan-r1", recent, NOW), event("fan-r2", recent, NOW + 1)])
+    await post_events(client, [event("fan-o", other, NOW - 3600)])
+
+    top1 = (await client.post("/v1/recommend", json={"user_id": "newbie", "top_k": 1})).json()
+    assert [i["item_id"] for i in top1["items"]] == [recent]  # 2 fresh events beat 6 a month old
+    top3 = (await client.post("/v1/recommend", json={"user_id": "newbie", "top_k": 3})).json()
+    assert {i["item_id"] for i in top3["items"]} == {old, recent, other}
+    assert top3["history_length"] == 0 and top3["degraded"] is False
+    expected = files.probabilities([], [i["item_id"] for i in top3["items"]])
+    assert [i["click_probability"] for i in top3["items"]] == pytest.approx(expected.tolist(), abs=1e-5)
+
+    # Fewer trending items than asked for: topped up with the best of the history-free prior.
+    top5 = (await client.post("/v1/recommend", json={"user_id": "newbie", "top_k": 5})).json()
+    prior = files.probabilities([], files.item_ids)
+    prior[[files.row[i] for i in (old, recent, other)]] = -1
+    top_up = {files.item_ids[j] for j in np.argsort(-prior)[:2]}
+    assert {i["item_id"] for i in top5["items"]} == {old, recent, other} | top_up
+
+    # Context events count as history and as seen: the item just clicked is not recommended back.
+    clicked = {"item_id": recent, "type": "click", "timestamp": NOW + 5}
+    with_ctx = (
+        await client.post("/v1/recommend", json={"user_id": "newbie", "top_k": 10, "context": [clicked]})
+    ).json()
+    assert with_ctx["history_length"] == 1 and len(with_ctx["items"]) == 10
+    assert recent not in {i["item_id"] for i in with_ctx["items"]}
+
+
+async def test_new_user_on_empty_store_gets_the_model_prior(
+    client: httpx.AsyncClient, files: ModelFiles
+) -> None:
+    body = (await client.post("/v1/recommend", json={"user_id": "first", "top_k": 5})).json()
+    assert body["degraded"] is False and body["history_length"] == 0 and len(body["items"]) == 5
+    prior = files.probabilities([], files.item_ids)
+    shipped = [i for i in body["items"] if i["item_id"] in files.row]  # not items added by other tests
+    assert [i["item_id"] for i in shipped] == [files.item_ids[j] for j in np.argsort(-prior)[: len(shipped)]]
+    expected = [prior[files.row[i["item_id"]]] for i in shipped]
+    assert [i["click_probability"] for i in shipped] == pytest.approx(expected, abs=1e-5)
+
+
+# --------------------------------------------------------------------------------------------- concurrency
+
+
+async def test_concurrent_predicts_are_batched_without_cross_talk(
+    client: httpx.AsyncClient, files: ModelFiles
+) -> None:
+    users = [f"c{i}" for i in range(50)]
+    histories = {u: user_history(files, u, 3 + i % 9, seed=100 + i) for i, u in enumerate(users)}
+    await post_events(client, [e for u in users for e in histories[u]])
+    rng = np.random.default_rng(7)
+    requests = {
+        u: {
+            "user_id": u,
+            "candidates": [files.item_ids[j] for j in rng.choice(200, 5 + i % 20, replace=False)],
+        }
+        for i, u in enumerate(users)
+    }
+
+    async def predict(u: str) -> dict[str, float]:
+        response = await client.post("/v1/predict", json=requests[u])
+        assert response.status_code == 200, response.text
+        return {p["item_id"]: p["click_probability"] for p in response.json()["predictions"]}
+
+    alone = {u: await predict(u) for u in users[:10]}
+    before = metric_samples((await client.get("/metrics")).text, "clickrank_batch_size_bucket")
+    together = dict(zip(users, await asyncio.gather(*(predict(u) for u in users)), strict=True))
+    after = metric_samples((await client.get("/metrics")).text, "clickrank_batch_size_bucket")
+
+    for u in users[:10]:
+        assert together[u].keys() == alone[u].keys()
+        for item_id, p in alone[u].items():
+            assert together[u][item_id] == pytest.approx(p, abs=1e-6)
+    for u in users:
+        expected = files.probabilities(histories[u], requests[u]["candidates"])
+        got = [together[u][c] for c in requests[u]["candidates"]]
+        assert got == pytest.approx(expected.tolist(), abs=1e-5), u
+
+    def batches(samples: dict, le: str) -> float:
+        return samples[(("le", le),)]
+
+    more_than_one = (batches(after, "+Inf") - batches(after, "1.0")) - (
+        batches(before, "+Inf") - batches(before, "1.0")
+    )
+    assert more_than_one >= 1
+    assert batches(after, "+Inf") - batches(before, "+Inf") < 50
+
+
+async def test_metrics_count_requests_by_route(client: httpx.AsyncClient) -> None:
+    await client.post("/v1/predict", json={"user_id": "m", "candidates": ["nope"]})
+    await client.post("/v1/predict", json={"user_id": "m", "candidates": []})
+    text = (await client.get("/metrics")).text
+    requests = metric_samples(text, "clickrank_requests_total")
+    assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "200"))] >= 1
+    assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "422"))] >= 1
+    assert not any(dict(k)["route"].startswith("/v1/users/m") for k in requests)  # templates, not raw paths
+    assert metric_samples(text, "clickrank_request_seconds_count")[(("route", "/v1/predict"),)] >= 2
+
+
+# ------------------------------------------------------------------------------------- pure request logic
+
+
+def test_event_types_of_the_api_are_the_model_features() -> None:
+    assert get_args(EventType) == EVENT_TYPES
+
+
+@pytest.mark.parametrize(
+    ("given", "seconds"),
+    [(1714564800, 1714564800.0), (1714564800.5, 1714564800.5), ("2024-05-01T14:00:00+02:00", 1714564800.0),
+     ("2024-05-01T12:00:00.250Z", 1714564800.25)],
+)  # fmt: skip
+def test_timestamps_normalise_to_unix_seconds(given: float | str, seconds: float) -> None:
+    assert parse_timestamp(given) == seconds
+
+
+@pytest.mark.parametrize("given", [True, -1, float("inf"), "2024-05-01", "1714564800", 1714564800000])
+def test_bad_timestamps_are_refused(given: Any) -> None:
+    with pytest.raises(ValueError, match="timestamp"):
+        parse_timestamp(given)
+
+
+def test_sigmoid_is_stable_for_extreme_logits() -> None:
+    p = sigmoid(np.array([-1000.0, -30.0, 0.0, 30.0, 1000.0], dtype=np.float32))
+    assert np.all(np.isfinite(p)) and p[0] == 0.0 and p[2] == 0.5 and p[4] == 1.0
+    assert p[1] == pytest.approx(math.exp(-30)) and 1 - p[3] == pytest.approx(math.exp(-30), rel=1e-3)
+
+
+def test_merge_orders_by_time_and_skips_context_already_stored() -> None:
+    stored = [StoredEvent("a", "click", 10.0, event_id="e1"), StoredEvent("b", "view", 30.0)]
+    context = [
+        ContextEvent(item_id="a", type="click", timestamp=10.0, event_id="e1"),
+        ContextEvent(item_id="c", type="view", timestamp=20.0),
+        ContextEvent(item_id="d", type="rate", timestamp=30.0, value=4),
+    ]
+    merged = merge_events(stored, context)
+    assert [(e.item_id, e.timestamp) for e in merged] == [("a", 10.0), ("c", 20.0), ("b", 30.0), ("d", 30.0)]
+
+
+def test_top_rows_never_returns_excluded_rows() -> None:
+    scores = np.array([5.0, 1.0, 9.0, 7.0, 3.0], dtype=np.float32)
+    assert top_rows(scores, 3, np.array([2], dtype=np.int64)).tolist() == [3, 0, 4]
+    assert top_rows(scores, 10, np.array([0, 1, 2, 2], dtype=np.int64)).tolist() == [3, 4]
+    assert top_rows(scores, 2, np.arange(5)).tolist() == []
+
+
+def test_influences_sum_repeated_items() -> None:
+    weights = np.array([0.1, 0.25, 0.2, 0.45], dtype=np.float32)  # "a" alone never beats "b"; summed it does
+    result = influences(weights, ["a", "b", "a", "c"], top=2)
+    assert [(i.item_id, i.weight) for i in result] == [("c", 0.45), ("a", 0.3)]

@@ -1,0 +1,318 @@
+"""Faults through the real HTTP API: Redis stopped or paused, a full inference queue, a request past its
+deadline, a missing or corrupt model. Each must give a defined answer, never a hang or a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import onnxruntime as ort
+import pytest
+import redis
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from models.features import encode_window, event_type_id, value_bucket
+from service.app import create_app
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+NOW = time.time()
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://clickrank.test", timeout=30
+        ) as client:
+            yield client, app
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def catalog(model_dir: Path) -> list[str]:
+    return [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+
+
+@pytest.fixture(scope="module")
+async def resilient_app(
+    redis_server: Any, model_dir: Path
+) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    settings = Settings(
+        redis_url=redis_server.url,
+        model_dir=model_dir,
+        device="cpu",
+        redis_timeout_ms=250.0,
+        request_timeout_ms=5000.0,
+        retrieval_size=50,
+    )
+    async with running(settings) as handle:
+        yield handle
+
+
+@pytest.fixture()
+def resilient(resilient_app: tuple[httpx.AsyncClient, FastAPI]) -> httpx.AsyncClient:
+    return resilient_app[0]
+
+
+def context_probabilities(
+    model_dir: Path, context: list[dict[str, Any]], candidates: list[str]
+) -> np.ndarray:
+    """What the model says from the context events alone (onnxruntime run by hand)."""
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    length = int(manifest["config"]["history_length"])
+    items = [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+    row = {item_id: i for i, item_id in enumerate(items)}
+    vectors = np.load(model_dir / "item_vectors.npy")
+    types, values, gaps, mask = encode_window(
+        [event_type_id(e["type"]) for e in context],
+        [value_bucket(e.get("value")) for e in context],
+        [e["timestamp"] for e in context],
+        length,
+    )
+    history = np.zeros((length, vectors.shape[1]), dtype=np.float32)
+    history[length - len(context) :] = vectors[[row[e["item_id"]] for e in context]]
+    session = ort.InferenceSession(str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {
+        "history_vectors": history[None],
+        "history_types": types[None],
+        "history_values": values[None],
+        "history_gaps": gaps[None],
+        "history_mask": mask[None],
+        "candidate_vectors": vectors[[row[c] for c in candidates]][None],
+    }
+    logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
+    return 1.0 / (1.0 + np.exp(-logits))
+
+
+def counter(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+async def wait_ready(client: httpx.AsyncClient, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while (await client.get("/readyz")).status_code != 200:
+        assert time.monotonic() < deadline, "the service did not become ready again"
+        await asyncio.sleep(0.1)
+
+
+async def test_redis_down_degrades_then_recovers_without_restart(
+    resilient: httpx.AsyncClient, redis_server: Any, redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    client = resilient
+    stored = [
+        {"user_id": "d1", "item_id": catalog[i], "type": "click", "timestamp": NOW - 100 + i}
+        for i in range(4)
+    ]
+    assert (await client.post("/v1/events", json={"events": stored})).status_code == 200
+    context = [
+        {"item_id": catalog[20], "type": "view", "timestamp": NOW - 50},
+        {"item_id": catalog[21], "type": "rate", "timestamp": NOW - 10, "value": 5},
+    ]
+    candidates = catalog[30:45]
+    degraded_before = counter(
+        (await client.get("/metrics")).text, "clickrank_degraded_total", route="/v1/predict"
+    )
+
+    redis_server.stop()
+    try:
+        started = time.monotonic()
+        response = await client.post(
+            "/v1/predict", json={"user_id": "d1", "candidates": candidates, "context": context}
+        )
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["degraded"] is True and body["history_length"] == len(context)
+        expected = dict(
+            zip(candidates, context_probabilities(model_dir, context, candidates).tolist(), strict=True)
+        )
+        assert {p["item_id"]: p["click_probability"] for p in body["predictions"]} == pytest.approx(
+            expected, abs=1e-5
+        )
+
+        rec = await client.post("/v1/recommend", json={"user_id": "d1", "top_k": 5, "context": context})
+        assert rec.status_code == 200 and rec.json()["degraded"] is True
+        assert len(rec.json()["items"]) == 5
+        assert not {i["item_id"] for i in rec.json()["items"]} & {e["item_id"] for e in context}
+        cold = (await client.post("/v1/recommend", json={"user_id": "d1", "top_k": 3})).json()
+        assert cold["degraded"] is True and cold["history_length"] == 0 and len(cold["items"]) == 3
+        assert time.monotonic() - started < 3.0
+
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["error"]["code"] == "not_ready" and "redis" in ready.json()["error"]["message"]
+        assert (await client.get("/healthz")).status_code == 200
+
+        events = await client.post("/v1/events", json={"events": stored})
+        assert events.status_code == 503
+        assert events.json()["error"]["code"] == "store_unavailable"
+        assert int(events.headers["retry-after"]) >= 1
+        assert (await client.get("/v1/users/d1/history")).status_code == 503
+        assert (await client.delete("/v1/users/d1")).status_code == 503
+
+        text = (await client.get("/metrics")).text
+        assert counter(text, "clickrank_degraded_total", route="/v1/predict") == degraded_before + 1
+        assert counter(text, "clickrank_degraded_total", route="/v1/recommend") >= 1
+    finally:
+        if redis_server.proc is None:
+            redis_server.start()
+
+    await wait_ready(client)
+    fresh = [{"user_id": "d2", "item_id": catalog[5], "type": "click", "timestamp": NOW, "event_id": "after"}]
+    assert (await client.post("/v1/events", json={"events": fresh})).json() == {
+        "accepted": 1,
+        "duplicates": 0,
+    }
+    body = (await client.post("/v1/predict", json={"user_id": "d2", "candidates": candidates})).json()
+    assert body["degraded"] is False and body["history_length"] == 1
+    assert [e["event_id"] for e in (await client.get("/v1/users/d2/history")).json()["events"]] == ["after"]
+
+
+async def test_slow_redis_answers_degraded_within_the_deadline(
+    resilient: httpx.AsyncClient, redis_url: str, catalog: list[str]
+) -> None:
+    client = resilient
+    with redis.Redis.from_url(redis_url) as r:
+        r.execute_command("CLIENT", "PAUSE", 1500, "ALL")
+    started = time.monotonic()
+    context = [{"item_id": catalog[9], "type": "click", "timestamp": NOW}]
+    response = await client.post(
+        "/v1/predict", json={"user_id": "slow", "candidates": catalog[:5], "context": context}
+    )
+    assert response.status_code == 200 and response.json()["degraded"] is True
+    assert time.monotonic() - started < 1.2  # the store's deadline, not Redis' pause, bounds the answer
+    assert (await client.get("/readyz")).status_code == 503
+    await wait_ready(client)
+
+
+async def test_full_queue_is_503_with_retry_after_and_late_answers_are_504(
+    redis_server: Any, redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    """A batcher that waits 500 ms to fill a batch, a 2-slot queue and a 150 ms request deadline: a burst
+    gets 503 (queue full) at once and 504 (deadline) for the queued requests, and nothing hangs."""
+    settings = Settings(
+        redis_url=redis_server.url,
+        model_dir=model_dir,
+        device="cpu",
+        max_batch_size=64,
+        max_batch_delay_ms=500.0,
+        max_queue=2,
+        redis_timeout_ms=100.0,
+        request_timeout_ms=150.0,
+    )
+    async with running(settings) as (client, _):
+        rejected_before = counter((await client.get("/metrics")).text, "clickrank_queue_rejected_total")
+        started = time.monotonic()
+        responses = await asyncio.gather(
+            *(
+                client.post("/v1/predict", json={"user_id": f"b{i}", "candidates": catalog[:10]})
+                for i in range(8)
+            )
+        )
+        assert time.monotonic() - started < 2.0
+        statuses = sorted(r.status_code for r in responses)
+        assert set(statuses) == {503, 504}, statuses
+        for response in responses:
+            error = response.json()["error"]
+            if response.status_code == 503:
+                assert error["code"] == "overloaded" and int(response.headers["retry-after"]) >= 1
+            else:
+                assert error["code"] == "deadline_exceeded" and "150 ms" in error["message"]
+            assert error["request_id"] == response.headers["x-request-id"]
+        rejected = counter((await client.get("/metrics")).text, "clickrank_queue_rejected_total")
+        assert rejected - rejected_before == statuses.count(503)
+
+
+async def test_missing_model_starts_unready_and_keeps_the_store_routes(
+    redis_server: Any, redis_url: str, tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-model-here"
+    settings = Settings(redis_url=redis_server.url, model_dir=missing, api_keys="k1, k2")
+    async with running(settings) as (client, _):
+        assert (await client.get("/healthz")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert str(missing) in ready.json()["error"]["message"]
+        assert [d["field"] for d in ready.json()["error"]["details"]] == ["model"]
+
+        key = {"X-API-Key": "k2"}
+        predict = {"user_id": "u", "candidates": ["1"]}
+        assert (await client.post("/v1/predict", json=predict)).status_code == 401
+        assert (
+            await client.post("/v1/predict", json=predict, headers={"X-API-Key": "nope"})
+        ).status_code == 401
+        for response in (
+            await client.post("/v1/predict", json=predict, headers=key),
+            await client.post("/v1/recommend", json={"user_id": "u"}, headers=key),
+            await client.post("/v1/items", json={"items": [{"item_id": "n", "text": "t"}]}, headers=key),
+            await client.get("/v1/items/1", headers=key),
+            await client.get("/v1/model", headers=key),
+        ):
+            assert response.status_code == 503
+            assert response.json()["error"]["code"] == "model_unavailable"
+            assert str(missing) in response.json()["error"]["message"]
+
+        event = {"user_id": "u", "item_id": "1", "type": "view", "timestamp": NOW}
+        stored = await client.post("/v1/events", json={"events": [event]}, headers=key)
+        assert stored.status_code == 200 and stored.json()["accepted"] == 1
+        assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_corrupt_model_is_reported_by_readyz(
+    redis_server: Any, redis_url: str, model_dir: Path, tmp_path: Path
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    for path in model_dir.iterdir():
+        (corrupt / path.name).symlink_to(path)
+    (corrupt / "ranker.onnx").unlink()
+    (corrupt / "ranker.onnx").write_bytes((model_dir / "ranker.onnx").read_bytes()[:-16] + b"\0" * 16)
+    async with running(Settings(redis_url=redis_server.url, model_dir=corrupt)) as (client, _):
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert "ranker.onnx" in ready.json()["error"]["message"]
+        assert "checksum" in ready.json()["error"]["message"]
+
+
+async def test_unexpected_error_is_a_json_500_with_request_id_and_a_log_line(
+    resilient_app: tuple[httpx.AsyncClient, FastAPI],
+    redis_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A bug (simulated: the ranker raises) must not leak a traceback to the client."""
+    client, app = resilient_app
+
+    async def bug(*_: Any) -> None:
+        raise KeyError("secret internal detail")
+
+    monkeypatch.setattr(app.state.services.ranker, "predict", bug)
+    response = await client.post(
+        "/v1/predict", json={"user_id": "x", "candidates": ["1"]}, headers={"X-Request-ID": "req-500"}
+    )
+    assert response.status_code == 500
+    assert response.json() == {"error": {"code": "internal", "message": "internal error", "details": [],
+                                         "request_id": "req-500"}}  # fmt: skip
+    assert "secret" not in response.text
+    assert any("req-500" in r.getMessage() and r.exc_info for r in caplog.records)
+    text = (await client.get("/metrics")).text
+    assert counter(text, "clickrank_requests_total", route="/v1/predict", status="500") >= 1
