@@ -25,6 +25,7 @@ from models.export import (
     export_ranker,
     ranker_parity,
 )
+from models.ranker import save_ranker
 from models.sequences import make_windows, user_sequences
 from models.train import FitConfig, FitResult, fit
 
@@ -179,6 +180,7 @@ def train_and_export(
     )
     shutil.copyfile(minilm_path() / "tokenizer.json", model_dir / "tokenizer.json")
     export_ranker(model.ranker, model_dir / "ranker.onnx")
+    save_ranker(model.ranker, model_dir / "ranker.pt")
     export_item_encoder(
         ItemTextEncoder(bert, model.tower.projection),
         tokenizer,
@@ -231,6 +233,7 @@ def train_and_export(
     }
     files = [
         "ranker.onnx",
+        "ranker.pt",
         "item_encoder.onnx",
         "item_vectors.npy",
         "item_id_offsets.npy",

@@ -195,3 +195,21 @@ class SequenceRanker(nn.Module):
         """Logits with an empty history (user state and context are zero)."""
         zeros = torch.zeros_like(candidates)
         return self.score(zeros, zeros, candidates)
+
+
+def save_ranker(ranker: SequenceRanker, path) -> None:
+    """The PyTorch head beside its ONNX export (for parity tests and eager benchmarks)."""
+    config = {
+        "dim": ranker.dim,
+        "max_len": ranker.max_len,
+        "heads": ranker.blocks[0].heads,
+        "layers": len(ranker.blocks),
+    }
+    torch.save({"config": config, "state_dict": ranker.state_dict()}, path)
+
+
+def load_ranker(path) -> SequenceRanker:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    ranker = SequenceRanker(**saved["config"])
+    ranker.load_state_dict(saved["state_dict"])
+    return ranker.eval()
