@@ -53,6 +53,12 @@ def cmd_load_history(args: argparse.Namespace) -> None:
     load_history_command(args.data_dir, limit=args.limit)
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from loadtests.bench import run
+
+    run(args.bench_args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clickrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -93,6 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
     p.add_argument("--limit", type=int, default=None, help="load only the first N events (by time)")
     p.set_defaults(func=cmd_load_history)
+
+    # Options are parsed by loadtests.bench (`clickrank bench --help`): prefix_chars="+" hands every
+    # argument, --help included, to it unparsed, so building this parser never imports the bench.
+    p = sub.add_parser(
+        "bench",
+        help="load-test a service on loopback (rate sweep, batching on/off, soak); writes a report folder",
+        add_help=False,
+        prefix_chars="+",
+    )
+    p.add_argument("bench_args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
     return parser
 
 
