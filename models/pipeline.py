@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.data import load_dataset
+from models.data import Dataset, load_dataset
 from models.encoder import ItemTextEncoder, load_minilm, minilm_path, pooled_embeddings
 from models.evaluate import evaluate_model, format_table, make_split, popularity_scorer
 from models.export import (
@@ -37,7 +37,9 @@ class TrainConfig:
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     cold_fraction: float = 0.05
     max_text_tokens: int = 48
-    refit_on_all: bool = True
+    refit_epochs: int = 3
+    """After the harness: epochs of warm-started training on *all* events (the held-out last events and
+    the withheld cold items included) before export; 0 exports the evaluated model as it is."""
     threads: int = 0  # 0: torch's default
 
     @classmethod
@@ -47,7 +49,7 @@ class TrainConfig:
             fit=FitConfig(
                 dim=32, history_length=20, epochs=2, batch_size=256, negatives=32, valid_users=100, patience=2
             ),
-            refit_on_all=False,
+            refit_epochs=0,
         )
 
     def replace(self, *, seed: int | None = None, epochs: int | None = None) -> TrainConfig:
@@ -85,9 +87,8 @@ def _plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_harness(data_dir: Path, config: TrainConfig, text_features: torch.Tensor | None = None) -> dict:
+def run_harness(data: Dataset, config: TrainConfig, text_features: torch.Tensor | None = None) -> dict:
     """Fit popularity, ID-only and clickrank on one split and evaluate them in the same harness."""
-    data = load_dataset(data_dir)
     num_items = len(data.items)
     sequences = user_sequences(data)
     if text_features is None:
@@ -137,10 +138,9 @@ def train_and_export(
 
     metrics: dict = {}
     curves: dict = {}
-    final: FitResult | None = None
-    epochs = cfg.epochs
+    init, epochs = None, cfg.epochs
     if not skip_baselines:
-        harness = run_harness(data_dir, config, text_features)
+        harness = run_harness(data, config, text_features)
         print(format_table(harness["rows"]))
         metrics = {
             "table": harness["rows"],
@@ -149,11 +149,13 @@ def train_and_export(
             "best_epoch": harness["best_epoch"],
         }
         curves = harness["curves"]
-        epochs = max(1, harness["best_epoch"])
-        if not config.refit_on_all:
-            final = FitResult(harness["model"])
-    if final is None:
+        init, epochs = harness["model"], config.refit_epochs
+    if init is not None and epochs == 0:
+        final = FitResult(init, best_epoch=harness["best_epoch"])
+    else:
         all_windows = make_windows(user_sequences(data), cfg.history_length, cfg.stride)
+        # A warm start only needs a gentle nudge: a quarter of the learning rate.
+        refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
         final = fit(
             "clickrank (all data)",
             all_windows,
@@ -161,7 +163,8 @@ def train_and_export(
             np.arange(num_items),
             num_items,
             text_features,
-            dataclasses.replace(cfg, epochs=epochs),
+            refit,
+            init=init,
         )
         curves["clickrank (all data)"] = final.curve
 
@@ -207,7 +210,7 @@ def train_and_export(
             **dataclasses.asdict(cfg),
             "max_text_tokens": config.max_text_tokens,
             "cold_fraction": config.cold_fraction,
-            "refit_on_all": config.refit_on_all,
+            "refit_epochs": config.refit_epochs,
             "final_epochs": final.best_epoch,
             "encoder": "sentence-transformers/all-MiniLM-L6-v2",
         },
@@ -258,7 +261,8 @@ def evaluate_command(
         result = json.loads(path.read_text())
         print(format_table(result["table"]))
     else:
-        runs = [run_harness(data_dir, TrainConfig().replace(seed=s, epochs=epochs)) for s in range(seeds)]
+        data = load_dataset(data_dir)
+        runs = [run_harness(data, TrainConfig().replace(seed=s, epochs=epochs)) for s in range(seeds)]
         names = list(runs[0]["rows"])
         mean = {
             n: {

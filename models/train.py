@@ -41,7 +41,7 @@ class FitConfig:
     bce_weight: float = 0.3
     prior_weight: float = 0.1
     stride: int = 25
-    patience: int = 4
+    patience: int = 8
     valid_users: int = 600
     seed: int = 0
 
@@ -135,11 +135,16 @@ def fit(
     num_items: int,
     text_features: torch.Tensor | None,
     cfg: FitConfig,
+    init: RecModel | None = None,
 ) -> FitResult:
-    """Train with early stopping on validation NDCG@10; returns the best model (eval mode)."""
+    """Train with early stopping on validation NDCG@10; returns the best model (eval mode).
+
+    Without validation cases it trains ``cfg.epochs`` epochs and keeps the last state. ``init`` warm-starts
+    from a trained model (its weights are copied, not changed).
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = RecModel(num_items, text_features, cfg)
+    model = copy.deepcopy(init) if init is not None else RecModel(num_items, text_features, cfg)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tensors = {
         k: torch.from_numpy(getattr(windows, k))

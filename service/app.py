@@ -16,14 +16,17 @@ import re
 import secrets
 import time
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,7 +34,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 from service.catalog import ItemCatalog
-from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, REQUEST_LATENCY, REQUESTS
+from service.logs import REQUEST_ID, ThrottledLog, install_request_id_factory
+from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
 from service.ranking import ModelOutputError, Ranker
 from service.runtime import ModelLoadError, OnnxModels
 from service.schemas import (
@@ -60,6 +64,8 @@ from service.settings import Settings
 from service.store import HistoryStore, StoredEvent, StoreUnavailable
 
 log = logging.getLogger("clickrank.api")
+access_log = logging.getLogger("clickrank.access")
+fault_log = ThrottledLog(log)
 
 T = TypeVar("T")
 RETRY_AFTER_S = 1
@@ -179,9 +185,17 @@ async def _shutdown(services: Services) -> None:
 # ------------------------------------------------------------------------------------------ middleware
 
 
+_QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+"""Probed every few seconds: their access lines are DEBUG unless they fail."""
+
+
 class RequestContextMiddleware:
-    """Request id (``X-Request-ID`` echoed or generated), body size limit, metrics by route template,
-    and the last line of defence: an unexpected exception becomes a JSON 500, never a traceback."""
+    """Request id (``X-Request-ID`` echoed or generated, and set in ``service.logs.REQUEST_ID`` so every
+    log line of the request carries it), body size limit, metrics and one access-log line by route
+    template, and the last line of defence: an unexpected exception becomes a JSON 500, never a traceback.
+
+    The access line holds method, route template, status and latency: never the raw URL (its query
+    string), a header or a body."""
 
     def __init__(self, app: ASGIApp, *, max_body_bytes: int) -> None:
         self.app = app
@@ -195,6 +209,7 @@ class RequestContextMiddleware:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        context_token = REQUEST_ID.set(request_id)
         started = time.perf_counter()
         status = 500
         response_started = False
@@ -230,14 +245,82 @@ class RequestContextMiddleware:
                     scope, receive, send_with_id
                 )
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", "unmatched")
+            elapsed = time.perf_counter() - started
+            template = getattr(scope.get("route"), "path", "unmatched")
             REQUESTS.labels(route=template, method=scope["method"], status=str(status)).inc()
-            REQUEST_LATENCY.labels(route=template).observe(time.perf_counter() - started)
+            REQUEST_LATENCY.labels(route=template).observe(elapsed)
+            _log_access(scope["method"], template, status, elapsed)
+            REQUEST_ID.reset(context_token)
 
     @property
     def _too_large(self) -> str:
         return f"request body larger than {self.max_body_bytes} bytes"
+
+
+MODEL_ROUTES = frozenset({"/v1/predict", "/v1/recommend"})
+"""The routes that queue for the ranker: admitted up to the batcher's capacity, shed beyond it."""
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteTemplate:
+    """Stands in for the route the router would have matched, for a request answered before routing."""
+
+    path: str
+
+
+class AdmissionControl:
+    """Sheds model requests past capacity before doing any work for them.
+
+    The batcher's bounded queue refuses work only once a request has been parsed, validated and has read
+    Redis; under a burst far past capacity that work alone saturates the event loop, and every answer,
+    refusals included, waits behind it. Counting requests in flight here bounds that work: at most
+    ``max_in_flight`` model requests (a full queue plus one batch) are admitted, the others get the same
+    503 ``overloaded`` with ``Retry-After`` at once, without their body being read.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_in_flight: int) -> None:
+        self.app = app
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path")
+        if scope["type"] != "http" or scope["method"] != "POST" or path not in MODEL_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.max_in_flight:
+            QUEUE_REJECTED.inc()
+            fault_log.log(
+                logging.WARNING, f"{path} shed", "POST %s → 503 shed: %d in flight", path, self.in_flight
+            )
+            scope["route"] = _RouteTemplate(path)  # the access line and the metrics name the route
+            message = f"the service is at capacity ({self.max_in_flight} requests in flight); retry later"
+            request_id = scope.get("state", {}).get("request_id")
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            await _error_response(503, "overloaded", message, request_id, headers=headers)(
+                scope, receive, send
+            )
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+def _log_access(method: str, route: str, status: int, elapsed_s: float) -> None:
+    level = logging.DEBUG if route in _QUIET_ROUTES and status < 400 else logging.INFO
+    if access_log.isEnabledFor(level):
+        latency_ms = round(elapsed_s * 1000, 2)
+        access_log.log(
+            level,
+            "%s %s %d %.2f ms",
+            method,
+            route,
+            status,
+            latency_ms,
+            extra={"method": method, "route": route, "status": status, "latency_ms": latency_ms},
+        )
 
 
 def _content_length(headers: dict[bytes, bytes]) -> int:
@@ -267,6 +350,11 @@ def _error_response(
 
 def _request_id(request: Request) -> str | None:
     return request.scope.get("state", {}).get("request_id")
+
+
+def _route(request: Request) -> str:
+    """``POST /v1/users/{user_id}/history``: the route template, never the raw path (it holds user ids)."""
+    return f"{request.method} {getattr(request.scope.get('route'), 'path', 'unmatched')}"
 
 
 def field_path(loc: Sequence[str | int]) -> str:
@@ -307,19 +395,28 @@ def install_error_handlers(app: FastAPI) -> None:
 
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
         if exc.status >= 500:
-            log.warning(
-                "%s %s → %d %s: %s", request.method, request.url.path, exc.status, exc.code, exc.message
+            route = _route(request)
+            fault_log.log(
+                logging.WARNING,
+                f"{route} {exc.code}",
+                "%s → %d %s: %s",
+                route,
+                exc.status,
+                exc.code,
+                exc.message,
             )
         return _error_response(exc.status, exc.code, exc.message, _request_id(request), headers=exc.headers)
 
     async def on_store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
-        log.warning("%s %s → 503 store unavailable: %s", request.method, request.url.path, exc)
-        message = f"the history store (Redis) is unavailable: {exc}"
+        route = _route(request)
+        fault_log.log(logging.WARNING, f"{route} store", "%s → 503 store unavailable: %s", route, exc)
+        message = "the history store (Redis) is unavailable; retry later"  # the address stays in the log
         headers = {"Retry-After": str(RETRY_AFTER_S)}
         return _error_response(503, "store_unavailable", message, _request_id(request), headers=headers)
 
     async def on_queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        log.warning("%s %s → 503 inference queue full", request.method, request.url.path)
+        route = _route(request)
+        fault_log.log(logging.WARNING, f"{route} queue", "%s → 503 inference queue full", route)
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
         message = "the inference queue is full; retry later"
         return _error_response(503, "overloaded", message, _request_id(request), headers=headers)
@@ -330,10 +427,15 @@ def install_error_handlers(app: FastAPI) -> None:
         return _error_response(503, "shutting_down", message, _request_id(request), headers=headers)
 
     async def on_model_output(request: Request, exc: ModelOutputError) -> JSONResponse:
-        log.error("%s %s → 500: %s", request.method, request.url.path, exc)
+        log.error("%s → 500: %s", _route(request), exc)
         return _error_response(500, "model_error", str(exc), _request_id(request))
 
     async def on_http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers 400 when it cannot decode the body (not UTF-8): invalid input, like bad JSON
+        if exc.status_code == 400:
+            message = "the body is not valid JSON (UTF-8)"
+            details = [ErrorDetail(field="body", message=message, type="json_invalid")]
+            return _error_response(422, "validation_error", message, _request_id(request), details=details)
         code = _HTTP_CODES.get(exc.status_code, "http_error")
         return _error_response(
             exc.status_code, code, str(exc.detail), _request_id(request), headers=exc.headers
@@ -369,6 +471,33 @@ def require_api_key(services: ServicesDep, key: Annotated[str | None, Security(_
         raise ApiError(401, "unauthorized", "missing or invalid X-API-Key header")
 
 
+def _declared_query(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _declared_query(sub)
+    return names
+
+
+def check_query(request: Request) -> None:
+    """Unknown or repeated query parameters are invalid input, like unknown body fields: ``?limt=5`` or
+    ``?limit=5&limit=x`` would otherwise be silently ignored or half used."""
+    route = request.scope.get("route")
+    declared = _declared_query(route.dependant) if isinstance(route, APIRoute) else set()
+    counts = Counter(key for key, _ in request.query_params.multi_items())
+    errors = [
+        {"type": "extra_forbidden", "loc": ("query", key), "msg": "unknown query parameter"}
+        for key in counts
+        if key not in declared
+    ]
+    errors += [
+        {"type": "repeated", "loc": ("query", key), "msg": "given more than once"}
+        for key, n in counts.items()
+        if n > 1 and key in declared
+    ]
+    if errors:
+        raise RequestValidationError(errors)
+
+
 async def within_deadline(services: Services, work: Awaitable[T]) -> T:
     """Run one request's work under ``request_timeout_ms``: a late answer is a 504, never a hang."""
     timeout_ms = services.settings.request_timeout_ms
@@ -383,7 +512,11 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": ErrorResponse} for status in statuses}
 
 
-v1 = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], responses=_errors(401, 413, 422, 500))
+v1 = APIRouter(
+    prefix="/v1",
+    dependencies=[Depends(require_api_key), Depends(check_query)],
+    responses=_errors(401, 413, 422, 500),
+)
 
 
 @v1.post("/events", response_model=EventsResponse, responses=_errors(503, 504))
@@ -527,7 +660,11 @@ async def readyz(request: Request, services: ServicesDep) -> Status | JSONRespon
     return Status(status="ready")
 
 
-@ops.get("/metrics", response_class=Response)
+@ops.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
 async def metrics() -> Response:
     """Prometheus metrics, text exposition format."""
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
@@ -536,6 +673,7 @@ async def metrics() -> Response:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The application; ``settings`` default to the ``CLICKRANK_*`` environment."""
     settings = settings or Settings()
+    install_request_id_factory()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -556,5 +694,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.include_router(v1)
     app.include_router(ops)
+    # The last added runs first: request id, metrics and the access line wrap admission control.
+    # What the batcher can hold: a full queue, and the batch being inferred (never larger than the queue).
+    capacity = settings.max_queue + min(settings.max_batch_size, settings.max_queue)
+    app.add_middleware(AdmissionControl, max_in_flight=capacity)
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

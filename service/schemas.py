@@ -19,6 +19,7 @@ from pydantic import (
     Field,
     StringConstraints,
     Tag,
+    WithJsonSchema,
 )
 
 ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
@@ -43,7 +44,11 @@ UserId = Annotated[
     Field(description="1–128 characters of A-Za-z0-9_.:-", examples=["user:7"]),
 ]
 EventType = Literal["view", "click", "add_to_cart", "purchase", "rate"]
-ItemText = Annotated[str, StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, strip_whitespace=True)]
+ItemText = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=MAX_TEXT_CHARS, strip_whitespace=True, pattern=r"\S"),
+    Field(description="at least one non-space character; surrounding white space is dropped"),
+]
 
 
 def parse_timestamp(value: Any) -> float:
@@ -54,7 +59,9 @@ def parse_timestamp(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.strip())
+            text = value.strip()
+            # RFC 3339 allows a lower-case "z" (and "t"); fromisoformat before 3.12 refuses the "z"
+            parsed = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in ("z", "Z") else text)
         except ValueError:
             raise ValueError(
                 "timestamp must be unix seconds (number) or an RFC 3339 string like 2024-05-01T12:00:00Z"
@@ -74,7 +81,19 @@ def parse_timestamp(value: Any) -> float:
 Timestamp = Annotated[
     float,
     BeforeValidator(parse_timestamp),
-    Field(description="unix seconds or RFC 3339 (normalised to unix seconds)", examples=[1714564800]),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0, "maximum": MAX_TIMESTAMP},
+                {"type": "string", "format": "date-time"},
+            ]
+        }
+    ),
+    Field(
+        description="unix seconds, or RFC 3339 with a UTC offset; from 1970 to the year 3000 "
+        "(normalised to unix seconds)",
+        examples=[1714564800, "2024-05-01T12:00:00Z"],
+    ),
 ]
 
 

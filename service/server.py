@@ -2,37 +2,57 @@
 
 from __future__ import annotations
 
-import logging
+import logging.config
+import signal
 import sys
 
 import uvicorn
+from pydantic import ValidationError
 
+from service.logs import install_request_id_factory, log_config
 from service.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 30
 """Time uvicorn gives open requests on shutdown; the batcher then drains its queue."""
 
 
+def load_settings() -> Settings:
+    """The environment's settings. A ValidationError names each bad variable without echoing its value:
+    pydantic's message includes the input, and CLICKRANK_REDIS_URL may hold a password."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = [
+            (f"CLICKRANK_{'_'.join(map(str, e['loc'])).upper()}: " if e["loc"] else "") + e["msg"]
+            for e in exc.errors()
+        ]
+        raise ValueError(f"invalid settings: {'; '.join(problems)}") from None
+
+
 def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     """Serve the API. Invalid settings raise ValueError (the CLI prints one line); a missing model
     directory is only a warning: the service starts, ``/readyz`` answers 503 and says why."""
-    settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    settings = load_settings()
+    logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.api_key_list())
+    logging.config.dictConfig(logging_config)
+    install_request_id_factory()
     if not (settings.model_dir / "manifest.json").is_file():
-        print(
-            f"clickrank serve: warning: no model at {settings.model_dir.resolve()} (manifest.json missing); "
-            "starting anyway, /readyz will answer 503 until a model is deployed and the service restarted "
-            "(set CLICKRANK_MODEL_DIR)",
-            file=sys.stderr,
+        logging.getLogger("clickrank.server").warning(
+            "no model at %s (manifest.json missing); starting anyway, /readyz will answer 503 until a model "
+            "is deployed and the service restarted (set CLICKRANK_MODEL_DIR)",
+            settings.model_dir.resolve(),
         )
+    # uvicorn answers SIGTERM by finishing open requests (up to GRACEFUL_SHUTDOWN_S) and draining the
+    # batcher, then re-raises the signal under the handler it found: make that a clean exit 0.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     uvicorn.run(
         "service.app:create_app",
         factory=True,
         host=host,
         port=port,
         workers=workers,
+        log_config=logging_config,
         log_level=settings.log_level.lower(),
+        access_log=False,  # the app writes one access line per request itself (route template, no query)
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )

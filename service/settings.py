@@ -35,6 +35,7 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=0, ge=0)
     item_sync_interval_s: float = Field(default=1.0, gt=0.0)
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
 
     @field_validator("redis_url")
     @classmethod
