@@ -21,6 +21,7 @@ import numpy as np
 from models.features import event_type_id, gap_buckets, value_bucket
 from service.batcher import MicroBatcher
 from service.catalog import ItemCatalog
+from service.logs import ThrottledLog
 from service.metrics import DEGRADED
 from service.runtime import OnnxModels, RankRequest, RankResult
 from service.schemas import (
@@ -36,6 +37,7 @@ from service.schemas import (
 from service.store import HistoryStore, StoredEvent, StoreUnavailable
 
 log = logging.getLogger("clickrank.ranking")
+_degraded_log = ThrottledLog(log)
 
 EXPLAIN_TOP = 5
 """History items reported per candidate when ``explain`` is asked."""
@@ -262,7 +264,9 @@ class Ranker:
     @staticmethod
     def _degraded(route: str, exc: Exception) -> bool:
         DEGRADED.labels(route=route).inc()
-        log.warning("%s answered without stored history (degraded): %s", route, exc)
+        _degraded_log.log(
+            logging.WARNING, route, "%s answered without stored history (degraded): %s", route, exc
+        )
         return True
 
     async def _candidates(
