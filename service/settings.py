@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
     api_keys: str = ""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
-    intra_op_threads: int = Field(default=0, ge=0)
+    intra_op_threads: int = Field(default=1, ge=0)  # 1: measured fastest on CPU (docs/benchmarks.md)
     item_sync_interval_s: float = Field(default=1.0, gt=0.0)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
