@@ -35,16 +35,9 @@ from typing import Any
 import numpy as np
 
 from loadtests.report import load_average, machine_info
+from models.features import RANKER_INPUTS as INPUTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-INPUTS = (
-    "history_vectors",
-    "history_types",
-    "history_values",
-    "history_gaps",
-    "history_mask",
-    "candidate_vectors",
-)
 
 
 @dataclass(frozen=True)

@@ -10,21 +10,18 @@ import torch
 from torch.export import Dim
 
 from models.encoder import ItemTextEncoder
-from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
+from models.features import (
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    NUM_EVENT_TYPES,
+    NUM_GAP_BUCKETS,
+    NUM_VALUE_BUCKETS,
+    RANKER_INPUTS,
+    RANKER_OUTPUTS,
+)
 from models.ranker import SequenceRanker
 
 OPSET = 18
-RANKER_INPUTS = (
-    "history_vectors",
-    "history_types",
-    "history_values",
-    "history_gaps",
-    "history_mask",
-    "candidate_vectors",
-)
-RANKER_OUTPUTS = ("logits", "attention", "user_vectors")
-ENCODER_INPUTS = ("input_ids", "attention_mask")
-ENCODER_OUTPUTS = ("item_vectors",)
 
 
 def random_ranker_inputs(

@@ -23,6 +23,19 @@ NUM_EVENT_TYPES = len(EVENT_TYPES) + 1
 NUM_VALUE_BUCKETS = 7
 """0 = padding, 1 = no value given, 2..6 = value rounded and clipped to 1..5 (star ratings)."""
 
+# The two ONNX graphs' input and output names: the contract between export and serving.
+RANKER_INPUTS: tuple[str, ...] = (
+    "history_vectors",
+    "history_types",
+    "history_values",
+    "history_gaps",
+    "history_mask",
+    "candidate_vectors",
+)
+RANKER_OUTPUTS: tuple[str, ...] = ("logits", "attention", "user_vectors")
+ENCODER_INPUTS: tuple[str, ...] = ("input_ids", "attention_mask")
+ENCODER_OUTPUTS: tuple[str, ...] = ("item_vectors",)
+
 NUM_GAP_BUCKETS = 20
 """0 = padding or first event of the window; 1.. = log2 of minutes since the previous event."""
 

@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from models.features import ENCODER_INPUTS, ENCODER_OUTPUTS, RANKER_INPUTS, RANKER_OUTPUTS
 from service.metrics import INFERENCE_SECONDS, MODEL_INFO
 
 log = logging.getLogger("clickrank.runtime")
@@ -37,11 +38,6 @@ ENCODE_BATCH = 64
 RANKER = "ranker.onnx"
 ITEM_ENCODER = "item_encoder.onnx"
 TOKENIZER = "tokenizer.json"
-RANKER_INPUTS = ("history_vectors", "history_types", "history_values", "history_gaps", "history_mask",
-                 "candidate_vectors")  # fmt: skip
-RANKER_OUTPUTS = ("logits", "attention", "user_vectors")
-ENCODER_INPUTS = ("input_ids", "attention_mask")
-ENCODER_OUTPUTS = ("item_vectors",)
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
