@@ -23,7 +23,7 @@ from locust import FastHttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust loads this file by path
 
-from loadtests.bench import DEFAULT_DATA_DIR, JSON_HEADERS, MIXED_WEIGHTS, ROUTES, Workload
+from loadtests.workload import DEFAULT_DATA_DIR, JSON_HEADERS, MIXED_WEIGHTS, ROUTES, Workload
 
 WORKLOAD = Workload(os.environ.get("CLICKRANK_DATA_DIR", DEFAULT_DATA_DIR), "mixed", pool=4096)
 API_KEY = os.environ.get("CLICKRANK_BENCH_API_KEY")

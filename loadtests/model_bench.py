@@ -34,7 +34,8 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.report import load_average, machine_info
+from loadtests.common import int_list
+from loadtests.report import default_out_dir, load_average, machine_info, pyplot, save_figure, utc_stamp
 from models.features import RANKER_INPUTS as INPUTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -240,7 +241,7 @@ def run_bench(
                 print(f"model-bench: threads {n_threads} batch {batch}: {line}", file=sys.stderr, flush=True)
     return {
         "meta": {
-            "created": datetime.now(UTC).replace(microsecond=0).isoformat().replace("+00:00", "Z"),
+            "created": utc_stamp(datetime.now(UTC)),
             "machine": {**machine, "loadavg_at_end": load_average()},
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
@@ -310,11 +311,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     rows = result["results"]
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = {1: "-", 2: "--", 4: ":", 8: "-."}
@@ -343,19 +340,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _ints(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+    save_figure(fig, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -375,10 +360,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--heads", type=int, default=2, help="without --model-dir")
     parser.add_argument("--layers", type=int, default=2, help="without --model-dir")
     parser.add_argument("--candidates", type=int, default=100)
-    parser.add_argument("--batch-sizes", type=_ints, default=list(BATCH_SIZES))
+    parser.add_argument("--batch-sizes", type=int_list, default=list(BATCH_SIZES))
     parser.add_argument(
         "--threads",
-        type=_ints,
+        type=int_list,
         default=sorted({1, os.cpu_count() or 1}),
         help="intra-op threads of both torch and ORT (one full table per value)",
     )
@@ -410,7 +395,7 @@ def run(argv: Sequence[str]) -> Path:
         no_spin=args.ort_no_spin,
     )
     result["meta"]["command"] = "python -m loadtests.model_bench " + " ".join(argv)
-    out = args.out or Path("reports") / f"model-bench-{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
+    out = args.out or default_out_dir("model-bench", datetime.now(UTC))
     out.mkdir(parents=True, exist_ok=True)
     (out / "model_bench.json").write_text(json.dumps(result, indent=2))
     (out / "model_bench.md").write_text(markdown(result))

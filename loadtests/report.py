@@ -1,9 +1,11 @@
 """Figures of a benchmark run: latency statistics, ``/metrics`` deltas, and the report folder.
 
-The load generator (``loadtests.bench``) produces raw samples and two ``/metrics`` scrapes per step;
-this module turns them into the numbers of ``report.json``, the tables of ``summary.md`` and the PNG
-plots. Histogram-based server figures (queue wait percentiles) are bucket upper bounds, as Prometheus
-would report them, not exact values.
+The load generator (``clickrank bench``) produces raw samples (``loadtests.client``) and two
+``/metrics`` scrapes per step (``loadtests.measure``); this module turns them into the numbers of
+``report.json``, the tables of ``summary.md`` and the PNG plots. Histogram-based server figures (queue
+wait percentiles) are bucket upper bounds, as Prometheus would report them, not exact values. The
+machine description, timestamps, default report folder and figure saving are shared with
+``loadtests.model_bench``.
 """
 
 from __future__ import annotations
@@ -13,11 +15,15 @@ import math
 import os
 import platform
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 PERCENTILES = {"p50": 50.0, "p90": 90.0, "p95": 95.0, "p99": 99.0}
 
@@ -275,7 +281,18 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _pyplot():
+def utc_stamp(moment: datetime) -> str:
+    """The ``created`` field of a report: ISO 8601 to the second, ``Z`` for UTC."""
+    return moment.replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def default_out_dir(tool: str, moment: datetime) -> Path:
+    """``reports/<tool>-<UTC timestamp>``: where a run's files go without ``--out``."""
+    return Path("reports") / f"{tool}-{moment:%Y%m%dT%H%M%SZ}"
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display on a benchmark box)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -284,9 +301,15 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
 def plot_latency(report: Mapping[str, Any], path: Path) -> None:
     """p50/p95/p99 against offered load, one colour per variant, with the p99 bound."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, variant in enumerate(report["variants"]):
         steps = sorted(
@@ -316,15 +339,13 @@ def plot_latency(report: Mapping[str, Any], path: Path) -> None:
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_batches(report: Mapping[str, Any], path: Path) -> None:
     """Left: mean batch size against offered load. Right: batch-size distribution at each variant's
     highest passing step (share of requests served in batches of each size)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     variants = report["variants"]
     width = 0.8 / max(1, len(variants))
@@ -363,9 +384,7 @@ def plot_batches(report: Mapping[str, Any], path: Path) -> None:
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _bucket_mid(label: str) -> float:
@@ -378,7 +397,7 @@ def _bucket_mid(label: str) -> float:
 
 def plot_soak(soak: Mapping[str, Any], path: Path) -> None:
     """Server RSS over time and the p99 latency of each window."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
     samples = soak["rss"]["samples"]
     top.plot([t for t, _ in samples], [m for _, m in samples], marker=".", color="C0")
@@ -403,9 +422,7 @@ def plot_soak(soak: Mapping[str, Any], path: Path) -> None:
     for ax in (top, bottom):
         ax.grid(alpha=0.3)
     bottom.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:

@@ -15,18 +15,10 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
 from loadtests import bench, model_bench
-from loadtests.bench import (
-    ProtocolError,
-    RawHttpClient,
-    Sample,
-    StepRun,
-    arrival_offsets,
-    check_loopback,
-    parse_variant,
-    send,
-    summarize,
-)
+from loadtests.bench import parse_variant
+from loadtests.client import ProtocolError, RawHttpClient, Sample, StepRun, arrival_offsets, send, summarize
 from loadtests.report import server_delta
+from loadtests.server import check_loopback
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
