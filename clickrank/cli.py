@@ -30,14 +30,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     config = config.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-    train_and_export(args.data_dir, Path(args.model_dir), config, skip_baselines=args.skip_eval)
+    train_and_export(
+        args.data_dir, Path(args.model_dir), config, skip_eval=args.skip_eval, id_only=args.id_only
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from models.pipeline import evaluate_command
+    from models.pipeline import TrainConfig, evaluate_command
 
     evaluate_command(
-        args.data_dir, Path(args.model_dir), json_path=args.json, seeds=args.seeds, epochs=args.epochs
+        args.data_dir,
+        Path(args.model_dir),
+        json_path=args.json,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        config=TrainConfig.tiny() if args.tiny else TrainConfig(),
     )
 
 
@@ -74,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-eval", action="store_true", help="skip the evaluation harness; only fit and export"
     )
+    p.add_argument(
+        "--id-only",
+        action="store_true",
+        help="also fit the ID-only baseline into the saved table (`clickrank evaluate` always does)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print the evaluation table (baselines, clickrank, cold items)")
@@ -83,10 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seeds",
         type=int,
-        default=0,
-        help="re-run the whole harness for N seeds and report means (0: print the table saved at train time)",
+        default=1,
+        help="run the whole harness (popularity, ID-only, clickrank) for seeds 0..N-1 and print the means"
+        " (0: print the table saved by `clickrank train`)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="epochs for --seeds re-runs")
+    p.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default: the config's)")
+    p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds, not minutes)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="run the HTTP service (uvicorn); config from CLICKRANK_* variables")

@@ -87,8 +87,11 @@ def _plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     plt.close(fig)
 
 
-def run_harness(data: Dataset, config: TrainConfig, text_features: torch.Tensor | None = None) -> dict:
-    """Fit popularity, ID-only and clickrank on one split and evaluate them in the same harness."""
+def run_harness(
+    data: Dataset, config: TrainConfig, text_features: torch.Tensor | None = None, id_only: bool = True
+) -> dict:
+    """Fit popularity, ID-only (unless ``id_only`` is False) and clickrank on one split and evaluate them
+    in the same harness."""
     num_items = len(data.items)
     sequences = user_sequences(data)
     if text_features is None:
@@ -99,32 +102,41 @@ def run_harness(data: Dataset, config: TrainConfig, text_features: torch.Tensor 
     cfg = config.fit
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
     windows = make_windows(split.train, cfg.history_length, cfg.stride)
-    id_only = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
-    clickrank = fit("clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg)
-    rows = {
-        "popularity": evaluate_model(popularity_scorer(split, num_items), split, num_items),
-        "id-only transformer": evaluate_model(id_only.model.score_all, split, num_items),
-        "clickrank (BERT + transformer)": evaluate_model(clickrank.model.score_all, split, num_items),
-    }
+    fits = {}
+    if id_only:
+        fits["id-only"] = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
+    fits["clickrank"] = fit(
+        "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg
+    )
+    rows = {"popularity": evaluate_model(popularity_scorer(split, num_items), split, num_items)}
+    if id_only:
+        rows["id-only transformer"] = evaluate_model(fits["id-only"].model.score_all, split, num_items)
+    rows["clickrank (BERT + transformer)"] = evaluate_model(
+        fits["clickrank"].model.score_all, split, num_items
+    )
     return {
         "rows": rows,
-        "curves": {"id-only": id_only.curve, "clickrank": clickrank.curve},
-        "best_epoch": clickrank.best_epoch,
+        "curves": {name: result.curve for name, result in fits.items()},
+        "best_epoch": fits["clickrank"].best_epoch,
         "split": {
             "train_users": len(split.train),
             "test_cases": len(split.test),
             "cold_items": len(split.cold_items),
             "cold_cases": len(split.cold_cases),
         },
-        "fit_seconds": {"id-only": id_only.seconds, "clickrank": clickrank.seconds},
-        "model": clickrank.model,
+        "fit_seconds": {name: result.seconds for name, result in fits.items()},
+        "model": fits["clickrank"].model,
     }
 
 
 def train_and_export(
-    data_dir: Path, model_dir: Path, config: TrainConfig, skip_baselines: bool = False
+    data_dir: Path, model_dir: Path, config: TrainConfig, skip_eval: bool = False, id_only: bool = False
 ) -> dict:
-    """The ``train`` command. Returns the manifest it wrote."""
+    """The ``train`` command. Returns the manifest it wrote.
+
+    By default the harness fits clickrank on the split (early stopping, metrics against popularity and on
+    cold items) and a warm-started refit on all data is exported; ``id_only`` also fits the ID-only
+    baseline (``clickrank evaluate`` always does); ``skip_eval`` fits on all data only."""
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -139,8 +151,8 @@ def train_and_export(
     metrics: dict = {}
     curves: dict = {}
     init, epochs = None, cfg.epochs
-    if not skip_baselines:
-        harness = run_harness(data, config, text_features)
+    if not skip_eval:
+        harness = run_harness(data, config, text_features, id_only=id_only)
         print(format_table(harness["rows"]))
         metrics = {
             "table": harness["rows"],
@@ -251,9 +263,15 @@ def train_and_export(
 
 
 def evaluate_command(
-    data_dir: Path, model_dir: Path, json_path: str | None, seeds: int, epochs: int | None
+    data_dir: Path,
+    model_dir: Path,
+    json_path: str | None,
+    seeds: int,
+    epochs: int | None,
+    config: TrainConfig | None = None,
 ) -> None:
-    """Print the saved evaluation table, or re-run the harness for ``seeds`` seeds and print means."""
+    """Run the whole harness (popularity, ID-only, clickrank) for ``seeds`` seeds and print the means, or
+    with ``seeds == 0`` print the table saved at train time."""
     if seeds <= 0:
         path = model_dir / "metrics.json"
         if not path.is_file():
@@ -262,7 +280,8 @@ def evaluate_command(
         print(format_table(result["table"]))
     else:
         data = load_dataset(data_dir)
-        runs = [run_harness(data, TrainConfig().replace(seed=s, epochs=epochs)) for s in range(seeds)]
+        config = config or TrainConfig()
+        runs = [run_harness(data, config.replace(seed=s, epochs=epochs)) for s in range(seeds)]
         names = list(runs[0]["rows"])
         mean = {
             n: {

@@ -115,5 +115,5 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     from models.pipeline import TrainConfig, train_and_export
 
     out = tmp_path_factory.mktemp("model")
-    train_and_export(data_dir, out, TrainConfig.tiny())
+    train_and_export(data_dir, out, TrainConfig.tiny(), id_only=True)
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def test_malformed_data_is_one_line(tmp_path: Path) -> None:
 
 
 def test_evaluate_without_a_model_says_what_to_do(tmp_path: Path, data_dir: Path) -> None:
-    result = run_cli("evaluate", "--data-dir", str(data_dir), "--model-dir", str(tmp_path))
+    result = run_cli("evaluate", "--seeds", "0", "--data-dir", str(data_dir), "--model-dir", str(tmp_path))
     assert result.returncode == 2
     assert "run `clickrank train` first" in result.stderr
 
@@ -49,11 +50,30 @@ def test_evaluate_without_a_model_says_what_to_do(tmp_path: Path, data_dir: Path
 def test_evaluate_prints_the_saved_table(model_dir: Path, data_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "table.json"
     result = run_cli(
-        "evaluate", "--data-dir", str(data_dir), "--model-dir", str(model_dir), "--json", str(out)
+        "evaluate",
+        "--seeds",
+        "0",
+        "--data-dir",
+        str(data_dir),
+        "--model-dir",
+        str(model_dir),
+        "--json",
+        str(out),
     )
     assert result.returncode == 0, result.stderr
     assert "| popularity |" in result.stdout and "| clickrank (BERT + transformer) |" in result.stdout
     assert out.is_file()
+
+
+def test_evaluate_runs_the_whole_harness(data_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "harness.json"
+    result = run_cli("evaluate", "--tiny", "--data-dir", str(data_dir), "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    for row in ("popularity", "id-only transformer", "clickrank (BERT + transformer)"):
+        assert f"| {row} |" in result.stdout
+    saved = json.loads(out.read_text())
+    assert saved["seeds"] == 1 and len(saved["per_seed"]) == 1
+    assert 0.0 < saved["mean"]["clickrank (BERT + transformer)"]["warm"]["NDCG@10"] <= 1.0
 
 
 def test_unknown_argument_exits_non_zero() -> None:
