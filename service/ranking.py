@@ -119,23 +119,27 @@ def influences(attention: np.ndarray, item_ids: Sequence[str], top: int = EXPLAI
     for item_id, weight in zip(item_ids, attention.tolist(), strict=True):
         totals[item_id] = totals.get(item_id, 0.0) + weight
     best = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[:top]
-    return [Influence(item_id=item_id, weight=round(weight, 4)) for item_id, weight in best]
+    return [Influence.model_construct(item_id=item_id, weight=round(weight, 4)) for item_id, weight in best]
 
 
 def rank_predictions(
     item_ids: Sequence[str], result: RankResult, window: Window, top_k: int | None, explain: bool
 ) -> list[Prediction]:
-    """Candidates sorted by click probability (ties keep request order), rank 1 first, cut at top_k."""
+    """Candidates sorted by click probability (ties keep request order), rank 1 first, cut at top_k.
+
+    ``model_construct`` skips validation: every field is built here from checked ids and finite floats,
+    and validating 100 predictions per request cost 15% of the event loop's time (py-spy)."""
     probs = sigmoid(result.logits)
-    order = np.argsort(-probs, kind="stable")[: top_k or len(item_ids)]
+    order = np.argsort(-probs, kind="stable")[: top_k or len(item_ids)].tolist()
+    attention = result.attention
     return [
-        Prediction(
+        Prediction.model_construct(
             item_id=item_ids[j],
-            click_probability=float(probs[j]),
+            click_probability=p,
             rank=rank,
-            influences=influences(result.attention[j], window.item_ids) if explain else None,
+            influences=influences(attention[j], window.item_ids) if explain else None,
         )
-        for rank, j in enumerate(order.tolist(), start=1)
+        for rank, (j, p) in enumerate(zip(order, probs[order].tolist(), strict=True), start=1)
     ]
 
 

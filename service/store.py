@@ -345,10 +345,13 @@ class HistoryStore:
 
         replies = await redis_call("history", run(), self._timeout_s)
         events: list[StoredEvent] = []
-        if n:
-            for member, score in replies[0]:
-                item_id, kind, value, event_id = json.loads(member[_SEQ_DIGITS:])
-                events.append(StoredEvent(item_id, kind, float(score), value, event_id))
+        if n and replies[0]:
+            # One JSON parse for all members, not one per member (a third of this method's time).
+            fields = json.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in replies[0]) + b"]")
+            events = [
+                StoredEvent(item_id, kind, float(score), value, event_id)
+                for (item_id, kind, value, event_id), (_, score) in zip(fields, replies[0], strict=True)
+            ]
         seen = {m.decode() for m in replies[-1]} if with_seen else None
         return events, seen
 
