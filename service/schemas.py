@@ -378,7 +378,7 @@ class ModelInfo(ApiModel):
                     "catalog_size": 1682,
                     "metrics": {"table": [{"model": "clickrank", "HR@10": 0.1}]},
                     "providers": ["CPUExecutionProvider"],
-                    "batching": {"max_batch_size": 64, "max_batch_delay_ms": 2.0, "max_queue": 512,
+                    "batching": {"max_batch_size": 64, "max_batch_delay_ms": 0.0, "max_queue": 512,
                                  "queue_depth": 0},
                 }
             ]

@@ -22,7 +22,7 @@ class Settings(BaseSettings):
     model_dir: Path = Path("./artifacts")
     device: Literal["auto", "cuda", "cpu"] = "auto"
     max_batch_size: int = Field(default=64, ge=1, le=4096)
-    max_batch_delay_ms: float = Field(default=2.0, ge=0.0, le=1000.0)
+    max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=1000.0)  # 0: best on CPU (docs/benchmarks.md)
     max_queue: int = Field(default=512, ge=1)
     history_length: int = Field(default=50, ge=1)
     history_cap: int = Field(default=200, ge=1)
