@@ -22,6 +22,7 @@ from loadtests.client import (
     HttpxPoster,
     Poster,
     RawHttpClient,
+    StepRun,
     arrival_offsets,
     closed_loop,
     now,
@@ -131,6 +132,28 @@ def _server_view(before: str | None, after: str | None) -> dict[str, Any] | None
     return server_delta(before, after) if before and after else None
 
 
+async def scheduled_run(
+    clients: Clients,
+    workload: Workload,
+    config: BenchConfig,
+    rate: float,
+    duration_s: float,
+    max_requests: int,
+    stream: int,
+) -> StepRun:
+    """One open-loop run at ``rate``; ``stream`` picks its arrival schedule (same for every variant)."""
+    rng = np.random.default_rng([config.seed, stream])
+    offsets, window = arrival_offsets(rate, duration_s, max_requests, config.arrivals, rng)
+    return await open_loop(
+        clients.load,
+        workload,
+        offsets,
+        window,
+        max_inflight=config.max_inflight,
+        drain_timeout_s=config.timeout_s + 1.0,
+    )
+
+
 async def measure(
     clients: Clients,
     target: Target,
@@ -147,16 +170,7 @@ async def measure(
     before = await scrape(clients.control)
     cpu_before = cpu_seconds(target.pid) if target.pid else None
     if rate is not None:
-        rng = np.random.default_rng([config.seed, step_index])
-        offsets, window = arrival_offsets(rate, duration, config.max_requests, config.arrivals, rng)
-        run = await open_loop(
-            clients.load,
-            workload,
-            offsets,
-            window,
-            max_inflight=config.max_inflight,
-            drain_timeout_s=config.timeout_s + 1.0,
-        )
+        run = await scheduled_run(clients, workload, config, rate, duration, config.max_requests, step_index)
     else:
         assert concurrency is not None
         run = await closed_loop(clients.load, workload, concurrency, duration, config.max_requests)
@@ -312,18 +326,9 @@ async def soak(
     async with open_clients(target.url, config) as clients:
         await preflight(clients.control, workload)
         sampler = asyncio.create_task(sample_rss())
-        rng = np.random.default_rng([config.seed, 999])
         max_requests = int(rate * config.soak_s * 1.5) + 100
-        offsets, window = arrival_offsets(rate, config.soak_s, max_requests, config.arrivals, rng)
         before = await scrape(clients.control)
-        run = await open_loop(
-            clients.load,
-            workload,
-            offsets,
-            window,
-            max_inflight=config.max_inflight,
-            drain_timeout_s=config.timeout_s + 1.0,
-        )
+        run = await scheduled_run(clients, workload, config, rate, config.soak_s, max_requests, 999)
         after = await scrape(clients.control)
         done.set()
         await sampler
