@@ -404,20 +404,14 @@ def plot_soak(soak: Mapping[str, Any], path: Path) -> None:
     top.axvline(soak["rss"]["baseline_at_s"], color="grey", lw=1)
     top.set(ylabel="server RSS (MiB)", title=f"soak at {soak['target_rps']:g} rps")
     windows = [w for w in soak["windows"] if w["latency_ms"]["p99"] is not None]
-    bottom.plot(
-        [w["start_s"] for w in windows],
-        [w["latency_ms"]["p99"] for w in windows],
-        marker=".",
-        color="C3",
-        label="p99",
-    )
-    bottom.plot(
-        [w["start_s"] for w in windows],
-        [w["latency_ms"]["p50"] for w in windows],
-        marker=".",
-        color="C2",
-        label="p50",
-    )
+    for key, color in (("p99", "C3"), ("p50", "C2")):
+        bottom.plot(
+            [w["start_s"] for w in windows],
+            [w["latency_ms"][key] for w in windows],
+            marker=".",
+            color=color,
+            label=key,
+        )
     bottom.set(xlabel="time since start (s)", ylabel="latency (ms)")
     for ax in (top, bottom):
         ax.grid(alpha=0.3)

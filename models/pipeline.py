@@ -30,6 +30,8 @@ from models.sequences import make_windows, user_sequences
 from models.train import FitConfig, FitResult, fit
 
 PARITY_TOLERANCE = 1e-4
+ROW_NAMES = {"id-only": "id-only transformer", "clickrank": "clickrank (BERT + transformer)"}
+"""Evaluation-table row of each fitted model (curves and fit times use the short names)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,11 +111,7 @@ def run_harness(
         "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg
     )
     rows = {"popularity": evaluate_model(popularity_scorer(split, num_items), split, num_items)}
-    if id_only:
-        rows["id-only transformer"] = evaluate_model(fits["id-only"].model.score_all, split, num_items)
-    rows["clickrank (BERT + transformer)"] = evaluate_model(
-        fits["clickrank"].model.score_all, split, num_items
-    )
+    rows |= {ROW_NAMES[name]: evaluate_model(r.model.score_all, split, num_items) for name, r in fits.items()}
     return {
         "rows": rows,
         "curves": {name: result.curve for name, result in fits.items()},
