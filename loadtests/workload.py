@@ -134,19 +134,13 @@ def load_histories(redis_url: str, workload: Workload) -> tuple[int, int]:
     """Store the workload users' histories through the service's own store code; (accepted, duplicates)."""
     from service.load_history import CALL_TIMEOUT_S, load_events
     from service.settings import Settings
-    from service.store import HistoryStore, connect
+    from service.store import HistoryStore
 
     settings = Settings(redis_url=redis_url)
     events = workload.history_events()
 
     async def go() -> tuple[int, int]:
-        store = HistoryStore(
-            connect(redis_url, timeout_s=CALL_TIMEOUT_S, max_connections=2),
-            prefix=settings.redis_prefix,
-            history_cap=settings.history_cap,
-            timeout_s=CALL_TIMEOUT_S,
-            trending_half_life_s=settings.trending_half_life_s,
-        )
+        store = HistoryStore.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
         try:
             return await load_events(store, events)
         finally:

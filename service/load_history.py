@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from models.data import Ratings, load_dataset
 from service.settings import Settings
-from service.store import HistoryStore, StoredEvent, StoreUnavailable, connect
+from service.store import HistoryStore, StoredEvent, StoreUnavailable
 
 CHUNK = 1000
 """Events per ``append`` call (one Lua script each)."""
@@ -81,13 +81,7 @@ async def load_events(
 
 async def _run(settings: Settings, events: list[tuple[str, StoredEvent]]) -> tuple[int, int]:
     target = _redacted(settings.redis_url)
-    store = HistoryStore(
-        connect(settings.redis_url, timeout_s=CALL_TIMEOUT_S, max_connections=2),
-        prefix=settings.redis_prefix,
-        history_cap=settings.history_cap,
-        timeout_s=CALL_TIMEOUT_S,
-        trending_half_life_s=settings.trending_half_life_s,
-    )
+    store = HistoryStore.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
     try:
         try:
             await asyncio.wait_for(store.ping(), 5.0)

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(default=2000.0, gt=0.0)
     retrieval_size: int = Field(default=300, ge=1)
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
+    covisit_window: int = Field(default=5, ge=0, le=50)  # 0 turns co-visitation updates off
+    covisit_size: int = Field(default=50, ge=1, le=1000)
+    fresh_size: int = Field(default=200, ge=1, le=10000)
     api_keys: str = ""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     intra_op_threads: int = Field(default=1, ge=0)  # 1: measured fastest on CPU (docs/benchmarks.md)

@@ -337,3 +337,122 @@ def test_settings_defaults_and_api_keys(clean_env: pytest.MonkeyPatch) -> None:
     settings = Settings()
     assert settings.api_key_list() == ["k1", "k2"]
     assert settings.log_level == "DEBUG"
+
+
+# --- co-visitation and fresh items -----------------------------------------------------------------------
+
+
+def covisit(url: str, item: str, prefix: str = "cr:") -> dict[str, float]:
+    with redis.Redis.from_url(url) as client:
+        return {m.decode(): s for m, s in client.zrevrange(f"{prefix}cv:{item}", 0, -1, withscores=True)}
+
+
+def redis_dump(url: str) -> dict[bytes, bytes]:
+    """Every key with its serialized value: equal dumps mean nothing was written."""
+    with redis.Redis.from_url(url) as client:
+        return {key: client.dump(key) for key in client.keys("*")}
+
+
+async def test_covisitation_weights_what_followed_what_by_recency_and_distance(
+    store: HistoryStore, redis_url: str
+) -> None:
+    """u1: a, b, c; u2: a then b a day later. Pair weights 2^((t - ref) / half_life) / distance, with ref the
+    time the source's set was created, whatever the order of the batch."""
+    batch = [("u1", ev("c", T0 + 2)), ("u1", ev("a", T0)), ("u1", ev("b", T0 + 1))]  # arrival order shuffled
+    await store.append(batch)
+    await store.append([("u2", ev("a", T0 + 10)), ("u2", ev("b", T0 + 10 + DAY))])
+
+    a = covisit(redis_url, "a")
+    assert list(a) == ["b", "c"]  # b followed a twice (at distance 1), c once at distance 2
+    assert a["b"] == pytest.approx(1 + 2 ** ((10 + DAY - 1) / DAY), rel=1e-12)  # ref = T0 + 1, b's first
+    assert a["c"] == pytest.approx(2 ** (1 / DAY) / 2, rel=1e-12)
+    assert covisit(redis_url, "b") == {"c": pytest.approx(1.0)}
+    assert covisit(redis_url, "c") == {}  # nothing followed c
+
+    # a later event follows the user's stored events too, and never pairs an item with itself
+    await store.append([("u1", ev("a", T0 + 3)), ("u1", ev("d", T0 + 4))])
+    assert set(covisit(redis_url, "a")) == {"b", "c", "d"}  # d at distance 1 after a (T0 + 3)
+    assert "a" not in covisit(redis_url, "a")
+    assert set(covisit(redis_url, "c")) == {"a", "d"}
+
+    lists = await store.candidate_lists(["a", "nothing"], trending=2)
+    assert [item for item, _ in lists.covisit[0]] == list(covisit(redis_url, "a"))
+    assert lists.covisit[1] == []
+    assert len(lists.trending) == 2
+
+
+async def test_covisitation_window_and_bound(redis_url: str) -> None:
+    s = HistoryStore(
+        connect(redis_url, timeout_s=1.0), timeout_s=1.0, trending_half_life_s=DAY, covisit_window=2,
+        covisit_size=3,
+    )  # fmt: skip
+    await s.append([("u", ev(f"w{i}", T0 + i)) for i in range(4)])
+    assert set(covisit(redis_url, "w0")) == {"w1", "w2"}  # only the next W = 2 events follow w0
+
+    # 40 users each see "hub" then one of 20 items; x0..x2 follow it more often and keep their places
+    events = []
+    for user in range(40):
+        follower = f"x{user % 3}" if user < 30 else f"x{user}"
+        events += [(f"v{user}", ev("hub", T0 + user)), (f"v{user}", ev(follower, T0 + user + 1))]
+    for start in range(0, len(events), 10):  # several calls: the bound holds after each
+        await s.append(events[start : start + 10])
+        with redis.Redis.from_url(redis_url) as client:
+            assert client.zcard("cr:cv:hub") <= 3
+    assert set(covisit(redis_url, "hub")) == {"x0", "x1", "x2"}
+    await s.close()
+
+
+async def test_covisitation_counts_a_retried_batch_once(store: HistoryStore, redis_url: str) -> None:
+    batch = [("u", ev("a", T0, eid="e1")), ("u", ev("b", T0 + 1, eid="e2")), ("v", ev("a", T0, eid="e1"))]
+    await store.append(batch)
+    before = covisit(redis_url, "a")
+    assert await store.append(batch) == (0, 3)
+    assert await store.append([("u", ev("b", T0 + 1, eid="e2")), ("v", ev("b", T0 + 2, eid="x"))]) == (1, 1)
+    assert covisit(redis_url, "a")["b"] == pytest.approx(before["b"] + 2 ** (1 / DAY), rel=1e-12)
+
+
+async def test_an_invalid_batch_changes_no_covisitation_or_fresh_key(
+    store: HistoryStore, redis_url: str
+) -> None:
+    await store.append([("u", ev("a", T0)), ("u", ev("b", T0 + 1))])
+    with redis.Redis.from_url(redis_url) as client:
+        client.set("cr:cv:c", "not a sorted set")  # a foreign key where the batch would write
+    dump = redis_dump(redis_url)
+    with pytest.raises(ValueError, match="event 1"):
+        await store.append([("u", ev("c", T0 + 2)), ("u", ev("d", math.nan))])
+    assert redis_dump(redis_url) == dump
+    # d follows c: the script finds the foreign key before its first write
+    with pytest.raises(StoreUnavailable, match="WRONGTYPE"):
+        await store.append([("w", ev("z", T0 + 2)), ("u", ev("c", T0 + 2)), ("u", ev("d", T0 + 3))])
+    assert redis_dump(redis_url) == dump
+
+
+async def test_fresh_items_are_first_events_and_new_catalog_items_bounded_to_the_newest(
+    redis_url: str,
+) -> None:
+    s = HistoryStore(connect(redis_url, timeout_s=1.0), timeout_s=1.0, fresh_size=3)
+    await s.append([("u", ev("a", T0)), ("u", ev("b", T0 + 1)), ("v", ev("a", T0 + 5))])
+
+    def fresh() -> dict[str, float]:
+        with redis.Redis.from_url(redis_url) as client:
+            return {m.decode(): t for m, t in client.zrevrange("cr:fresh", 0, -1, withscores=True)}
+
+    assert fresh() == {"b": T0 + 1, "a": T0}  # first seen: a's first event, not its latest
+    before = time.time()
+    await s.add_fresh(["new1", "a"])  # "a" keeps the time it was first seen
+    assert fresh()["a"] == T0 and before <= fresh()["new1"] <= time.time()
+    await s.append([("u", ev("new1", T0 + 9)), ("u", ev("c", T0 + 2))])  # new1 keeps its catalog time
+    assert list(fresh()) == ["new1", "c", "b"]  # bounded to the newest 3: "a" left
+    assert (await s.candidate_lists([], trending=0)).fresh == ["new1", "c", "b"]
+    await s.append([("w", ev("a", T0 + 100))])  # "a" had an event before: it is not new again
+    assert "a" not in fresh()
+    await s.close()
+
+
+async def test_forget_leaves_the_anonymous_aggregates(store: HistoryStore, redis_url: str) -> None:
+    await store.append([("u", ev("a", T0)), ("u", ev("b", T0 + 1))])
+    assert await store.forget("u") is True
+    assert set(covisit(redis_url, "a")) == {"b"}
+    assert (await store.candidate_lists([], trending=5)).fresh == ["b", "a"]
+    with redis.Redis.from_url(redis_url) as client:
+        assert not [k for k in client.keys("*") if b"u" in k.split(b":")[-1:]]  # no key names the user
