@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
+from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import REQUEST_ID, ThrottledLog, install_request_id_factory
 from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
@@ -136,6 +137,14 @@ async def _load_model(services: Services) -> None:
         batcher,
         history_length=min(settings.history_length, models.history_length),
         retrieval_size=settings.retrieval_size,
+        sources=CandidateSources(
+            catalog,
+            services.store,
+            covisit_sources=settings.covisit_sources,
+            covisit_candidates=settings.covisit_candidates,
+            fresh_candidates=settings.fresh_candidates,
+            trending_candidates=settings.trending_candidates,
+        ),
     )
     services.model_error = None
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
@@ -556,8 +565,9 @@ async def predict(body: PredictRequest, services: ServicesDep) -> PredictRespons
     responses=_errors(503, 504),
 )
 async def recommend(body: RecommendRequest, services: ServicesDep) -> RecommendResponse:
-    """The user's next items over the whole catalog: vector retrieval, then the ranker. A user without
-    history gets trending items (recency-weighted), scored by the ranker."""
+    """The user's next items over the whole catalog: the union of vector retrieval, co-visitation of the
+    user's latest items, fresh items and trending items, ordered by the ranker. A user without history
+    gets trending items (recency-weighted) and fresh items, scored by the ranker."""
     return await within_deadline(services, services.require_ranker().recommend(body))
 
 
@@ -565,13 +575,18 @@ async def recommend(body: RecommendRequest, services: ServicesDep) -> RecommendR
 async def post_items(body: ItemsRequest, services: ServicesDep) -> ItemsResponse:
     """Add or update items: the text is encoded by the BERT encoder, published to Redis, then applied
     locally: this replica ranks the item from the very next request, the others within
-    ``item_sync_interval_s``. An item known at training time keeps its learned ID embedding."""
+    ``item_sync_interval_s``. An item known at training time keeps its learned ID embedding. Items new
+    to the catalog join the fresh items that ``/v1/recommend`` draws from."""
     ranker = services.require_ranker()
     texts = {item.item_id: item.text for item in body.items}  # a repeated id: the last text wins
 
     async def upsert() -> int:
         vectors = await ranker.encode(list(texts.values()))
         items = [(item_id, text, vectors[i]) for i, (item_id, text) in enumerate(texts.items())]
+        new = [item_id for item_id, row in zip(texts, ranker.catalog.index_of(list(texts)), strict=True)
+               if row < 0]  # fmt: skip
+        # Fresh first: a retry after a failed publish still finds the items new (the write is idempotent).
+        await services.store.add_fresh(new)
         await ranker.catalog.publish(services.store.client, items)  # also applies them locally
         return len(items)
 

@@ -49,3 +49,9 @@ REDIS_ERRORS = Counter(
 EVENTS_INGESTED = Counter("clickrank_events_total", "events acknowledged", ["result"])  # stored | duplicate
 ITEMS_UPSERTED = Counter("clickrank_items_upserted_total", "items encoded and upserted")
 MODEL_INFO = Gauge("clickrank_model_info", "the loaded model (value 1)", ["version", "provider"])
+CANDIDATES = Histogram(
+    "clickrank_candidates",
+    "candidates per /v1/recommend request by source (after exclusions; 'union' = what the ranker scored)",
+    ["source"],  # retrieval | covisit | fresh | trending | prior | union
+    buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000),
+)

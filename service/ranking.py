@@ -20,6 +20,7 @@ import numpy as np
 
 from models.features import event_type_id, gap_buckets, value_bucket
 from service.batcher import MicroBatcher
+from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
@@ -166,6 +167,7 @@ class Ranker:
         *,
         history_length: int,
         retrieval_size: int,
+        sources: CandidateSources | None = None,
     ) -> None:
         self.models = models
         self.catalog = catalog
@@ -173,6 +175,7 @@ class Ranker:
         self.batcher = batcher
         self.history_length = history_length
         self.retrieval_size = retrieval_size
+        self.sources = sources or CandidateSources(catalog, store)
         self._prior: tuple[np.ndarray, np.ndarray] | None = None
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
@@ -201,23 +204,23 @@ class Ranker:
 
         excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
         excluded = excluded[excluded >= 0]
+        retrieved = None
         if len(window):
-            # Retrieval: the user vector's dot product with every item, then the ranker on the best few.
+            # Retrieval: the user vector's dot product with every item; the other sources join it below.
             probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
-            rows = top_rows(self.catalog.vectors @ probe.user_vector, self.retrieval_size, excluded)
-        else:
-            # No history: what is trending now, topped up from the ranker's history-free prior.
-            trending: list[str] = []
-            if not degraded:
-                try:
-                    trending = [i for i, _ in await self.store.trending(2 * req.top_k, exclude=exclude)]
-                except StoreUnavailable as exc:
-                    degraded = self._degraded(route, exc)
-            rows = self.catalog.index_of(trending) if trending else np.empty(0, dtype=np.int64)
-            rows = rows[rows >= 0][: req.top_k]
-            if len(rows) < req.top_k:
-                prior = await self._prior_logits()
-                rows = np.concatenate([rows, top_rows(prior, req.top_k - len(rows), np.r_[excluded, rows])])
+            retrieved = top_rows(self.catalog.vectors @ probe.user_vector, self.retrieval_size, excluded)
+        found = await self.sources.gather(
+            retrieved,
+            recent=[e.item_id for e in events],
+            exclude=exclude,
+            excluded_rows=excluded,
+            top_k=req.top_k,
+            use_store=not degraded,
+            prior=self._prior_rows,
+        )
+        if found.store_error is not None:
+            degraded = self._degraded(route, found.store_error)
+        rows = found.rows
 
         items: list[Prediction] = []
         if len(rows):
@@ -233,6 +236,10 @@ class Ranker:
             degraded=degraded,
             items=items,
         )
+
+    async def _prior_rows(self, k: int, excluded: np.ndarray) -> np.ndarray:
+        """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
+        return top_rows(await self._prior_logits(), k, excluded)
 
     async def _prior_logits(self) -> np.ndarray:
         """The ranker's logits for every catalog item with an empty history, cached per catalog snapshot

@@ -30,9 +30,13 @@ class Settings(BaseSettings):
     request_timeout_ms: float = Field(default=2000.0, gt=0.0)
     retrieval_size: int = Field(default=300, ge=1)
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
+    trending_candidates: int = Field(default=10, ge=0)  # with history; without it trending fills top_k
     covisit_window: int = Field(default=5, ge=0, le=50)  # 0 turns co-visitation updates off
     covisit_size: int = Field(default=50, ge=1, le=1000)
+    covisit_sources: int = Field(default=3, ge=0, le=50)
+    covisit_candidates: int = Field(default=100, ge=0)
     fresh_size: int = Field(default=200, ge=1, le=10000)
+    fresh_candidates: int = Field(default=20, ge=0)
     api_keys: str = ""
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     intra_op_threads: int = Field(default=1, ge=0)  # 1: measured fastest on CPU (docs/benchmarks.md)
@@ -61,6 +65,11 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"history_cap ({self.history_cap}) must be >= history_length ({self.history_length}): "
                 "the ranker cannot read more events than Redis keeps"
+            )
+        if self.fresh_candidates > self.fresh_size:
+            raise ValueError(
+                f"fresh_candidates ({self.fresh_candidates}) must be <= fresh_size ({self.fresh_size}): "
+                "Redis keeps only fresh_size fresh items"
             )
         if self.redis_timeout_ms >= self.request_timeout_ms:
             raise ValueError("redis_timeout_ms must be smaller than request_timeout_ms")

@@ -1,0 +1,211 @@
+"""/v1/recommend's candidate sources through real HTTP (ASGI), a real redis-server and a real exported model:
+co-visitation, fresh items, their metrics and a failing source read. Pure merge logic at the end.
+
+The app here retrieves a single item by vector similarity and reads no trending items, so whatever else a
+recommend answer holds came from co-visitation or the fresh items."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi import FastAPI
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.candidates import last_distinct, merge_covisit
+from service.settings import Settings
+
+pytestmark = pytest.mark.anyio
+
+NOW = time.time()
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="module")
+async def narrow(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    settings = Settings(
+        redis_url=redis_server.url,
+        model_dir=model_dir,
+        device="cpu",
+        redis_timeout_ms=2000.0,  # generous: the test machine is shared
+        request_timeout_ms=20000.0,
+        retrieval_size=1,
+        trending_candidates=0,
+        fresh_size=3,
+        fresh_candidates=3,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://clickrank.test", timeout=30) as c:
+            yield c, app
+
+
+@pytest.fixture()
+def client(narrow: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.AsyncClient:
+    return narrow[0]
+
+
+@pytest.fixture(scope="module")
+def catalog(model_dir: Path) -> list[str]:
+    return [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+
+
+def event(user: str, item: str, ts: float) -> dict[str, Any]:
+    return {"user_id": user, "item_id": item, "type": "click", "timestamp": ts}
+
+
+async def post_events(client: httpx.AsyncClient, events: list[dict[str, Any]]) -> None:
+    response = await client.post("/v1/events", json={"events": events})
+    assert response.status_code == 200, response.text
+
+
+async def recommend(client: httpx.AsyncClient, user: str, top_k: int = 100) -> dict[str, Any]:
+    response = await client.post("/v1/recommend", json={"user_id": user, "top_k": top_k})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """``name`` by its ``source`` label."""
+    return {
+        s.labels["source"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+async def history_user(client: httpx.AsyncClient, user: str, items: list[str]) -> None:
+    """The user's events, a minute apart and ending a minute ago: the newest first-seen items, so the
+    (bounded) fresh set holds only items this user has seen."""
+    await post_events(
+        client, [event(user, item, NOW - 60 * (len(items) - i)) for i, item in enumerate(items)]
+    )
+
+
+async def test_a_strongly_covisited_item_joins_a_tiny_retrieval(
+    client: httpx.AsyncClient, redis_url: str, catalog: list[str]
+) -> None:
+    seen = catalog[100:104]
+    last = seen[-1]
+    await history_user(client, "me", seen)
+    alone = await recommend(client, "me")
+    assert len(alone["items"]) == 1 and alone["degraded"] is False  # vector retrieval's single item
+    retrieved = alone["items"][0]["item_id"]
+    target = next(item for item in catalog[200:] if item != retrieved)
+
+    # other users went from the user's last item to the target, long ago (so the target is not fresh)
+    fans = [(event(f"fan{u}", last, NOW - 5000), event(f"fan{u}", target, NOW - 4990)) for u in range(3)]
+    await post_events(client, [e for pair in fans for e in pair])
+    with redis.Redis.from_url(redis_url) as r:
+        assert r.zrevrange(f"cr:cv:{last}", 0, -1) == [target.encode()]
+        assert target.encode() not in r.zrange("cr:fresh", 0, -1)
+    before = samples((await client.get("/metrics")).text, "clickrank_candidates_sum")
+    body = await recommend(client, "me")
+    after = samples((await client.get("/metrics")).text, "clickrank_candidates_sum")
+    assert {i["item_id"] for i in body["items"]} == {retrieved, target}
+    assert body["degraded"] is False
+    assert after["covisit"] - before.get("covisit", 0) == 1
+    assert after["retrieval"] - before["retrieval"] == 1
+    assert after["union"] - before["union"] == 2
+
+    with redis.Redis.from_url(redis_url) as r:
+        r.delete(f"cr:cv:{last}")
+    assert [i["item_id"] for i in (await recommend(client, "me"))["items"]] == [retrieved]
+
+
+async def test_an_item_upserted_a_moment_ago_is_recommended_to_a_user_with_history(
+    narrow: tuple[httpx.AsyncClient, FastAPI], redis_url: str, catalog: list[str]
+) -> None:
+    client = narrow[0]
+    await history_user(client, "me2", catalog[300:304])
+    before = await recommend(client, "me2")
+    assert len(before["items"]) == 1
+
+    item_id = f"fresh:{time.time_ns()}"  # new to this module's catalog, whatever ran before
+    upsert = {"items": [{"item_id": item_id, "text": "Brand New Film (2026) | Drama, Thriller"}]}
+    assert (await client.post("/v1/items", json=upsert)).json() == {"upserted": 1}
+    assert narrow[1].state.services.catalog.index_of([item_id])[0] >= 0
+
+    after = await recommend(client, "me2")
+    assert {i["item_id"] for i in after["items"]} == {before["items"][0]["item_id"], item_id}
+    # updating a known item does not make it fresh again
+    with redis.Redis.from_url(redis_url) as r:
+        r.zrem("cr:fresh", item_id)
+    assert (await client.post("/v1/items", json=upsert)).status_code == 200
+    assert [i["item_id"] for i in (await recommend(client, "me2"))["items"]] == [
+        before["items"][0]["item_id"]
+    ]
+
+
+async def test_a_failing_source_read_answers_degraded_not_500(
+    client: httpx.AsyncClient, redis_url: str, catalog: list[str]
+) -> None:
+    """The history read succeeds, the co-visitation read fails (a foreign value where the user's last
+    item's set belongs): the answer comes from vector retrieval alone and says ``degraded``."""
+    seen = catalog[400:404]
+    await history_user(client, "broken", seen)
+    with redis.Redis.from_url(redis_url) as r:
+        r.set(f"cr:cv:{seen[-1]}", "not a sorted set")
+    text = (await client.get("/metrics")).text
+    degraded_before = sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "clickrank_degraded_total" and s.labels.get("route") == "/v1/recommend"
+    )
+    response = await client.post("/v1/recommend", json={"user_id": "broken", "top_k": 5})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["degraded"] is True and body["history_length"] == len(seen)
+    assert len(body["items"]) == 1 and body["items"][0]["item_id"] not in seen
+    text = (await client.get("/metrics")).text
+    degraded_after = sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == "clickrank_degraded_total" and s.labels.get("route") == "/v1/recommend"
+    )
+    assert degraded_after == degraded_before + 1
+
+
+async def test_forget_keeps_working_and_leaves_the_aggregates(
+    client: httpx.AsyncClient, redis_url: str, catalog: list[str]
+) -> None:
+    await history_user(client, "gone", catalog[500:503])
+    response = await client.delete("/v1/users/gone")
+    assert response.status_code == 200 and response.json()["forgotten"] is True
+    with redis.Redis.from_url(redis_url) as r:
+        assert not [k for k in r.keys("*") if k.endswith(b":gone")]
+        assert r.zrevrange(f"cr:cv:{catalog[500]}", 0, -1) == [catalog[501].encode(), catalog[502].encode()]
+
+
+# ------------------------------------------------------------------------------------------- merge logic
+
+
+def test_merge_normalises_each_source_and_weights_the_latest_most() -> None:
+    lists = [
+        [("x", 3.0), ("y", 1.0)],  # the latest item: x 0.75, y 0.25
+        [("y", 100.0), ("z", 100.0)],  # a popular older item: y 0.5 / 2, z 0.5 / 2
+        [],
+    ]
+    assert merge_covisit(lists, exclude=set()) == ["x", "y", "z"]
+    assert merge_covisit(lists, exclude={"x"}) == ["y", "z"]
+    assert merge_covisit([[("a", 0.0)]], exclude=set()) == []
+
+
+def test_last_distinct_is_latest_first() -> None:
+    assert last_distinct(["a", "b", "a", "c", "c"], 3) == ["c", "a", "b"]
+    assert last_distinct(["a"], 0) == []
