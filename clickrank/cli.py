@@ -38,6 +38,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from models.pipeline import TrainConfig, evaluate_command
 
+    if args.replay:
+        cmd_replay(args)
+        return
     evaluate_command(
         args.data_dir,
         Path(args.model_dir),
@@ -46,6 +49,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         epochs=args.epochs,
         config=TrainConfig.tiny() if args.tiny else TrainConfig(),
     )
+
+
+def cmd_replay(args: argparse.Namespace) -> None:
+    import json
+
+    from models.pipeline import TrainConfig
+    from models.replay import json_safe, run_replay
+
+    config = (TrainConfig.tiny() if args.tiny else TrainConfig()).replace(epochs=args.epochs)
+    result = run_replay(
+        args.data_dir,
+        config,
+        fraction=args.replay_fraction,
+        limit=args.replay_limit,
+        report_dir=Path(args.report_dir),
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2))
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -101,6 +122,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds, not minutes)")
+    p.add_argument(
+        "--replay",
+        action="store_true",
+        help="online replay instead: train on all but the latest ratings (by time, into a temp dir), then"
+        " replay those through the serving code and the baselines (--model-dir is not used)",
+    )
+    p.add_argument(
+        "--replay-fraction",
+        type=float,
+        default=0.1,
+        help="latest fraction of the ratings (timestamp quantile) replayed (default 0.1)",
+    )
+    p.add_argument(
+        "--replay-limit", type=int, default=None, help="replay only the first N events of the stream"
+    )
+    p.add_argument(
+        "--report-dir",
+        default="reports/replay",
+        help="where the replay writes replay.json and its PNGs (default reports/replay)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("serve", help="run the HTTP service (uvicorn); config from CLICKRANK_* variables")

@@ -1,9 +1,11 @@
-"""Beyond-accuracy metrics and calibration helpers (the online replay's tests follow with it)."""
+"""Beyond-accuracy metrics, calibration helpers and the online replay (``clickrank evaluate --replay``)."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,7 @@ from models.calibration_report import (
     plot_reliability,
     reliability_bins,
 )
-from models.data import Item
+from models.data import Item, Ratings
 from models.evaluate import (
     coverage_at_k,
     genre_features,
@@ -23,6 +25,32 @@ from models.evaluate import (
     pairwise_distances,
     top_k_lists,
 )
+from models.replay import (
+    SEGMENTS,
+    ModelRun,
+    RedisProcess,
+    accuracy,
+    port_open,
+    shown_calibration,
+    time_cut,
+    write_grouplens,
+)
+
+# ----------------------------------------------------------------------------------- accuracy metrics
+
+
+def test_accuracy_of_known_ranks() -> None:
+    m = accuracy(np.array([1, 3, 0, 11, 10]))
+    assert m["events"] == 5
+    assert m["HR@10"] == pytest.approx(3 / 5)  # ranks 1, 3, 10; 11 and a miss are not hits
+    expected = (1.0 + 1 / math.log2(4) + 1 / math.log2(11)) / 5
+    assert m["NDCG@10"] == pytest.approx(expected)
+
+
+def test_accuracy_of_no_events_is_nan() -> None:
+    m = accuracy(np.array([], dtype=np.int64))
+    assert m["events"] == 0 and math.isnan(m["NDCG@10"])
+
 
 # ------------------------------------------------------------------------------------ coverage, ILD
 
@@ -152,3 +180,102 @@ def test_reliability_plot_is_written(tmp_path: Path) -> None:
     bins = reliability_bins(p, rng.random(300) < p, 15)
     plot_reliability(bins, tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_shown_calibration_pairs() -> None:
+    run = ModelRun(
+        ranks=np.array([1, 0]),
+        shown=np.array([[5, 6, -1], [7, 8, 9]]),
+        probs=np.array([[0.5, 0.1, np.nan], [0.2, 0.1, 0.1]]),
+    )
+    s = shown_calibration(run, np.array([5, 3]))
+    assert s["predictions"] == 5
+    assert s["observed_rate"] == pytest.approx(1 / 5)
+    assert s["mean_probability"] == pytest.approx(1.0 / 5)
+    assert s["shown_per_event"] == pytest.approx(2.5)
+
+
+# ------------------------------------------------------------------------------------ split, redis
+
+
+def test_time_cut_never_splits_a_timestamp() -> None:
+    ts = np.array([1, 2, 3, 3, 3, 4, 5, 6, 7, 8])
+    assert time_cut(ts, 0.1) == 9
+    assert time_cut(ts, 0.7) == 2  # index 3 has timestamp 3, which starts at index 2
+    with pytest.raises(ValueError):
+        time_cut(ts, 1.0)
+
+
+def test_write_grouplens(tmp_path: Path, data_dir: Path) -> None:
+    from models.data import load_dataset
+
+    r = Ratings(
+        np.array(["1", "2"], dtype=object),
+        np.array(["10", "20"], dtype=object),
+        np.array([4.0, 3.0], np.float32),
+        np.array([100, 200]),
+    )
+    out = write_grouplens(data_dir, r, tmp_path / "d")
+    assert (out / "u.data").read_text() == "1\t10\t4\t100\n2\t20\t3\t200\n"
+    assert (out / "u.item").read_bytes() == (data_dir / "u.item").read_bytes()
+    assert len(load_dataset(out).ratings) == 2
+
+
+def test_redis_process_starts_and_stops(tmp_path: Path) -> None:
+    server = RedisProcess(tmp_path)
+    with server.running():
+        assert port_open(server.port)
+        pid = server.pid
+    assert server.proc is None and not port_open(server.port)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_replay_end_to_end(data_dir: Path, tmp_path: Path) -> None:
+    """``clickrank evaluate --replay --tiny --replay-limit 200`` in-process: every row, counts that add
+    up, coverage in (0, 1], the report files, and the private redis-server gone afterwards."""
+    from clickrank.cli import main
+
+    report = tmp_path / "report"
+    out = tmp_path / "replay.json"
+    args = ["evaluate", "--replay", "--tiny", "--epochs", "1", "--replay-limit", "200"]
+    args += ["--data-dir", str(data_dir), "--report-dir", str(report), "--json", str(out)]
+    assert main(args) == 0
+    result = json.loads(out.read_text())
+    assert json.loads((report / "replay.json").read_text())["segments"] == result["segments"]
+    assert (report / "reliability.png").is_file() and (report / "segments.png").is_file()
+
+    counts = result["segments"]
+    assert result["replayed"] == counts["all"] == 200
+    assert counts["returning users"] + counts["new users"] == counts["all"]
+    assert 0 <= counts["new items"] <= counts["all"]
+    assert result["train_ratings"] + result["withheld"] == 90_000
+    models = result["models"]
+    assert set(models) == {
+        "popularity (decayed)",
+        "co-occurrence + popularity",
+        "id-only transformer (SASRec recipe)",
+        "clickrank (service)",
+    }
+    for name, res in models.items():
+        assert set(res["segments"]) == set(SEGMENTS), name
+        for seg in SEGMENTS:
+            m = res["segments"][seg]
+            assert m["events"] == counts[seg]
+            if m["events"]:
+                assert 0.0 <= m["NDCG@10"] <= m["HR@10"] <= 1.0
+        assert 0.0 < res["coverage@10"] <= 1.0
+        assert 0.0 <= res["ILD@10"] <= 1.0
+    cal = result["calibration"]
+    assert cal["predictions"] > 0 and 0.0 < cal["mean_probability"] < 1.0
+    assert 0.0 <= cal["ece"] <= 1.0 and sum(b["count"] for b in cal["bins"]) == cal["predictions"]
+    assert result["service"]["degraded"] == 0
+
+    port, pid = result["redis"]["port"], result["redis"]["pid"]
+    assert not port_open(port)
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
