@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from models.calibration import Calibration, click_probabilities, fit_platt, log_softmax_scores
 from models.data import Dataset, load_dataset
 from models.encoder import ItemTextEncoder, load_minilm, minilm_path, pooled_embeddings
-from models.evaluate import evaluate_model, format_table, make_split, popularity_scorer
+from models.evaluate import Case, evaluate_model, format_table, genre_features, make_split, popularity_scorer
 from models.export import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
@@ -27,11 +28,13 @@ from models.export import (
 )
 from models.ranker import save_ranker
 from models.sequences import make_windows, user_sequences
-from models.train import FitConfig, FitResult, fit
+from models.train import FitConfig, FitResult, RecModel, fit
 
 PARITY_TOLERANCE = 1e-4
 ROW_NAMES = {"id-only": "id-only transformer", "clickrank": "clickrank (BERT + transformer)"}
 """Evaluation-table row of each fitted model (curves and fit times use the short names)."""
+RETRIEVAL_ONLY_ROW = "clickrank, retrieval only"
+"""The same clickrank model ranked by its retrieval scores alone (no target-attention re-ranking)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,10 +49,21 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls) -> TrainConfig:
-        """Seconds, not minutes: for tests and CI (the real encoder and export, a small head)."""
+        """About two minutes on 2 cores: for tests and CI (the real encoder and export, a small head)."""
         return cls(
             fit=FitConfig(
-                dim=32, history_length=20, epochs=2, batch_size=256, negatives=32, valid_users=100, patience=2
+                dim=32,
+                history_length=20,
+                dropout=0.2,
+                epochs=3,
+                batch_size=128,
+                lr=3e-3,
+                valid_users=100,
+                patience=2,
+                min_epochs=0,
+                rerank_hard=16,
+                rerank_uniform=8,
+                rerank_size=50,
             ),
             refit_epochs=0,
         )
@@ -106,12 +120,23 @@ def run_harness(
     windows = make_windows(split.train, cfg.history_length, cfg.stride)
     fits = {}
     if id_only:
-        fits["id-only"] = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
+        fits["id-only"] = fit(
+            "id-only", windows, split.valid, split.train_items, num_items, None, cfg.baseline()
+        )
     fits["clickrank"] = fit(
         "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg
     )
-    rows = {"popularity": evaluate_model(popularity_scorer(split, num_items), split, num_items)}
-    rows |= {ROW_NAMES[name]: evaluate_model(r.model.score_all, split, num_items) for name, r in fits.items()}
+    model = fits["clickrank"].model
+    genres = genre_features(data.items)
+    scorers = {"popularity": popularity_scorer(split, num_items)}
+    scorers |= {ROW_NAMES[name]: r.model.score_all for name, r in fits.items()}
+    if cfg.rerank:
+        scorers[RETRIEVAL_ONLY_ROW] = lambda h: model.score_all(h, rerank_size=0)
+    rows = {
+        name: evaluate_model(scorer, split, num_items, item_features=genres)
+        for name, scorer in scorers.items()
+    }
+    calibration = fit_calibration(model, split.valid, split.train_items, num_items)
     return {
         "rows": rows,
         "curves": {name: result.curve for name, result in fits.items()},
@@ -123,7 +148,70 @@ def run_harness(
             "cold_cases": len(split.cold_cases),
         },
         "fit_seconds": {name: result.seconds for name, result in fits.items()},
-        "model": fits["clickrank"].model,
+        "calibration": calibration,
+        "test_calibration": calibration_on_cases(
+            model, calibration, split.test, split.train_items, num_items
+        ),
+        "model": model,
+    }
+
+
+def _case_scores(
+    model: RecModel, cases: list[Case], train_items: np.ndarray, num_items: int, batch: int = 256
+):
+    """Per chunk of cases: (log-softmax scores z [n, N], target rows [n], allowed [n, N] = training items
+    the user has not interacted with, target included), as the harness ranks them."""
+    candidates = np.zeros(num_items, dtype=bool)
+    candidates[train_items] = True
+    for start in range(0, len(cases), batch):
+        chunk = cases[start : start + batch]
+        served, retrieval = model.scores([c.history for c in chunk])
+        targets = np.array([c.target for c in chunk])
+        allowed = np.tile(candidates, (len(chunk), 1))
+        for i, c in enumerate(chunk):
+            allowed[i, c.history.items] = False
+        allowed[np.arange(len(chunk)), targets] = True
+        yield log_softmax_scores(served, retrieval), targets, allowed
+
+
+def fit_calibration(
+    model: RecModel, cases: list[Case], train_items: np.ndarray, num_items: int
+) -> Calibration:
+    """Platt scaling of the log-softmax score on validation cases (see ``models.calibration``)."""
+    parts = list(_case_scores(model, cases, train_items, num_items))
+    z = np.concatenate([p[0] for p in parts])
+    targets = np.concatenate([p[1] for p in parts])
+    positive = np.zeros_like(z, dtype=bool)
+    positive[np.arange(len(targets)), targets] = True
+    a, b = fit_platt(z, positive, np.concatenate([p[2] for p in parts]))
+    return Calibration(
+        slope=a, intercept=b, fitted_on="validation: each user's second-last event", cases=len(z)
+    )
+
+
+def calibration_on_cases(
+    model: RecModel,
+    calibration: Calibration,
+    cases: list[Case],
+    train_items: np.ndarray,
+    num_items: int,
+    k: int = 10,
+) -> dict[str, float]:
+    """On held-out cases: mean click_probability of each top-k list against its hit rate, and the sum of
+    the probabilities over the allowed catalog (about 1 when calibrated)."""
+    shown, hits, totals = [], [], []
+    for z, targets, allowed in _case_scores(model, cases, train_items, num_items):
+        p = np.where(allowed, click_probabilities(z, calibration), 0.0)
+        top = np.argsort(-p, axis=1)[:, :k]
+        shown.append(np.take_along_axis(p, top, 1))
+        hits.append(top == targets[:, None])
+        totals.append(p.sum(1))
+    shown_p, hit = np.concatenate(shown), np.concatenate(hits)
+    return {
+        f"mean_p_top{k}": float(shown_p.mean()),
+        f"hit_rate_top{k}": float(hit.mean()),
+        "ratio": float(shown_p.mean() / max(hit.mean(), 1e-12)),
+        "mean_catalog_sum": float(np.concatenate(totals).mean()),
     }
 
 
@@ -148,6 +236,7 @@ def train_and_export(
 
     metrics: dict = {}
     curves: dict = {}
+    calibration = Calibration()  # without the harness there is no validation split to fit it on
     init, epochs = None, cfg.epochs
     if not skip_eval:
         harness = run_harness(data, config, text_features, id_only=id_only)
@@ -157,20 +246,26 @@ def train_and_export(
             "split": harness["split"],
             "fit_seconds": harness["fit_seconds"],
             "best_epoch": harness["best_epoch"],
+            "test_calibration": harness["test_calibration"],
         }
+        calibration = harness["calibration"]
+        print(f"calibration: {calibration} → on test: {harness['test_calibration']}")
         curves = harness["curves"]
         init, epochs = harness["model"], config.refit_epochs
     if init is not None and epochs == 0:
         final = FitResult(init, best_epoch=harness["best_epoch"])
     else:
-        all_windows = make_windows(user_sequences(data), cfg.history_length, cfg.stride)
+        sequences = user_sequences(data)
+        all_windows = make_windows(sequences, cfg.history_length, cfg.stride)
+        # Only items with events are softmax targets: the others keep their text vectors untouched.
+        rated = np.unique(np.concatenate([s.items for s in sequences]))
         # A warm start only needs a gentle nudge: a quarter of the learning rate.
         refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
         final = fit(
             "clickrank (all data)",
             all_windows,
             [],
-            np.arange(num_items),
+            rated,
             num_items,
             text_features,
             refit,
@@ -225,6 +320,7 @@ def train_and_export(
             "encoder": "sentence-transformers/all-MiniLM-L6-v2",
         },
         "metrics": metrics,
+        "calibration": calibration.to_json(),
         "parity": {"ranker_max_abs_prob_diff": parity, "tolerance": PARITY_TOLERANCE},
         "graphs": {
             "ranker.onnx": {

@@ -1,14 +1,23 @@
-"""Training: next-item objective over time-ordered windows with sampled negatives.
+"""Training: the SASRec recipe (next item at every position, softmax over the whole catalog) + a re-ranker.
 
-Loss at every position t of a window: softmax cross-entropy of the next item against K shared
-uniformly-sampled negatives (what full ranking rewards), plus a binary cross-entropy term on the same
-logits so that sigmoid(logit) behaves as a click probability, plus the same on an empty history
-(the first event of each window) so the history-free prior is trained too.
+Retrieval: the causal state at every position of a window scores every training item by dot product and
+is trained with softmax cross-entropy over the whole catalog (Klenitskiy & Vasilev, RecSys 2023: this,
+not the architecture, is what makes SASRec strong). Above ``full_softmax_max_items`` the softmax is
+sampled instead: many negatives drawn by popularity^0.75, with the logQ correction.
+
+Re-ranking: at a few positions per window the full logit (target attention + MLP on top of the dot
+product) replaces the dot product for a shortlist (the positive, the hardest retrieval negatives and a
+few uniform ones), inside the *same* whole-catalog softmax. So the re-ranked scores stay on the scale of
+the retrieval scores of every other item, which is what serving relies on: it scores a few hundred
+candidates with the full logit and the rest of the catalog by dot product, and normalises over both.
+
+Prior: the history-free logits of every item, softmax over the catalog against each window's first event.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -23,6 +32,9 @@ from models.evaluate import Case, evaluate_cases
 from models.ranker import ItemTower, SequenceRanker
 from models.sequences import UserSequence, Windows, history_arrays
 
+MASKED = -1e4
+"""Logit of an item that is not a valid answer (padding of the catalog, items without training data)."""
+
 
 @dataclass(frozen=True)
 class FitConfig:
@@ -30,25 +42,37 @@ class FitConfig:
     history_length: int = 50
     heads: int = 2
     layers: int = 2
-    dropout: float = 0.2
+    dropout: float = 0.5
     id_dropout: float = 0.1
-    epochs: int = 30
-    batch_size: int = 128
-    negatives: int = 256
-    rank_negatives: int = 32
-    positions: int = 8
-    lr: float = 3e-3
-    min_lr_fraction: float = 0.05
-    """Cosine decay of the learning rate over ``epochs`` down to this fraction of ``lr`` (1.0: constant)."""
-    weight_decay: float = 1e-4
-    bce_weight: float = 0.3
-    prior_weight: float = 0.1
+    epochs: int = 60
+    batch_size: int = 256
     stride: int = 25
-    patience: int = 8
-    min_epochs: int = 20
-    """No early stop before this epoch: validation NDCG@10 is noisy while the learning rate is high."""
+    full_softmax_max_items: int = 50_000
+    """Whole-catalog softmax up to this many items; a sampled softmax with logQ correction above."""
+    sampled_negatives: int = 4096
+    rerank: bool = True
+    """Train and use the target-attention re-ranker (False: retrieval scores only, SASRec)."""
+    rerank_positions: int = 8
+    rerank_hard: int = 64
+    rerank_uniform: int = 32
+    rerank_size: int = 200
+    """Evaluation: the top this-many retrieval items are re-scored by the full logit."""
+    residual_weight: float = 0.01
+    """Pull of the re-ranker's residual (full logit − dot product) towards 0."""
+    lr: float = 1e-3
+    min_lr_fraction: float = 1.0
+    """Cosine decay of the learning rate over ``epochs`` down to this fraction of ``lr`` (1.0: constant)."""
+    weight_decay: float = 0.0
+    prior_weight: float = 0.1
+    patience: int = 10
+    min_epochs: int = 10
+    """No early stop before this epoch."""
     valid_users: int = 1000
     seed: int = 0
+
+    def baseline(self) -> FitConfig:
+        """The ID-only baseline's recipe: the same training, retrieval scores only (SASRec)."""
+        return dataclasses.replace(self, rerank=False)
 
 
 class RecModel(nn.Module):
@@ -59,21 +83,59 @@ class RecModel(nn.Module):
         self.tower = ItemTower(num_items, cfg.dim, text_features, cfg.id_dropout)
         self.ranker = SequenceRanker(cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout)
         self.history_length = cfg.history_length
+        self.rerank_size = cfg.rerank_size if cfg.rerank else 0
 
-    @torch.no_grad()
-    def score_all(
-        self, histories: Sequence[UserSequence], item_vectors: torch.Tensor | None = None
-    ) -> np.ndarray:
-        """Scores of every catalog item for each history: [n, N] (eval mode)."""
-        vectors = self.tower() if item_vectors is None else item_vectors
+    def _inputs(self, histories: Sequence[UserSequence], vectors: torch.Tensor):
         arrays = [history_arrays(h, self.history_length) for h in histories]
         items, types, values, gaps, mask = (
             torch.from_numpy(np.stack(col)) for col in zip(*arrays, strict=True)
         )
-        hv = vectors[items] * mask.unsqueeze(-1)
-        cands = vectors.unsqueeze(0).expand(len(histories), -1, -1)
-        logits, _, _ = self.ranker(hv, types, values, gaps, mask, cands)
-        return logits.numpy()
+        return vectors[items] * mask.unsqueeze(-1), types, values, gaps, mask
+
+    @torch.no_grad()
+    def scores(
+        self,
+        histories: Sequence[UserSequence],
+        item_vectors: torch.Tensor | None = None,
+        rerank_size: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(served scores, retrieval scores) of every catalog item for each history: two [n, N] arrays.
+
+        Retrieval: user state · item vector. Served: the same, with the top ``rerank_size`` (default: the
+        model's; 0 for none) re-scored by the full logit, as ``/v1/recommend`` ranks."""
+        vectors = self.tower() if item_vectors is None else item_vectors
+        k = self.rerank_size if rerank_size is None else rerank_size
+        hv, types, values, gaps, mask = self._inputs(histories, vectors)
+        states = self.ranker.encode(hv, types, values, gaps, mask)
+        user = states[:, -1, :]
+        retrieval = user @ vectors.T
+        served = retrieval
+        if k > 0:
+            top = retrieval.topk(min(k, retrieval.shape[1]), dim=1).indices
+            context, _ = self.ranker.target_attention(states, mask.unsqueeze(1), vectors[top])
+            full = self.ranker.score(user.unsqueeze(1), context, vectors[top])
+            served = retrieval.scatter(1, top, full)
+        return served.numpy(), retrieval.numpy()
+
+    def score_all(
+        self,
+        histories: Sequence[UserSequence],
+        item_vectors: torch.Tensor | None = None,
+        rerank_size: int | None = None,
+    ) -> np.ndarray:
+        """Ranking scores of every catalog item for each history: [n, N], ordered as ``/v1/recommend``
+        orders them: the re-ranked shortlist by its full logits, above every other item by retrieval score.
+        """
+        served, retrieval = self.scores(histories, item_vectors, rerank_size)
+        k = self.rerank_size if rerank_size is None else rerank_size
+        if k <= 0:
+            return served
+        top = np.argpartition(-retrieval, min(k, retrieval.shape[1]) - 1, axis=1)[:, :k]
+        shortlist = np.take_along_axis(served, top, 1)
+        floor = retrieval.max(1, keepdims=True) + 1.0
+        ranked = retrieval.copy()
+        np.put_along_axis(ranked, top, shortlist - shortlist.min(1, keepdims=True) + floor, 1)
+        return ranked
 
 
 @dataclass
@@ -84,52 +146,91 @@ class FitResult:
     seconds: float = 0.0
 
 
-def _softmax_and_bce(logits: torch.Tensor, cfg: FitConfig) -> torch.Tensor:
-    """Per-row loss of [..., 1 + K] logits whose column 0 is the positive."""
-    ce = -torch.log_softmax(logits, -1)[..., 0]
-    bce = nn.functional.softplus(-logits[..., 0]) + nn.functional.softplus(logits[..., 1:]).mean(-1)
-    return ce + cfg.bce_weight * bce
+class _Softmax:
+    """The catalog-wide softmax of one fit: full where affordable, sampled with logQ correction above."""
+
+    def __init__(self, train_items: np.ndarray, counts: np.ndarray, num_items: int, cfg: FitConfig) -> None:
+        self.full = len(train_items) <= cfg.full_softmax_max_items
+        self.bias = torch.full((num_items,), MASKED)
+        self.bias[torch.from_numpy(train_items)] = 0.0
+        q = np.zeros(num_items)
+        q[train_items] = np.maximum(counts[train_items], 1.0) ** 0.75
+        self.q = torch.from_numpy(q / q.sum()).float()
+        self.k = cfg.sampled_negatives
+
+    def logits(self, queries: torch.Tensor, vectors: torch.Tensor, targets: torch.Tensor):
+        """(logits [M, C], column of each target [M], candidate ids [C] or None for the whole catalog)."""
+        if self.full:
+            return queries @ vectors.T + self.bias, targets, None
+        neg = torch.multinomial(self.q, self.k, replacement=True)
+        ids = torch.cat([targets, neg])
+        logq = torch.log(self.q[ids] * self.k)
+        logits = queries @ vectors[ids].T - logq
+        # An in-batch target that equals another row's target is a hit, not a negative, for that row.
+        same = ids.unsqueeze(0) == targets.unsqueeze(1)
+        own = torch.arange(len(targets))
+        same[own, own] = False
+        return logits.masked_fill(same, MASKED), own, ids
 
 
-def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig, train_items: torch.Tensor):
-    """Two views of the same next-item objective at P sampled positions per window.
-
-    Retrieval: the user state's dot product against the positive and K shared negatives (cheap, so K is
-    large; this is what ``/v1/recommend`` retrieves with). Ranking: the full logit (target attention +
-    MLP) against the first ``rank_negatives`` of them, softmax + BCE so sigmoid(logit) is a probability.
-    Positions are sampled (the newest always among them) because the full head costs per (position,
-    candidate) pair.
-    """
+def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig, softmax: _Softmax):
     vectors = model.tower()
     mask = batch["mask"]
     hv = vectors[batch["items"]] * mask.unsqueeze(-1)
     states = model.ranker.encode(hv, batch["types"], batch["values"], batch["gaps"], mask)
     targets = batch["targets"]
-    pick = torch.rand(targets.shape).masked_fill(targets < 0, -1.0)
-    pick[:, -1] = torch.where(targets[:, -1] >= 0, 2.0, -1.0)
-    positions = pick.topk(min(cfg.positions, targets.shape[1]), dim=1).indices
-    targets = targets.gather(1, positions)
-    valid = (targets >= 0).float()
-    neg_ids = train_items[torch.randint(len(train_items), (cfg.negatives,))]
-    collide = neg_ids.view(1, 1, -1) == targets.unsqueeze(-1)  # [B, P, K]
-    pos_vec, neg_vec = vectors[targets.clamp(min=0)], vectors[neg_ids]
-
-    queries = model.ranker.gather_states(states, positions)
-    dot = torch.cat([(queries * pos_vec).sum(-1, keepdim=True), queries @ neg_vec.T], -1)
-    dot = torch.cat([dot[..., :1], dot[..., 1:].masked_fill(collide, -1e4)], -1)
-
-    k = cfg.rank_negatives
-    cands = torch.cat([pos_vec.unsqueeze(2), neg_vec[:k].expand(*positions.shape, k, -1)], 2)
-    full = model.ranker.sequence_logits(states, mask, positions, cands)
-    full = torch.cat([full[..., :1], full[..., 1:].masked_fill(collide[..., :k], -1e4)], -1)
-    per_case = -torch.log_softmax(dot, -1)[..., 0] + _softmax_and_bce(full, cfg)
-    loss = (per_case * valid).sum() / valid.sum().clamp(min=1)
-
-    # History-free prior: each window's first event, predicted from nothing.
+    valid = targets >= 0
+    out = softmax.logits(states[valid], vectors, targets[valid])
+    loss = nn.functional.cross_entropy(out[0], out[1])
+    if cfg.rerank:
+        loss = loss + _rerank_loss(model, states, mask, targets, vectors, out, valid, cfg)
+    # History-free prior over the whole catalog, against each window's first event.
     first = batch["items"].gather(1, mask.argmax(dim=1, keepdim=True)).squeeze(1)
-    prior_cands = torch.cat([vectors[first].unsqueeze(1), neg_vec[:k].expand(len(first), -1, -1)], 1)
-    prior = model.ranker.prior_logits(prior_cands)
-    return loss + cfg.prior_weight * _softmax_and_bce(prior, cfg).mean()
+    prior = model.ranker.prior_logits(vectors.unsqueeze(0)).squeeze(0) + softmax.bias
+    prior_loss = nn.functional.cross_entropy(prior.unsqueeze(0).expand(len(first), -1), first)
+    return loss + cfg.prior_weight * prior_loss
+
+
+def _rerank_loss(
+    model: RecModel,
+    states: torch.Tensor,
+    mask: torch.Tensor,
+    targets: torch.Tensor,
+    vectors: torch.Tensor,
+    softmax_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    valid: torch.Tensor,
+    cfg: FitConfig,
+) -> torch.Tensor:
+    """Softmax of the full logits over a shortlist at P positions per window: the positive, the hardest
+    retrieval negatives (what the re-ranker will see in serving) and a few uniform ones.
+
+    The residual (full logit minus the dot product) is pulled towards 0, so re-ranked items stay on the
+    scale of the retrieval scores of every other item (serving normalises over both)."""
+    logits, target_cols, ids = softmax_out
+    b, length = targets.shape
+    pick = torch.rand(targets.shape).masked_fill(~valid, -1.0)
+    pick[:, -1] = torch.where(valid[:, -1], 2.0, -1.0)
+    positions = pick.topk(min(cfg.rerank_positions, length), dim=1).indices  # [B, P]
+    chosen = valid.gather(1, positions)  # [B, P]
+    row_of = torch.full((b, length), -1, dtype=torch.long)
+    row_of[valid] = torch.arange(int(valid.sum()))
+    rows = row_of.gather(1, positions).clamp(min=0)  # [B, P]
+    base = logits.detach()[rows]  # [B, P, C]
+    cols = target_cols[rows]  # [B, P]
+    hard = base.scatter(2, cols.unsqueeze(-1), MASKED).topk(cfg.rerank_hard, dim=2).indices
+    uniform = torch.randint(base.shape[2], (b, positions.shape[1], cfg.rerank_uniform))
+    shortlist = torch.cat([cols.unsqueeze(-1), hard, uniform], 2)  # [B, P, S] columns of base
+    items = shortlist if ids is None else ids[shortlist]
+    cand = vectors[items]
+    full = model.ranker.sequence_logits(states, mask, positions, cand)
+    dot = (model.ranker.gather_states(states, positions).unsqueeze(2) * cand).sum(-1)
+    # A negative that is the positive itself (a uniform draw) or not a valid answer does not compete.
+    excluded = (items == items[..., :1]) | (base.gather(2, shortlist) <= MASKED / 2)
+    excluded[..., 0] = False
+    ce = nn.functional.cross_entropy(
+        full.masked_fill(excluded, MASKED)[chosen], torch.zeros_like(cols[chosen])
+    )
+    return ce + cfg.residual_weight * (full - dot)[chosen].pow(2).mean()
 
 
 def _lr_factor(step: int, total_steps: int, cfg: FitConfig) -> float:
@@ -161,7 +262,8 @@ def fit(
         k: torch.from_numpy(getattr(windows, k))
         for k in ("items", "types", "values", "gaps", "mask", "targets")
     }
-    train_items_t = torch.from_numpy(train_items)
+    counts = np.bincount(windows.targets[windows.targets >= 0], minlength=num_items).astype(np.float64)
+    softmax = _Softmax(train_items, counts, num_items, cfg)
     picks = rng.choice(len(valid), min(cfg.valid_users, len(valid)), replace=False) if valid else []
     valid_sample = [valid[i] for i in np.sort(picks)]
     result = FitResult(model)
@@ -177,7 +279,7 @@ def fit(
         total = 0.0
         for s in range(steps):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            loss = _batch_loss(model, {k: v[idx] for k, v in tensors.items()}, cfg, train_items_t)
+            loss = _batch_loss(model, {k: v[idx] for k, v in tensors.items()}, cfg, softmax)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)

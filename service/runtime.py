@@ -22,6 +22,7 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
+from models.calibration import Calibration
 from models.features import ENCODER_INPUTS, ENCODER_OUTPUTS, RANKER_INPUTS, RANKER_OUTPUTS
 from service.metrics import INFERENCE_SECONDS, MODEL_INFO
 
@@ -175,6 +176,7 @@ class OnnxModels:
         self.history_length: int = config["history_length"]
         self.max_text_tokens: int = config["max_text_tokens"]
         self.history_buckets = history_buckets(self.history_length)
+        self.calibration = Calibration.from_json(self.manifest.get("calibration"))
 
         options = session_options(intra_op_threads)
         self._ranker = self._session(RANKER, blobs[RANKER], options, providers, RANKER_INPUTS, RANKER_OUTPUTS)

@@ -8,8 +8,6 @@ which flushes the database. The parity test recomputes click probabilities with 
 from __future__ import annotations
 
 import asyncio
-import json
-import math
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,15 +16,15 @@ from typing import Any, get_args
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import redis
 from fastapi import FastAPI
+from oracle import ModelFiles
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.features import EVENT_TYPES, encode_window, event_type_id, value_bucket
+from models.features import EVENT_TYPES
 from service.app import create_app
-from service.ranking import influences, merge_events, sigmoid, top_rows
+from service.ranking import influences, merge_events, top_rows
 from service.schemas import ContextEvent, EventType, parse_timestamp
 from service.settings import Settings
 from service.store import StoredEvent
@@ -74,54 +72,11 @@ def client(api: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.Asyn
     return api[0]
 
 
-class ModelFiles:
-    """The exported model read straight from disk, without the service's code."""
-
-    def __init__(self, model_dir: Path) -> None:
-        self.manifest = json.loads((model_dir / "manifest.json").read_text())
-        items = json.loads((model_dir / "items.json").read_text())
-        self.item_ids = [str(item["item_id"]) for item in items]
-        self.texts = [item["text"] for item in items]
-        self.row = {item_id: i for i, item_id in enumerate(self.item_ids)}
-        self.vectors = np.load(model_dir / "item_vectors.npy")
-        self.session = ort.InferenceSession(
-            str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"]
-        )
-
-    @property
-    def history_length(self) -> int:
-        return int(self.manifest["config"]["history_length"])
-
-    def probabilities(self, events: list[dict[str, Any]], candidates: list[str]) -> np.ndarray:
-        """sigmoid(ranker logits) for one user from features built by hand (padded to the manifest L)."""
-        events = sorted(events, key=lambda e: e["timestamp"])[-self.history_length :]
-        length = self.history_length
-        types, values, gaps, mask = encode_window(
-            [event_type_id(e["type"]) for e in events],
-            [value_bucket(e.get("value")) for e in events],
-            [float(e["timestamp"]) for e in events],
-            length,
-        )
-        history = np.zeros((length, self.vectors.shape[1]), dtype=np.float32)
-        if events:
-            history[length - len(events) :] = self.vectors[[self.row[e["item_id"]] for e in events]]
-        logits = self.session.run(
-            ["logits"],
-            {
-                "history_vectors": history[None],
-                "history_types": types[None],
-                "history_values": values[None],
-                "history_gaps": gaps[None],
-                "history_mask": mask[None],
-                "candidate_vectors": self.vectors[[self.row[c] for c in candidates]][None],
-            },
-        )[0][0]
-        return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
-
-
 @pytest.fixture(scope="module")
-def files(model_dir: Path) -> ModelFiles:
-    return ModelFiles(model_dir)
+def files(model_dir: Path, api: tuple[httpx.AsyncClient, FastAPI]) -> ModelFiles:
+    model = ModelFiles(model_dir)
+    model.live_catalog = lambda: np.asarray(api[1].state.services.catalog.vectors, dtype=np.float64)
+    return model
 
 
 def event(user: str, item: str, ts: float, kind: str = "click", **extra: Any) -> dict[str, Any]:
@@ -614,12 +569,6 @@ def test_timestamps_normalise_to_unix_seconds(given: float | str, seconds: float
 def test_bad_timestamps_are_refused(given: Any) -> None:
     with pytest.raises(ValueError, match="timestamp"):
         parse_timestamp(given)
-
-
-def test_sigmoid_is_stable_for_extreme_logits() -> None:
-    p = sigmoid(np.array([-1000.0, -30.0, 0.0, 30.0, 1000.0], dtype=np.float32))
-    assert np.all(np.isfinite(p)) and p[0] == 0.0 and p[2] == 0.5 and p[4] == 1.0
-    assert p[1] == pytest.approx(math.exp(-30)) and 1 - p[3] == pytest.approx(math.exp(-30), rel=1e-3)
 
 
 def test_merge_orders_by_time_and_skips_context_already_stored() -> None:

@@ -13,13 +13,12 @@ from typing import Any
 
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import redis
 from fastapi import FastAPI
+from oracle import ModelFiles
 from prometheus_client.parser import text_string_to_metric_families
 
-from models.features import encode_window, event_type_id, value_bucket
 from service.app import create_app
 from service.settings import Settings
 
@@ -74,30 +73,7 @@ def context_probabilities(
     model_dir: Path, context: list[dict[str, Any]], candidates: list[str]
 ) -> np.ndarray:
     """What the model says from the context events alone (onnxruntime run by hand)."""
-    manifest = json.loads((model_dir / "manifest.json").read_text())
-    length = int(manifest["config"]["history_length"])
-    items = [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
-    row = {item_id: i for i, item_id in enumerate(items)}
-    vectors = np.load(model_dir / "item_vectors.npy")
-    types, values, gaps, mask = encode_window(
-        [event_type_id(e["type"]) for e in context],
-        [value_bucket(e.get("value")) for e in context],
-        [e["timestamp"] for e in context],
-        length,
-    )
-    history = np.zeros((length, vectors.shape[1]), dtype=np.float32)
-    history[length - len(context) :] = vectors[[row[e["item_id"]] for e in context]]
-    session = ort.InferenceSession(str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {
-        "history_vectors": history[None],
-        "history_types": types[None],
-        "history_values": values[None],
-        "history_gaps": gaps[None],
-        "history_mask": mask[None],
-        "candidate_vectors": vectors[[row[c] for c in candidates]][None],
-    }
-    logits = session.run(["logits"], feeds)[0][0].astype(np.float64)
-    return 1.0 / (1.0 + np.exp(-logits))
+    return ModelFiles(model_dir).probabilities(context, candidates)
 
 
 def counter(text: str, name: str, **labels: str) -> float:

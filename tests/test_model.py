@@ -59,7 +59,12 @@ def test_manifest_describes_the_export(model_dir: Path) -> None:
     assert set(manifest["graphs"]["ranker.onnx"]["inputs"]) == set(RANKER_INPUTS)
     assert manifest["parity"]["ranker_max_abs_prob_diff"] <= 1e-4
     table = manifest["metrics"]["table"]
-    assert set(table) == {"popularity", "id-only transformer", "clickrank (BERT + transformer)"}
+    assert set(table) == {
+        "popularity",
+        "id-only transformer",
+        "clickrank (BERT + transformer)",
+        "clickrank, retrieval only",
+    }
     vectors = np.load(model_dir / "item_vectors.npy")
     assert vectors.shape == (manifest["num_items"], manifest["config"]["dim"])
     assert (model_dir / "training_curve.png").stat().st_size > 10_000

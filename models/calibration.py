@@ -1,0 +1,86 @@
+"""Calibration of ``click_probability``: Platt scaling on the softmax log-score, fitted on validation.
+
+The model's raw output is a score per item. Its log-softmax score is ``z_i = s_i - logsumexp_j(r_j)``, where
+``s_i`` is the item's full (re-ranked) logit and ``r_j`` the retrieval logits of the whole catalog: the
+model's own estimate of log P(next item = i | history). Training makes that estimate sharp, not honest
+(dropout is off at serving, the re-ranker re-scores a shortlist, the data drifts), so serving reports
+
+    click_probability_i = sigmoid(a * z_i + b)
+
+with ``(a, b)`` fitted on validation cases by binary log-loss over every (case, catalog item) pair: the
+real next item is the positive, every other item a negative. A calibrated model's probabilities over the
+catalog then sum to about 1, and the mean of a shown list equals its hit rate. With an empty history the
+history-free prior logits take the place of both ``s`` and ``r``.
+
+This module is numpy-only (the service imports ``click_probabilities`` and ``log_softmax_scores``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Calibration:
+    slope: float = 1.0
+    intercept: float = 0.0
+    method: str = "platt-on-log-softmax"
+    fitted_on: str = "none"
+    cases: int = 0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict | None) -> Calibration:
+        """The manifest's ``calibration`` entry; an export without one is served uncalibrated (a=1, b=0)."""
+        if not data:
+            return cls()
+        return cls(
+            **{k: data[k] for k in ("slope", "intercept", "method", "fitted_on", "cases") if k in data}
+        )
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    top = x.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(x - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def log_softmax_scores(logits: np.ndarray, partition_logits: np.ndarray) -> np.ndarray:
+    """``z = logits - logsumexp(partition_logits)`` along the last axis (partition: [..., N])."""
+    return np.asarray(logits, dtype=np.float64) - logsumexp(partition_logits)[..., None]
+
+
+def click_probabilities(z: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """sigmoid(a * z + b), numerically stable for any z."""
+    x = calibration.slope * np.asarray(z, dtype=np.float64) + calibration.intercept
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def fit_platt(
+    z: np.ndarray, positive: np.ndarray, allowed: np.ndarray, steps: int = 200
+) -> tuple[float, float]:
+    """(a, b) minimising the binary log-loss of sigmoid(a z + b) over the ``allowed`` pairs.
+
+    ``z``, ``positive`` and ``allowed`` are [n, N]; Newton's method on the two parameters (convex)."""
+    zs = np.asarray(z, dtype=np.float64)[allowed]
+    ys = np.asarray(positive, dtype=np.float64)[allowed]
+    a, b = 1.0, 0.0
+    for _ in range(steps):
+        x = a * zs + b
+        p = np.where(
+            x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x)))
+        )
+        g = p - ys
+        w = np.maximum(p * (1.0 - p), 1e-12)
+        grad = np.array([(g * zs).sum(), g.sum()])
+        hess = np.array([[(w * zs * zs).sum(), (w * zs).sum()], [(w * zs).sum(), w.sum()]])
+        step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
+        a, b = a - step[0], b - step[1]
+        if np.abs(step).max() < 1e-9:
+            break
+    return float(a), float(b)
