@@ -48,6 +48,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         seeds=args.seeds,
         epochs=args.epochs,
         config=TrainConfig.tiny() if args.tiny else TrainConfig(),
+        jobs=args.jobs,
     )
 
 
@@ -122,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--epochs", type=int, default=None, help="maximum training epochs (default: the config's)")
     p.add_argument("--tiny", action="store_true", help="tiny config for tests (seconds, not minutes)")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="seeds fitted in parallel processes (one torch thread each)"
+    )
     p.add_argument(
         "--replay",
         action="store_true",

@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import multiprocessing
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -61,9 +63,6 @@ class TrainConfig:
                 valid_users=100,
                 patience=2,
                 min_epochs=0,
-                rerank_hard=16,
-                rerank_uniform=8,
-                rerank_size=50,
             ),
             refit_epochs=0,
         )
@@ -356,6 +355,15 @@ def train_and_export(
     return manifest
 
 
+def _seed_rows(data_dir: Path, config: TrainConfig) -> dict:
+    """One seed of the harness, reduced to what the 3-seed table needs (picklable, for worker processes)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    harness = run_harness(load_dataset(data_dir), config)
+    keep = ("rows", "best_epoch", "test_calibration")
+    return {k: harness[k] for k in keep} | {"calibration": harness["calibration"].to_json()}
+
+
 def evaluate_command(
     data_dir: Path,
     model_dir: Path,
@@ -363,9 +371,10 @@ def evaluate_command(
     seeds: int,
     epochs: int | None,
     config: TrainConfig | None = None,
+    jobs: int = 1,
 ) -> None:
     """Run the whole harness (popularity, ID-only, clickrank) for ``seeds`` seeds and print the means, or
-    with ``seeds == 0`` print the table saved at train time."""
+    with ``seeds == 0`` print the table saved at train time. ``jobs`` > 1 runs seeds in parallel processes."""
     if seeds <= 0:
         path = model_dir / "metrics.json"
         if not path.is_file():
@@ -373,9 +382,16 @@ def evaluate_command(
         result = json.loads(path.read_text())
         print(format_table(result["table"]))
     else:
-        data = load_dataset(data_dir)
         config = config or TrainConfig()
-        runs = [run_harness(data, config.replace(seed=s, epochs=epochs)) for s in range(seeds)]
+        configs = [config.replace(seed=s, epochs=epochs) for s in range(seeds)]
+        if jobs > 1:
+            # One process per seed, one torch thread each: seeds are independent, the harness is serial.
+            configs = [dataclasses.replace(c, threads=1) for c in configs]
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(jobs, seeds), mp_context=context) as pool:
+                runs = list(pool.map(_seed_rows, [data_dir] * seeds, configs))
+        else:
+            runs = [_seed_rows(data_dir, c) for c in configs]
         names = list(runs[0]["rows"])
         mean = {
             n: {
@@ -393,7 +409,15 @@ def evaluate_command(
             }
             for n in names
         }
-        result = {"seeds": seeds, "mean": mean, "std": std, "per_seed": [r["rows"] for r in runs]}
+        result = {
+            "seeds": seeds,
+            "mean": mean,
+            "std": std,
+            "per_seed": [r["rows"] for r in runs],
+            "best_epoch": [r["best_epoch"] for r in runs],
+            "calibration": [r["calibration"] for r in runs],
+            "test_calibration": [r["test_calibration"] for r in runs],
+        }
         print(f"mean over {seeds} seeds:")
         print(format_table(mean))
         for n in names:

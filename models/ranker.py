@@ -78,10 +78,21 @@ class CausalBlock(nn.Module):
 class SequenceRanker(nn.Module):
     """History (left-padded, newest last) + candidates → click logits, attention, user vector."""
 
-    def __init__(self, dim: int, max_len: int, heads: int = 2, layers: int = 2, dropout: float = 0.2) -> None:
+    def __init__(
+        self,
+        dim: int,
+        max_len: int,
+        heads: int = 2,
+        layers: int = 2,
+        dropout: float = 0.2,
+        rerank: bool = True,
+    ) -> None:
         super().__init__()
         self.dim = dim
         self.max_len = max_len
+        self.rerank = rerank
+        """False: a non-empty history's logit is the retrieval score ⟨user, item⟩ alone (the MLP then only
+        serves the history-free prior); chosen at training time on validation."""
         self.type_embedding = nn.Embedding(NUM_EVENT_TYPES, dim)
         self.value_embedding = nn.Embedding(NUM_VALUE_BUCKETS, dim)
         self.gap_embedding = nn.Embedding(NUM_GAP_BUCKETS, dim)
@@ -164,7 +175,12 @@ class SequenceRanker(nn.Module):
         states = self.encode(history_vectors, history_types, history_values, history_gaps, history_mask)
         user = states[:, -1, :]  # newest slot; zero when the history is empty
         context, weights = self.target_attention(states, history_mask.unsqueeze(1), candidate_vectors)
-        logits = self.score(user.unsqueeze(1), context, candidate_vectors)
+        if self.rerank:
+            logits = self.score(user.unsqueeze(1), context, candidate_vectors)
+        else:
+            has_history = history_mask.sum(1, keepdim=True) > 0.5
+            dot = (user.unsqueeze(1) * candidate_vectors).sum(-1)
+            logits = torch.where(has_history, dot, self.prior_logits(candidate_vectors))
         return logits, weights, user
 
     @staticmethod
@@ -204,6 +220,7 @@ def save_ranker(ranker: SequenceRanker, path) -> None:
         "max_len": ranker.max_len,
         "heads": ranker.blocks[0].heads,
         "layers": len(ranker.blocks),
+        "rerank": ranker.rerank,
     }
     torch.save({"config": config, "state_dict": ranker.state_dict()}, path)
 

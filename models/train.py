@@ -44,29 +44,29 @@ class FitConfig:
     layers: int = 2
     dropout: float = 0.5
     id_dropout: float = 0.1
-    epochs: int = 60
-    batch_size: int = 256
+    epochs: int = 40
+    batch_size: int = 64
     stride: int = 25
     full_softmax_max_items: int = 50_000
     """Whole-catalog softmax up to this many items; a sampled softmax with logQ correction above."""
     sampled_negatives: int = 4096
-    rerank: bool = True
+    rerank: bool = False
     """Train and use the target-attention re-ranker (False: retrieval scores only, SASRec)."""
-    rerank_positions: int = 8
-    rerank_hard: int = 64
-    rerank_uniform: int = 32
+    rerank_positions: int = 2
+    rerank_hard: int = 32
+    rerank_uniform: int = 8
     rerank_size: int = 200
     """Evaluation: the top this-many retrieval items are re-scored by the full logit."""
     residual_weight: float = 0.01
     """Pull of the re-ranker's residual (full logit − dot product) towards 0."""
-    lr: float = 1e-3
-    min_lr_fraction: float = 1.0
+    lr: float = 2e-3
+    min_lr_fraction: float = 0.05
     """Cosine decay of the learning rate over ``epochs`` down to this fraction of ``lr`` (1.0: constant)."""
     weight_decay: float = 0.0
     prior_weight: float = 0.1
     patience: int = 10
-    min_epochs: int = 10
-    """No early stop before this epoch."""
+    min_epochs: int = 40
+    """No early stop before this epoch (the default: none; the best validation epoch is kept)."""
     valid_users: int = 1000
     seed: int = 0
 
@@ -81,7 +81,9 @@ class RecModel(nn.Module):
     def __init__(self, num_items: int, text_features: torch.Tensor | None, cfg: FitConfig) -> None:
         super().__init__()
         self.tower = ItemTower(num_items, cfg.dim, text_features, cfg.id_dropout)
-        self.ranker = SequenceRanker(cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout)
+        self.ranker = SequenceRanker(
+            cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout, rerank=cfg.rerank
+        )
         self.history_length = cfg.history_length
         self.rerank_size = cfg.rerank_size if cfg.rerank else 0
 
@@ -201,8 +203,8 @@ def _rerank_loss(
     valid: torch.Tensor,
     cfg: FitConfig,
 ) -> torch.Tensor:
-    """Softmax of the full logits over a shortlist at P positions per window: the positive, the hardest
-    retrieval negatives (what the re-ranker will see in serving) and a few uniform ones.
+    """Softmax of the full logits over a shortlist at P positions per window: the positive, negatives
+    drawn from the retrieval top ``rerank_size`` (what the re-ranker sees in serving) and a few uniform ones.
 
     The residual (full logit minus the dot product) is pulled towards 0, so re-ranked items stay on the
     scale of the retrieval scores of every other item (serving normalises over both)."""
@@ -217,7 +219,13 @@ def _rerank_loss(
     rows = row_of.gather(1, positions).clamp(min=0)  # [B, P]
     base = logits.detach()[rows]  # [B, P, C]
     cols = target_cols[rows]  # [B, P]
-    hard = base.scatter(2, cols.unsqueeze(-1), MASKED).topk(cfg.rerank_hard, dim=2).indices
+    # Negatives drawn from the retrieval top ``rerank_size``: the distribution serving re-ranks.
+    top = (
+        base.scatter(2, cols.unsqueeze(-1), MASKED)
+        .topk(min(cfg.rerank_size, base.shape[2] - 1), dim=2)
+        .indices
+    )
+    hard = top.gather(2, torch.randint(top.shape[2], (b, positions.shape[1], cfg.rerank_hard)))
     uniform = torch.randint(base.shape[2], (b, positions.shape[1], cfg.rerank_uniform))
     shortlist = torch.cat([cols.unsqueeze(-1), hard, uniform], 2)  # [B, P, S] columns of base
     items = shortlist if ids is None else ids[shortlist]
