@@ -1,8 +1,12 @@
-"""The sequence head: SASRec-style causal transformer + DIN-style target attention + MLP.
+"""The sequence head: SASRec-style causal transformer; optionally DIN-style target attention + MLP on top.
 
 It reads item *vectors* (not ids), so an item the model never saw is scored from its text vector the
 moment its text is known. ``ItemTower`` makes those vectors during training: text projection plus an
 ID embedding with dropout (so the head learns to work without IDs), or IDs only for the baseline.
+
+A candidate's logit is the retrieval score ⟨user state, item vector⟩; with ``rerank`` the target
+attention + MLP residual is added (training chooses on validation; off by default). An empty history
+gets the history-free prior (the MLP on the candidate alone) either way.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
 
 NEG_INF = -1e9
 SCORE_CLAMP = 30.0
+SIMILARITY_TEMPERATURE = 0.1
+"""Softmax temperature of the cosine similarities that explain a prediction without the re-ranker."""
 
 
 class ItemTower(nn.Module):
@@ -73,6 +79,24 @@ class CausalBlock(nn.Module):
         y = (att @ v).transpose(1, 2).reshape(b, length, dim)
         x = x + self.drop(self.out(y))
         return x + self.drop(self.ffn(self.ln2(x)))
+
+
+def _attend(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of queries [B, *, C, D] over keys/values [B, L, D] with scores ``scale · q·k``:
+    (context, weights).
+
+    Weights are exactly 0 on masked keys and a row with no real key gives a zero context."""
+    while keys.dim() < queries.dim():
+        keys = keys.unsqueeze(1)
+        values = values.unsqueeze(1)
+    scores = (queries @ keys.transpose(-1, -2)) * scale
+    scores = scores.clamp(-SCORE_CLAMP, SCORE_CLAMP)
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * key_mask
+    # clamp, not `+ eps`: the ONNX optimiser folds an added constant below 1e-8 away (0/0 = NaN).
+    weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
+    return weights @ values, weights
 
 
 class SequenceRanker(nn.Module):
@@ -145,16 +169,7 @@ class SequenceRanker(nn.Module):
         ``states`` [B, L, D]; ``candidates`` [B, *, C, D]; ``key_mask`` broadcastable to [B, *, C, L].
         Weights are exactly 0 on masked keys and a row with no real key gives a zero context.
         """
-        keys = self.key(states)
-        while keys.dim() < candidates.dim():
-            keys = keys.unsqueeze(1)
-            states = states.unsqueeze(1)
-        scores = (self.query(candidates) @ keys.transpose(-1, -2)) / math.sqrt(self.dim)
-        scores = scores.clamp(-SCORE_CLAMP, SCORE_CLAMP)
-        weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True)) * key_mask
-        # clamp, not `+ eps`: the ONNX optimiser folds an added constant below 1e-8 away (0/0 = NaN).
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(1e-6)
-        return weights @ states, weights
+        return _attend(self.query(candidates), self.key(states), states, key_mask, 1.0 / math.sqrt(self.dim))
 
     def score(self, user: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits from user state [..., 1|C, D], context [..., C, D] and candidates [..., C, D]."""
@@ -174,10 +189,16 @@ class SequenceRanker(nn.Module):
         """The serving signature: (logits [B, C], attention [B, C, L], user_vectors [B, D])."""
         states = self.encode(history_vectors, history_types, history_values, history_gaps, history_mask)
         user = states[:, -1, :]  # newest slot; zero when the history is empty
-        context, weights = self.target_attention(states, history_mask.unsqueeze(1), candidate_vectors)
+        key_mask = history_mask.unsqueeze(1)
         if self.rerank:
+            context, weights = self.target_attention(states, key_mask, candidate_vectors)
             logits = self.score(user.unsqueeze(1), context, candidate_vectors)
         else:
+            # Explanations without the re-ranker: softmax over the history of each candidate's cosine
+            # similarity to the history's items in the model's item space ("because you watched ...").
+            unit_c = nn.functional.normalize(candidate_vectors, dim=-1)
+            unit_h = nn.functional.normalize(history_vectors, dim=-1)
+            _, weights = _attend(unit_c, unit_h, unit_h, key_mask, 1.0 / SIMILARITY_TEMPERATURE)
             has_history = history_mask.sum(1, keepdim=True) > 0.5
             dot = (user.unsqueeze(1) * candidate_vectors).sum(-1)
             logits = torch.where(has_history, dot, self.prior_logits(candidate_vectors))

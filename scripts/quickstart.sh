@@ -20,7 +20,7 @@ fi
 pip install -q -e ".[cpu,train,dev]"
 
 if [ ! -f "$CLICKRANK_MODEL_DIR/manifest.json" ]; then
-  echo "no model in $CLICKRANK_MODEL_DIR: training one (about 10 minutes on 2 cores)"
+  echo "no model in $CLICKRANK_MODEL_DIR: training one (about 4 minutes on 2 cores)"
   clickrank train --data-dir "$DATA_DIR" --model-dir "$CLICKRANK_MODEL_DIR"
 fi
 

@@ -203,11 +203,12 @@ class Ranker:
 
         excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
         excluded = excluded[excluded >= 0]
-        retrieved = None
+        retrieved = partition = None
         if len(window):
             # Retrieval: the user vector's dot product with every item; the other sources join it below.
             probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
-            retrieved = top_rows(self.catalog.vectors @ probe.user_vector, self.retrieval_size, excluded)
+            partition = self.catalog.vectors @ probe.user_vector
+            retrieved = top_rows(partition, self.retrieval_size, excluded)
         found = await self.sources.gather(
             retrieved,
             recent=[e.item_id for e in events],
@@ -227,7 +228,7 @@ class Ranker:
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
             result = await self._rank(window, vectors[rows])
-            probabilities = await self._probabilities(window, result)
+            probabilities = await self._probabilities(window, result, partition)
             items = rank_predictions(ids, probabilities, result, window, req.top_k, req.explain)
         return RecommendResponse(
             user_id=req.user_id,
@@ -241,14 +242,17 @@ class Ranker:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
         return top_rows(await self._prior_logits(), k, excluded)
 
-    async def _probabilities(self, window: Window, result: RankResult) -> np.ndarray:
+    async def _probabilities(
+        self, window: Window, result: RankResult, partition: np.ndarray | None = None
+    ) -> np.ndarray:
         """Calibrated click probabilities of the ranked candidates (``models.calibration``): each logit's
-        log-softmax against the whole catalog's retrieval logits (the history-free prior's logits when
-        the history is empty), through the model's fitted Platt scaling."""
-        if len(window):
-            partition = self.catalog.vectors @ result.user_vector
-        else:
+        log-softmax against the whole catalog's retrieval logits (``partition`` where the caller has them
+        already; the history-free prior's logits when the history is empty), through the model's fitted
+        Platt scaling."""
+        if not len(window):
             partition = await self._prior_logits()
+        elif partition is None:
+            partition = self.catalog.vectors @ result.user_vector
         z = log_softmax_scores(result.logits, partition)
         return click_probabilities(z, self.models.calibration)
 

@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 import redis
 import yaml
-from conftest import RedisServer, free_port
+from conftest import RedisServer
 from fastapi import FastAPI
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
@@ -34,6 +34,7 @@ from packaging.version import Version
 from starlette.routing import Match
 
 from clickrank import cli
+from models.redis_process import free_port
 from service.app import create_app
 from service.server import GRACEFUL_SHUTDOWN_S
 from service.settings import Settings

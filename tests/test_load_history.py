@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -11,17 +10,12 @@ import pytest
 import redis
 
 from clickrank.cli import main
+from models.redis_process import free_port
 from service.load_history import load_history_command
 from service.settings import Settings
 
 LIMIT = 3000
 CAP = 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def data_keys(client: redis.Redis) -> set[str]:

@@ -25,12 +25,11 @@ from models.evaluate import (
     pairwise_distances,
     top_k_lists,
 )
+from models.redis_process import RedisProcess, port_open
 from models.replay import (
     SEGMENTS,
     ModelRun,
-    RedisProcess,
     accuracy,
-    port_open,
     shown_calibration,
     time_cut,
     write_grouplens,

@@ -27,9 +27,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from conftest import RedisServer, free_port
+from conftest import RedisServer
 from prometheus_client.parser import text_string_to_metric_families
 
+from models.redis_process import free_port
 from service.app import create_app
 from service.logs import JsonFormatter, mask_secrets
 from service.server import GRACEFUL_SHUTDOWN_S
