@@ -642,6 +642,7 @@ async def model_info(services: ServicesDep) -> ModelInfo:
         history_length=ranker.history_length,
         catalog_size=len(ranker.catalog),
         metrics=models.manifest.get("metrics", {}),
+        calibration=models.calibration.to_json(),
         providers=list(models.providers),
         batching=BatchingInfo(
             max_batch_size=settings.max_batch_size,

@@ -377,6 +377,8 @@ class ModelInfo(ApiModel):
                     "history_length": 50,
                     "catalog_size": 1682,
                     "metrics": {"table": [{"model": "clickrank", "HR@10": 0.1}]},
+                    "calibration": {"slope": 0.88, "intercept": -0.31, "method": "platt-on-log-softmax",
+                                    "fitted_on": "validation: each user's second-last event", "cases": 866},
                     "providers": ["CPUExecutionProvider"],
                     "batching": {"max_batch_size": 64, "max_batch_delay_ms": 0.0, "max_queue": 512,
                                  "queue_depth": 0},
@@ -391,6 +393,9 @@ class ModelInfo(ApiModel):
     history_length: int = Field(description="history events the ranker reads per request")
     catalog_size: int
     metrics: dict[str, Any]
+    calibration: dict[str, Any] = Field(
+        description="how click_probability is computed from the model's scores (models/calibration.py)"
+    )
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     batching: BatchingInfo
 

@@ -129,6 +129,7 @@ async def test_health_ready_model_info_and_openapi(client: httpx.AsyncClient, fi
     info = (await client.get("/v1/model")).json()
     assert info["version"] == files.manifest["version"]
     assert info["metrics"] == files.manifest["metrics"]
+    assert info["calibration"] == files.manifest["calibration"]  # the one the probabilities are built with
     assert "CPUExecutionProvider" in info["providers"]
     assert info["history_length"] == min(50, files.history_length)
     assert info["catalog_size"] >= len(files.item_ids)
