@@ -18,6 +18,13 @@ class CliError(Exception):
     """An expected failure: printed as one line, exit status 2."""
 
 
+def _float_list(value: str) -> list[float]:
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
+
+
 def _existing_dir(value: str) -> Path:
     path = Path(value)
     if not path.is_dir():
@@ -65,6 +72,8 @@ def cmd_replay(args: argparse.Namespace) -> None:
         fraction=args.replay_fraction,
         limit=args.replay_limit,
         report_dir=Path(args.report_dir),
+        holdout=args.replay_holdout,
+        covisit_weights=args.covisit_weights,
     )
     if args.json:
         Path(args.json).write_text(json.dumps(json_safe(result), indent=2))
@@ -131,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="online replay instead: train on all but the latest ratings (by time, into a temp dir), then"
         " replay those through the serving code and the baselines (--model-dir is not used)",
+    )
+    p.add_argument(
+        "--replay-holdout",
+        type=float,
+        default=0.0,
+        help="first drop this latest fraction of the ratings entirely: a validation replay (default 0)",
+    )
+    p.add_argument(
+        "--covisit-weights",
+        type=_float_list,
+        default=[],
+        help="replay the service once per CLICKRANK_COVISIT_WEIGHT, e.g. 0,1,2 (default: once, its default)",
     )
     p.add_argument(
         "--replay-fraction",

@@ -29,6 +29,7 @@ import shutil
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -366,7 +367,7 @@ def shown_calibration(run: ModelRun, targets: np.ndarray) -> dict:
 def summarize(runs: dict[str, ModelRun], stream: Stream, features: np.ndarray, catalog_size: int) -> dict:
     masks = stream.segment_masks()
     out = {}
-    for name in [m for m in MODEL_ORDER if m in runs]:
+    for name in [m for m in MODEL_ORDER if m in runs] + [m for m in runs if m not in MODEL_ORDER]:
         run = runs[name]
         out[name] = {
             "segments": {seg: accuracy(run.ranks[mask]) for seg, mask in masks.items()},
@@ -459,9 +460,16 @@ def run_replay(
     limit: int | None = None,
     report_dir: Path = Path("reports/replay"),
     device: str = "auto",
+    holdout: float = 0.0,
+    covisit_weights: Sequence[float] = (),
 ) -> dict:
     """The whole replay; writes ``replay.json``, ``reliability.png`` and ``segments.png`` into
-    ``report_dir``, prints the table and returns the result."""
+    ``report_dir``, prints the table and returns the result.
+
+    ``holdout`` > 0 first drops the latest ``holdout`` of the ratings entirely, so the replay runs on
+    data before them: a validation replay, for choosing serving settings without touching the test one.
+    ``covisit_weights`` replays the service once per ``CLICKRANK_COVISIT_WEIGHT`` (each from a fresh Redis);
+    empty: once, with the service's default."""
     import torch
 
     from models.pipeline import train_and_export
@@ -474,6 +482,9 @@ def run_replay(
     started = time.perf_counter()
     seconds: dict[str, float] = {}
     data = load_dataset(data_dir)
+    if holdout > 0:
+        kept = time_cut(data.ratings.timestamps, holdout)
+        data = dataclasses.replace(data, ratings=slice_ratings(data.ratings, 0, kept))
     cut = time_cut(data.ratings.timestamps, fraction)
     stream = build_stream(data, cut, limit)
     num_items = len(data.items)
@@ -498,29 +509,34 @@ def run_replay(
         id_model, id_candidates = _fit_id_only(load_dataset(pre_dir), config)
         seconds["train id-only"] = time.perf_counter() - t0
 
-        redis = RedisProcess(tmp / "redis")
-        redis_info = {"port": redis.port}
-        with redis.running():
-            redis_info["pid"] = redis.pid
-            settings = Settings(
-                redis_url=redis.url,
-                model_dir=tmp / "model",
-                device=device,
-                redis_timeout_ms=5000.0,  # a replay on a busy machine must not turn into degraded answers
-                request_timeout_ms=60000.0,
-                log_format="text",
-            )
-            t0 = time.perf_counter()
-            load_history_command(pre_dir, settings=settings)
-            t1 = time.perf_counter()
-            service_run, service_stats = asyncio.run(_replay_service(settings, stream, data.item_ids))
-            seconds["load history"] = t1 - t0
-            seconds["replay clickrank (service)"] = time.perf_counter() - t1
+        service_runs: dict[str, ModelRun] = {}
+        for weight in list(covisit_weights) or [None]:
+            redis = RedisProcess(tmp / "redis")
+            redis_info = {"port": redis.port}
+            with redis.running():
+                redis_info["pid"] = redis.pid
+                settings = Settings(
+                    redis_url=redis.url,
+                    model_dir=tmp / "model",
+                    device=device,
+                    redis_timeout_ms=5000.0,  # a replay on a busy machine must not turn into degraded answers
+                    request_timeout_ms=60000.0,
+                    log_format="text",
+                    **({} if weight is None else {"covisit_weight": weight}),
+                )
+                name = CLICKRANK if weight is None else f"{CLICKRANK}, covisit weight {weight:g}"
+                t0 = time.perf_counter()
+                load_history_command(pre_dir, settings=settings)
+                t1 = time.perf_counter()
+                service_run, service_stats = asyncio.run(_replay_service(settings, stream, data.item_ids))
+                service_runs[name] = service_run
+                seconds[f"load history ({name})"] = t1 - t0
+                seconds[f"replay {name}"] = time.perf_counter() - t1
         t0 = time.perf_counter()
         id_top = id_only_top_lists(id_model, stream, id_candidates, num_items)
         runs = replay_baselines(stream, num_items, id_top)
         seconds["replay baselines"] = time.perf_counter() - t0
-    runs[CLICKRANK] = service_run
+    runs |= service_runs
 
     features = genre_features(data.items)
     result = {

@@ -145,6 +145,7 @@ async def _load_model(services: Services) -> None:
             fresh_candidates=settings.fresh_candidates,
             trending_candidates=settings.trending_candidates,
         ),
+        covisit_weight=settings.covisit_weight,
     )
     services.model_error = None
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)

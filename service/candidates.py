@@ -34,10 +34,11 @@ PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 class Gathered:
     rows: np.ndarray  # int64 catalog rows, each once, in source order
     store_error: StoreUnavailable | None  # the source read failed: the answer is degraded
+    covisit: dict[str, float]  # merged co-visitation score of each item linked to the user's latest items
 
 
-def merge_covisit(lists: Sequence[Sequence[tuple[str, float]]], exclude: Collection[str]) -> list[str]:
-    """Items of the sources' co-visitation lists (latest source first) by merged score, best first.
+def covisit_scores(lists: Sequence[Sequence[tuple[str, float]]]) -> dict[str, float]:
+    """Merged co-visitation score of every item in the sources' lists (latest source first).
 
     Each list is normalised by its total weight (an estimate of "what follows this item"), so a popular
     item's long tail cannot drown a rarer item's strong links; the k-th latest source counts 1/k."""
@@ -47,9 +48,14 @@ def merge_covisit(lists: Sequence[Sequence[tuple[str, float]]], exclude: Collect
         if total <= 0:
             continue
         for item_id, score in entries:
-            if item_id not in exclude:
-                scores[item_id] = scores.get(item_id, 0.0) + score / total / k
-    return sorted(scores, key=lambda item_id: -scores[item_id])
+            scores[item_id] = scores.get(item_id, 0.0) + score / total / k
+    return scores
+
+
+def merge_covisit(lists: Sequence[Sequence[tuple[str, float]]], exclude: Collection[str]) -> list[str]:
+    """Items of the sources' co-visitation lists by merged score (``covisit_scores``), best first."""
+    scores = covisit_scores(lists)
+    return sorted((i for i in scores if i not in exclude), key=lambda item_id: -scores[item_id])
 
 
 def last_distinct(item_ids: Sequence[str], n: int) -> list[str]:
@@ -125,7 +131,15 @@ class CandidateSources:
         _, first = np.unique(rows, return_index=True)
         rows = rows[np.sort(first)]
         CANDIDATES.labels(source="union").observe(len(rows))
-        return Gathered(rows=rows, store_error=error)
+        return Gathered(rows=rows, store_error=error, covisit=covisit_scores(lists.covisit))
+
+    async def covisit_of(self, recent: Sequence[str]) -> dict[str, float]:
+        """The merged co-visitation scores for a user whose item ids, oldest first, are ``recent`` (one
+        round trip; raises StoreUnavailable)."""
+        sources = last_distinct(recent, self.covisit_sources)
+        if not sources:
+            return {}
+        return covisit_scores((await self.store.candidate_lists(sources, trending=0)).covisit)
 
     @staticmethod
     def _allowed(item_ids: Sequence[str], exclude: Collection[str]) -> list[str]:

@@ -166,6 +166,7 @@ class Ranker:
         history_length: int,
         retrieval_size: int,
         sources: CandidateSources | None = None,
+        covisit_weight: float = 0.0,
     ) -> None:
         self.models = models
         self.catalog = catalog
@@ -174,16 +175,26 @@ class Ranker:
         self.history_length = history_length
         self.retrieval_size = retrieval_size
         self.sources = sources or CandidateSources(catalog, store)
+        self.covisit_weight = covisit_weight
         self._prior: tuple[np.ndarray, np.ndarray] | None = None
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
-        stored, _, degraded = await self._stored(req.user_id, "/v1/predict", with_seen=False)
-        window = build_window(merge_events(stored, req.context), self.catalog, self.history_length)
+        route = "/v1/predict"
+        stored, _, degraded = await self._stored(req.user_id, route, with_seen=False)
+        events = merge_events(stored, req.context)
+        window = build_window(events, self.catalog, self.history_length)
         item_ids, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[Prediction] = []
         if item_ids:
             result = await self._rank(window, vectors)
-            probabilities = await self._probabilities(window, result)
+            partition = await self._partition(window, result)
+            probabilities = self._probabilities(result, partition)
+            if self.covisit_weight > 0 and len(window) and not degraded:
+                try:
+                    covisit = await self.sources.covisit_of([e.item_id for e in events])
+                except StoreUnavailable as exc:
+                    covisit, degraded = {}, self._degraded(route, exc)
+                probabilities = self._with_covisit(item_ids, probabilities, covisit, partition)
             predictions = rank_predictions(item_ids, probabilities, result, window, req.top_k, req.explain)
         return PredictResponse(
             user_id=req.user_id,
@@ -228,7 +239,9 @@ class Ranker:
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
             result = await self._rank(window, vectors[rows])
-            probabilities = await self._probabilities(window, result, partition)
+            probabilities = self._probabilities(result, await self._partition(window, result, partition))
+            if len(window):
+                probabilities = self._with_covisit(ids, probabilities, found.covisit, partition)
             items = rank_predictions(ids, probabilities, result, window, req.top_k, req.explain)
         return RecommendResponse(
             user_id=req.user_id,
@@ -242,19 +255,43 @@ class Ranker:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
         return top_rows(await self._prior_logits(), k, excluded)
 
-    async def _probabilities(
-        self, window: Window, result: RankResult, partition: np.ndarray | None = None
+    async def _partition(
+        self, window: Window, result: RankResult, retrieval: np.ndarray | None = None
     ) -> np.ndarray:
-        """Calibrated click probabilities of the ranked candidates (``models.calibration``): each logit's
-        log-softmax against the whole catalog's retrieval logits (``partition`` where the caller has them
-        already; the history-free prior's logits when the history is empty), through the model's fitted
-        Platt scaling."""
+        """The logits the probabilities are normalised over: the whole catalog's retrieval logits
+        (``retrieval`` where the caller has them already), the history-free prior's without a history."""
         if not len(window):
-            partition = await self._prior_logits()
-        elif partition is None:
-            partition = self.catalog.vectors @ result.user_vector
-        z = log_softmax_scores(result.logits, partition)
-        return click_probabilities(z, self.models.calibration)
+            return await self._prior_logits()
+        return self.catalog.vectors @ result.user_vector if retrieval is None else retrieval
+
+    def _probabilities(self, result: RankResult, partition: np.ndarray) -> np.ndarray:
+        """Calibrated click probabilities of the ranked candidates (``models.calibration``): each logit's
+        log-softmax against ``partition``, through the model's fitted Platt scaling."""
+        return click_probabilities(log_softmax_scores(result.logits, partition), self.models.calibration)
+
+    def _with_covisit(
+        self,
+        item_ids: Sequence[str],
+        probabilities: np.ndarray,
+        covisit: dict[str, float],
+        partition: np.ndarray,
+    ) -> np.ndarray:
+        """The model's distribution times exp(β · co-visitation score), renormalised over the catalog.
+
+        Only the co-visited items change, so the new normaliser is 1 + Σ_j p_j (e^{β cv_j} − 1) over them
+        (p_j from their retrieval logits): predict and recommend give the same number for an item."""
+        if self.covisit_weight <= 0 or not covisit:
+            return probabilities
+        linked = list(covisit)
+        rows = self.catalog.index_of(linked)
+        known = (rows >= 0) & (rows < len(partition))  # an item added since ``partition`` was read: skip
+        scores = np.array([covisit[i] for i in linked])[known]
+        linked_p = click_probabilities(
+            log_softmax_scores(partition[rows[known]], partition), self.models.calibration
+        )
+        norm = 1.0 + float((linked_p * np.expm1(self.covisit_weight * scores)).sum())
+        boost = np.exp(self.covisit_weight * np.array([covisit.get(i, 0.0) for i in item_ids]))
+        return np.minimum(probabilities * boost / norm, 1.0)
 
     async def _prior_logits(self) -> np.ndarray:
         """The ranker's logits for every catalog item with an empty history, cached per catalog snapshot

@@ -61,6 +61,7 @@ async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.A
         request_timeout_ms=20000.0,
         retrieval_size=100,
         item_sync_interval_s=0.2,
+        covisit_weight=0.0,  # the model alone, checked by hand below (the blend: test_candidates.py)
     )
     async with running(settings) as handle:
         yield handle

@@ -7,15 +7,18 @@ recommend answer holds came from co-visitation or the fresh items."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
+from oracle import ModelFiles
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
@@ -209,3 +212,55 @@ def test_merge_normalises_each_source_and_weights_the_latest_most() -> None:
 def test_last_distinct_is_latest_first() -> None:
     assert last_distinct(["a", "b", "a", "c", "c"], 3) == ["c", "a", "b"]
     assert last_distinct(["a"], 0) == []
+
+
+async def test_covisitation_weight_boosts_the_probability_the_same_in_predict_and_recommend(
+    redis_server: Any, redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    """With CLICKRANK_COVISIT_WEIGHT=β the probability is p·e^(β·cv) / (1 + Σ_linked p_j (e^(β·cv_j) − 1)),
+    written out here from the ONNX oracle and the co-visitation set in Redis."""
+    weight = 3.0
+    settings = Settings(
+        redis_url=redis_server.url,
+        model_dir=model_dir,
+        device="cpu",
+        redis_timeout_ms=2000.0,
+        request_timeout_ms=20000.0,
+        covisit_weight=weight,
+    )
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://clickrank.test", timeout=30) as c:
+            last, linked, other = catalog[300], catalog[301], catalog[302]
+            # two users went from `last` to `linked`, one of them then to `other`
+            await post_events(c, [event("a", last, NOW - 900), event("a", linked, NOW - 890)])
+            await post_events(
+                c,
+                [event("b", last, NOW - 800), event("b", linked, NOW - 790), event("b", other, NOW - 780)],
+            )
+            mine = [event("me", last, NOW - 60)]  # one source item: its co-visitation set is the whole cv
+            await post_events(c, mine)
+            with redis.Redis.from_url(redis_url) as r:
+                entries = r.zrevrange(f"cr:cv:{last}", 0, -1, withscores=True)
+            total = sum(score for _, score in entries)
+            cv = {m.decode(): score / total for m, score in entries}
+            assert set(cv) == {linked, other} and cv[linked] > cv[other]
+
+            files = ModelFiles(model_dir)
+            files.live_catalog = lambda: np.asarray(app.state.services.catalog.vectors, dtype=np.float64)
+            events = [{"item_id": e["item_id"], "type": e["type"], "timestamp": e["timestamp"]} for e in mine]
+            candidates = catalog[400:403] + list(cv)
+            plain = dict(zip(candidates, files.probabilities(events, candidates), strict=True))
+            norm = 1.0 + sum(plain[i] * math.expm1(weight * cv[i]) for i in cv)
+            expected = {i: p * math.exp(weight * cv.get(i, 0.0)) / norm for i, p in plain.items()}
+
+            body = (await c.post("/v1/predict", json={"user_id": "me", "candidates": list(plain)})).json()
+            got = {p["item_id"]: p["click_probability"] for p in body["predictions"]}
+            assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)
+            assert got[linked] > plain[linked]  # boosted; an unlinked item only shares the new normaliser
+
+            shown = (await c.post("/v1/recommend", json={"user_id": "me", "top_k": 100})).json()["items"]
+            in_both = {i["item_id"]: i["click_probability"] for i in shown if i["item_id"] in got}
+            assert linked in in_both
+            assert in_both == pytest.approx({i: got[i] for i in in_both}, rel=1e-5)
