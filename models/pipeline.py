@@ -29,7 +29,7 @@ from models.export import (
     ranker_parity,
 )
 from models.ranker import save_ranker
-from models.sequences import make_windows, user_sequences
+from models.sequences import UserSequence, make_windows, user_sequences
 from models.train import FitConfig, FitResult, RecModel, fit
 
 PARITY_TOLERANCE = 1e-4
@@ -155,6 +155,24 @@ def run_harness(
     }
 
 
+def refit_on_all_events(
+    name: str,
+    sequences: list[UserSequence],
+    num_items: int,
+    text_features: torch.Tensor | None,
+    cfg: FitConfig,
+    epochs: int,
+    init: RecModel | None = None,
+) -> FitResult:
+    """``epochs`` of training on every event (no validation): the model that gets exported, warm-started
+    from ``init`` (the harness's model) at a quarter of the learning rate, a gentle nudge, or from scratch.
+    Only items with events are softmax targets: the others keep their text vectors untouched."""
+    windows = make_windows(sequences, cfg.history_length, cfg.stride)
+    rated = np.unique(np.concatenate([s.items for s in sequences]))
+    refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
+    return fit(f"{name} (all data)", windows, [], rated, num_items, text_features, refit, init=init)
+
+
 def _case_scores(
     model: RecModel, cases: list[Case], train_items: np.ndarray, num_items: int, batch: int = 256
 ):
@@ -254,21 +272,8 @@ def train_and_export(
     if init is not None and epochs == 0:
         final = FitResult(init, best_epoch=harness["best_epoch"])
     else:
-        sequences = user_sequences(data)
-        all_windows = make_windows(sequences, cfg.history_length, cfg.stride)
-        # Only items with events are softmax targets: the others keep their text vectors untouched.
-        rated = np.unique(np.concatenate([s.items for s in sequences]))
-        # A warm start only needs a gentle nudge: a quarter of the learning rate.
-        refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
-        final = fit(
-            "clickrank (all data)",
-            all_windows,
-            [],
-            rated,
-            num_items,
-            text_features,
-            refit,
-            init=init,
+        final = refit_on_all_events(
+            "clickrank", user_sequences(data), num_items, text_features, cfg, epochs, init
         )
         curves["clickrank (all data)"] = final.curve
 

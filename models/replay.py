@@ -432,23 +432,20 @@ def _fit_id_only(pre: Dataset, config) -> tuple[object, np.ndarray]:
     harness split with early stopping, then (``refit_epochs`` > 0) a warm-started refit on all events.
     Returns the model and the items it trained on (its candidates)."""
     from models.evaluate import make_split
+    from models.pipeline import refit_on_all_events
     from models.sequences import make_windows, user_sequences
     from models.train import fit
 
     num_items = len(pre.items)
     sequences = user_sequences(pre)
-    cfg = config.fit
-    # The harness fits its ID-only row with the config's baseline variant where the config has one.
-    cfg = cfg.baseline() if callable(getattr(cfg, "baseline", None)) else cfg
+    cfg = config.fit.baseline()  # the harness fits its ID-only row with this recipe too
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
     windows = make_windows(split.train, cfg.history_length, cfg.stride)
     result = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
     if config.refit_epochs <= 0:
         return result.model, split.train_items
-    trained = np.flatnonzero(np.bincount(np.concatenate([s.items for s in sequences]), minlength=num_items))
-    refit = dataclasses.replace(cfg, epochs=config.refit_epochs, lr=cfg.lr * 0.25)
-    all_windows = make_windows(sequences, cfg.history_length, cfg.stride)
-    final = fit("id-only (all data)", all_windows, [], trained, num_items, None, refit, init=result.model)
+    final = refit_on_all_events("id-only", sequences, num_items, None, cfg, config.refit_epochs, result.model)
+    trained = np.unique(np.concatenate([s.items for s in sequences]))
     return final.model, trained
 
 

@@ -5,11 +5,11 @@ is trained with softmax cross-entropy over the whole catalog (Klenitskiy & Vasil
 not the architecture, is what makes SASRec strong). Above ``full_softmax_max_items`` the softmax is
 sampled instead: many negatives drawn by popularity^0.75, with the logQ correction.
 
-Re-ranking: at a few positions per window the full logit (target attention + MLP on top of the dot
-product) replaces the dot product for a shortlist (the positive, the hardest retrieval negatives and a
-few uniform ones), inside the *same* whole-catalog softmax. So the re-ranked scores stay on the scale of
-the retrieval scores of every other item, which is what serving relies on: it scores a few hundred
-candidates with the full logit and the rest of the catalog by dot product, and normalises over both.
+Re-ranking (``rerank``, off by default: it ranked below retrieval on validation): at a few positions per
+window, a softmax of the full logit (target attention + MLP on top of the dot product) over a shortlist
+(the positive, negatives drawn from the retrieval top ``rerank_size``, a few uniform ones), with the
+residual (full logit − dot product) pulled towards 0 so re-ranked items stay on the scale of the
+retrieval scores of every other item, over which serving normalises.
 
 Prior: the history-free logits of every item, softmax over the catalog against each window's first event.
 """
@@ -95,6 +95,23 @@ class RecModel(nn.Module):
         return vectors[items] * mask.unsqueeze(-1), types, values, gaps, mask
 
     @torch.no_grad()
+    def _scored(
+        self, histories: Sequence[UserSequence], item_vectors: torch.Tensor | None, rerank_size: int | None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(served scores, retrieval scores, the re-ranked shortlist's columns or None), see ``scores``."""
+        vectors = self.tower() if item_vectors is None else item_vectors
+        k = self.rerank_size if rerank_size is None else rerank_size
+        hv, types, values, gaps, mask = self._inputs(histories, vectors)
+        states = self.ranker.encode(hv, types, values, gaps, mask)
+        user = states[:, -1, :]
+        retrieval = user @ vectors.T
+        if k <= 0:
+            return retrieval.numpy(), retrieval.numpy(), None
+        top = retrieval.topk(min(k, retrieval.shape[1]), dim=1).indices
+        context, _ = self.ranker.target_attention(states, mask.unsqueeze(1), vectors[top])
+        full = self.ranker.score(user.unsqueeze(1), context, vectors[top])
+        return retrieval.scatter(1, top, full).numpy(), retrieval.numpy(), top.numpy()
+
     def scores(
         self,
         histories: Sequence[UserSequence],
@@ -105,19 +122,8 @@ class RecModel(nn.Module):
 
         Retrieval: user state · item vector. Served: the same, with the top ``rerank_size`` (default: the
         model's; 0 for none) re-scored by the full logit, as ``/v1/recommend`` ranks."""
-        vectors = self.tower() if item_vectors is None else item_vectors
-        k = self.rerank_size if rerank_size is None else rerank_size
-        hv, types, values, gaps, mask = self._inputs(histories, vectors)
-        states = self.ranker.encode(hv, types, values, gaps, mask)
-        user = states[:, -1, :]
-        retrieval = user @ vectors.T
-        served = retrieval
-        if k > 0:
-            top = retrieval.topk(min(k, retrieval.shape[1]), dim=1).indices
-            context, _ = self.ranker.target_attention(states, mask.unsqueeze(1), vectors[top])
-            full = self.ranker.score(user.unsqueeze(1), context, vectors[top])
-            served = retrieval.scatter(1, top, full)
-        return served.numpy(), retrieval.numpy()
+        served, retrieval, _ = self._scored(histories, item_vectors, rerank_size)
+        return served, retrieval
 
     def score_all(
         self,
@@ -128,11 +134,9 @@ class RecModel(nn.Module):
         """Ranking scores of every catalog item for each history: [n, N], ordered as ``/v1/recommend``
         orders them: the re-ranked shortlist by its full logits, above every other item by retrieval score.
         """
-        served, retrieval = self.scores(histories, item_vectors, rerank_size)
-        k = self.rerank_size if rerank_size is None else rerank_size
-        if k <= 0:
+        served, retrieval, top = self._scored(histories, item_vectors, rerank_size)
+        if top is None:
             return served
-        top = np.argpartition(-retrieval, min(k, retrieval.shape[1]) - 1, axis=1)[:, :k]
         shortlist = np.take_along_axis(served, top, 1)
         floor = retrieval.max(1, keepdims=True) + 1.0
         ranked = retrieval.copy()
