@@ -296,7 +296,9 @@ def id_only_top_lists(
 
 async def _replay_service(settings, stream: Stream, item_ids: list[str]) -> tuple[ModelRun, dict]:
     """Recommend then ingest, event by event, through the app's own routes and lifespan."""
-    from service.app import create_app, post_events, recommend
+    from service.app import create_app
+    from service.routes.events import post_events
+    from service.routes.predict import recommend
     from service.schemas import Event, EventsRequest, RecommendRequest
 
     row = {item_id: i for i, item_id in enumerate(item_ids)}
@@ -308,13 +310,15 @@ async def _replay_service(settings, stream: Stream, item_ids: list[str]) -> tupl
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         services = app.state.services
-        if services.ranker is None:
+        model = services.model
+        if model is None:
             raise RuntimeError(f"the service did not load the replay model: {services.model_error}")
-        stats["model_version"] = services.ranker.models.version
+        stats["model_version"] = model.models.version
         for j in tqdm(range(n), desc="replay clickrank (service)", unit="ev", disable=None):
             user, target = stream.users[j], int(stream.items[j])
             started = time.perf_counter()
-            answer = await recommend(RecommendRequest(user_id=user, top_k=TOP_K, exclude_seen=True), services)
+            request = RecommendRequest(user_id=user, top_k=TOP_K, exclude_seen=True)
+            answer = await recommend(request, services, model)
             stats["latency_ms"].append((time.perf_counter() - started) * 1000)
             stats["degraded"] += bool(answer.degraded)
             stats["short_answers"] += len(answer.items) < TOP_K

@@ -25,7 +25,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
-from service.runtime import OnnxModels, RankRequest, RankResult
+from service.runtime import OnnxModels, RankRequest, RankResult, encode_off_loop
 from service.schemas import (
     CandidateItem,
     ContextEvent,
@@ -310,10 +310,6 @@ class Ranker:
             raise ModelOutputError(f"ranker.onnx of model {self.models.version} returned non-finite scores")
         return result
 
-    async def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """Item texts → text vectors with one encoder call, off the event loop."""
-        return await asyncio.to_thread(self.models.encode_texts, list(texts))
-
     async def _stored(
         self, user_id: str, route: str, *, with_seen: bool
     ) -> tuple[list[StoredEvent], set[str] | None, bool]:
@@ -355,7 +351,9 @@ class Ranker:
                 scored.append((item_id, row))
         new_items = [item_id for item_id, row in scored if row < 0]
         to_encode = {item_id: k for k, item_id in enumerate(new_items)}
-        encoded = await self.encode([given[i] or "" for i in new_items]) if new_items else None
+        encoded = (
+            await encode_off_loop(self.models, [given[i] or "" for i in new_items]) if new_items else None
+        )
 
         vectors = np.empty((len(scored), catalog_vectors.shape[1]), dtype=np.float32)
         for k, (item_id, row) in enumerate(scored):

@@ -9,6 +9,7 @@ sees a handful of shapes, all of which ``warm_up`` runs once before the first re
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -338,3 +339,8 @@ class OnnxModels:
         texts = ["warm up", "a longer warm up text " * self.max_text_tokens]
         if not np.isfinite(self.encode_texts(texts)).all():
             raise ModelLoadError(f"{ITEM_ENCODER} gives non-finite outputs")
+
+
+async def encode_off_loop(models: OnnxModels, texts: Sequence[str]) -> np.ndarray:
+    """``models.encode_texts`` in a worker thread: the event loop keeps serving while BERT runs."""
+    return await asyncio.to_thread(models.encode_texts, list(texts))

@@ -22,7 +22,9 @@ from pydantic import (
     WithJsonSchema,
 )
 
-ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,128}$"
+ID_MAX_LENGTH = 128
+ID_PATTERN = rf"^[A-Za-z0-9_.:-]{{1,{ID_MAX_LENGTH}}}$"
+"""The one rule for user, item, event and request ids."""
 MAX_EVENTS = 1000
 MAX_CANDIDATES = 1000
 MAX_ITEMS = 1000
@@ -33,16 +35,13 @@ MAX_RECOMMEND_TOP_K = 100
 MAX_TIMESTAMP = 32_503_680_000.0
 """Year 3000 in unix seconds: anything larger is almost surely milliseconds sent by mistake."""
 
-ItemId = Annotated[
+_Id = Annotated[
     str,
-    StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN),
-    Field(description="1–128 characters of A-Za-z0-9_.:-", examples=["item:42"]),
+    StringConstraints(min_length=1, max_length=ID_MAX_LENGTH, pattern=ID_PATTERN),
+    Field(description=f"1–{ID_MAX_LENGTH} characters of A-Za-z0-9_.:-"),
 ]
-UserId = Annotated[
-    str,
-    StringConstraints(min_length=1, max_length=128, pattern=ID_PATTERN),
-    Field(description="1–128 characters of A-Za-z0-9_.:-", examples=["user:7"]),
-]
+ItemId = Annotated[_Id, Field(examples=["item:42"])]
+UserId = Annotated[_Id, Field(examples=["user:7"])]
 EventType = Literal["view", "click", "add_to_cart", "purchase", "rate"]
 ItemText = Annotated[
     str,

@@ -76,7 +76,7 @@ def client(api: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.Asyn
 @pytest.fixture(scope="module")
 def files(model_dir: Path, api: tuple[httpx.AsyncClient, FastAPI]) -> ModelFiles:
     model = ModelFiles(model_dir)
-    model.live_catalog = lambda: np.asarray(api[1].state.services.catalog.vectors, dtype=np.float64)
+    model.live_catalog = lambda: np.asarray(api[1].state.services.model.catalog.vectors, dtype=np.float64)
     return model
 
 
@@ -373,7 +373,7 @@ async def test_new_item_is_served_at_once_and_exclude_seen_covers_all_history(
     """The user has touched every catalog item but three (far beyond the history the ranker reads):
     recommend can only return those three, then also the item added a moment ago."""
     client, app = api
-    catalog_ids = list(app.state.services.catalog.item_ids)
+    catalog_ids = list(app.state.services.model.catalog.item_ids)
     keep = set(catalog_ids[10:13])
     touched = [item for item in catalog_ids if item not in keep]
     for start in range(0, len(touched), 1000):

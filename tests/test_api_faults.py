@@ -281,7 +281,7 @@ async def test_unexpected_error_is_a_json_500_with_request_id_and_a_log_line(
     async def bug(*_: Any) -> None:
         raise KeyError("secret internal detail")
 
-    monkeypatch.setattr(app.state.services.ranker, "predict", bug)
+    monkeypatch.setattr(app.state.services.model.ranker, "predict", bug)
     response = await client.post(
         "/v1/predict", json={"user_id": "x", "candidates": ["1"]}, headers={"X-Request-ID": "req-500"}
     )

@@ -140,7 +140,7 @@ async def test_an_item_upserted_a_moment_ago_is_recommended_to_a_user_with_histo
     item_id = f"fresh:{time.time_ns()}"  # new to this module's catalog, whatever ran before
     upsert = {"items": [{"item_id": item_id, "text": "Brand New Film (2026) | Drama, Thriller"}]}
     assert (await client.post("/v1/items", json=upsert)).json() == {"upserted": 1}
-    assert narrow[1].state.services.catalog.index_of([item_id])[0] >= 0
+    assert narrow[1].state.services.model.catalog.index_of([item_id])[0] >= 0
 
     after = await recommend(client, "me2")
     assert {i["item_id"] for i in after["items"]} == {before["items"][0]["item_id"], item_id}
@@ -248,7 +248,8 @@ async def test_covisitation_weight_boosts_the_probability_the_same_in_predict_an
             assert set(cv) == {linked, other} and cv[linked] > cv[other]
 
             files = ModelFiles(model_dir)
-            files.live_catalog = lambda: np.asarray(app.state.services.catalog.vectors, dtype=np.float64)
+            live = app.state.services.model.catalog
+            files.live_catalog = lambda: np.asarray(live.vectors, dtype=np.float64)
             events = [{"item_id": e["item_id"], "type": e["type"], "timestamp": e["timestamp"]} for e in mine]
             candidates = catalog[400:403] + list(cv)
             plain = dict(zip(candidates, files.probabilities(events, candidates), strict=True))

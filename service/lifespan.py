@@ -1,0 +1,144 @@
+"""The services the routes use, and their life: built at startup, the model loaded (or its absence
+reported), the catalog kept in sync with other replicas, everything stopped in order at shutdown.
+
+``Services`` owns the store and, once a model is loaded, one ``LoadedModel`` that owns the parts built
+from it. The ranker and the item writer borrow those parts; they never build or stop them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import suppress
+from dataclasses import dataclass, field
+
+from service.batcher import MicroBatcher
+from service.candidates import CandidateSources
+from service.catalog import ItemCatalog
+from service.items import ItemWriter
+from service.ranking import Ranker
+from service.runtime import ModelLoadError, OnnxModels
+from service.settings import Settings
+from service.store import HistoryStore
+
+log = logging.getLogger("clickrank.api")
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedModel:
+    """One model version being served: its graphs, its catalog, the batcher in front of the ranker graph,
+    and the two request handlers built on them."""
+
+    models: OnnxModels
+    catalog: ItemCatalog
+    batcher: MicroBatcher
+    ranker: Ranker
+    items: ItemWriter
+
+
+@dataclass
+class Services:
+    """Everything the routes use; reachable as ``app.state.services``."""
+
+    settings: Settings
+    store: HistoryStore
+    model: LoadedModel | None = None
+    model_error: str | None = "model not loaded yet"
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+async def start(services: Services) -> None:
+    """Load the model if there is one, and start the catalog sync that keeps it current."""
+    services.model = await _load_model(services)
+    if services.model is not None:
+        failing = await _sync_catalog(services, failing=False)
+        services.tasks.append(
+            asyncio.create_task(_sync_catalog_forever(services, failing), name="catalog-sync")
+        )
+
+
+async def _load_model(services: Services) -> LoadedModel | None:
+    """The ONNX graphs and the catalog, loaded and warmed (every shape bucket), and the batcher started.
+
+    A failure leaves the app running without a model: ``/readyz`` says why and model routes answer 503.
+    """
+    settings, store = services.settings, services.store
+    try:
+        models = await asyncio.to_thread(
+            OnnxModels, settings.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads
+        )
+        catalog = await asyncio.to_thread(
+            ItemCatalog.from_model_dir, settings.model_dir, models.version, redis_prefix=settings.redis_prefix
+        )
+        await asyncio.to_thread(models.warm_up)
+    except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
+        services.model_error = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
+        log.error("model not loaded from %s: %s", settings.model_dir, services.model_error)
+        return None
+    batcher = MicroBatcher(
+        models.rank,
+        max_batch_size=settings.max_batch_size,
+        max_delay_ms=settings.max_batch_delay_ms,
+        max_queue=settings.max_queue,
+    )
+    await batcher.start()
+    sources = CandidateSources(
+        catalog,
+        store,
+        covisit_sources=settings.covisit_sources,
+        covisit_candidates=settings.covisit_candidates,
+        fresh_candidates=settings.fresh_candidates,
+        trending_candidates=settings.trending_candidates,
+    )
+    ranker = Ranker(
+        models,
+        catalog,
+        store,
+        batcher,
+        history_length=min(settings.history_length, models.history_length),
+        retrieval_size=settings.retrieval_size,
+        sources=sources,
+        covisit_weight=settings.covisit_weight,
+    )
+    services.model_error = None
+    log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
+    return LoadedModel(models, catalog, batcher, ranker, ItemWriter(models, catalog, store))
+
+
+async def _sync_catalog(services: Services, *, failing: bool) -> bool:
+    """One sync round; returns whether it failed. A failure is logged when it starts, and the recovery."""
+    assert services.model is not None
+    try:
+        applied = await services.model.catalog.sync(services.store.client)
+    except (
+        Exception
+    ) as exc:  # Redis down or slow, a malformed entry: retried next round, the catalog stays usable
+        if not failing:
+            log.warning(
+                "catalog sync failing, retrying every %gs: %s", services.settings.item_sync_interval_s, exc
+            )
+        return True
+    if failing:
+        log.info("catalog sync recovered")
+    if applied:
+        log.info("catalog sync applied %d items published by other replicas", applied)
+    return False
+
+
+async def _sync_catalog_forever(services: Services, failing: bool) -> None:
+    """Pick up items that other replicas (or a previous run) published, every ``item_sync_interval_s``."""
+    while True:
+        await asyncio.sleep(services.settings.item_sync_interval_s)
+        failing = await _sync_catalog(services, failing=failing)
+
+
+async def stop(services: Services) -> None:
+    """Stop taking work, finish queued requests, stop background tasks, close Redis."""
+    if services.model is not None:
+        await services.model.batcher.stop(drain=True)
+    for task in services.tasks:
+        task.cancel()
+    for task in services.tasks:
+        with suppress(asyncio.CancelledError):
+            await task
+    await services.store.close()

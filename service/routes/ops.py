@@ -1,0 +1,48 @@
+"""Operations: liveness, readiness and Prometheus metrics (outside ``/v1``, no API key)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.deps import ServicesDep
+from service.errors import documented, error_response, request_id_of
+from service.schemas import ErrorDetail, Status
+from service.store import StoreUnavailable
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Status)
+async def healthz() -> Status:
+    """Liveness: the process answers."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses=documented(503))
+async def readyz(request: Request, services: ServicesDep) -> Status | JSONResponse:
+    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline."""
+    problems = []
+    if services.model is None:
+        problems.append(
+            ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
+        )
+    try:
+        await services.store.ping()
+    except StoreUnavailable as exc:
+        problems.append(ErrorDetail(field="redis", message=str(exc), type="store_unavailable"))
+    if problems:
+        message = "not ready: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
+        return error_response(503, "not_ready", message, request_id_of(request), details=problems)
+    return Status(status="ready")
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+)
+async def metrics() -> Response:
+    """Prometheus metrics, text exposition format."""
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)

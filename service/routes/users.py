@@ -1,0 +1,45 @@
+"""``GET /v1/users/{user_id}/history`` and ``DELETE /v1/users/{user_id}``: what is stored about a user."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Query
+
+from service.deps import ServicesDep, UserIdPath, v1_router, within_deadline
+from service.errors import documented
+from service.schemas import ForgetResponse, HistoryEvent, HistoryResponse
+
+router = v1_router()
+
+
+@router.get(
+    "/users/{user_id}/history",
+    response_model=HistoryResponse,
+    response_model_exclude_none=True,
+    responses=documented(503, 504),
+)
+async def get_history(
+    user_id: UserIdPath,
+    services: ServicesDep,
+    limit: Annotated[int | None, Query(ge=1, description="default: every stored event")] = None,
+) -> HistoryResponse:
+    """The user's most recent stored events, newest last."""
+    n = min(limit or services.settings.history_cap, services.settings.history_cap)
+    events, _ = await within_deadline(services, services.store.history(user_id, n))
+    return HistoryResponse(
+        user_id=user_id,
+        events=[
+            HistoryEvent(
+                item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value, event_id=e.event_id
+            )
+            for e in events
+        ],
+    )
+
+
+@router.delete("/users/{user_id}", response_model=ForgetResponse, responses=documented(503, 504))
+async def forget_user(user_id: UserIdPath, services: ServicesDep) -> ForgetResponse:
+    """Forget everything stored about the user (history, seen-set). Idempotent."""
+    forgotten = await within_deadline(services, services.store.forget(user_id))
+    return ForgetResponse(user_id=user_id, forgotten=forgotten)
