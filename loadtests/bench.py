@@ -30,7 +30,8 @@ from loadtests.common import float_list, int_list, log
 from loadtests.measure import BenchConfig, Lane, comparison, open_lane, soak, sweep
 from loadtests.report import default_out_dir, load_average, machine_info, utc_stamp, write_report
 from loadtests.server import EXTERNAL, REPO, SpawnedServer, Target, Variant, check_loopback
-from loadtests.workload import DEFAULT_DATA_DIR, SCENARIOS, Workload, load_histories
+from loadtests.workload import SCENARIOS, Workload, load_histories
+from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR, default_data_dir
 
 
 def parse_variant(text: str, workers: int) -> Variant:
@@ -91,7 +92,11 @@ def build_parser(prog: str = "clickrank bench") -> argparse.ArgumentParser:
 
     work = parser.add_argument_group("workload")
     work.add_argument("--scenario", choices=SCENARIOS, default="predict")
-    work.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="MovieLens 100K (env CLICKRANK_DATA_DIR)")
+    work.add_argument(
+        "--data-dir",
+        default=default_data_dir(),
+        help=f"MovieLens 100K (default: ${DATA_DIR_ENV}, else {FALLBACK_DATA_DIR})",
+    )
     work.add_argument("--candidates", type=int, default=100, help="candidates per /v1/predict")
     work.add_argument("--min-events", type=int, default=50, help="only users with at least this many events")
     work.add_argument("--users", type=int, default=None, help="use only the first N such users")

@@ -23,9 +23,10 @@ from locust import FastHttpUser, between, task
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # locust loads this file by path
 
-from loadtests.workload import DEFAULT_DATA_DIR, JSON_HEADERS, MIXED_WEIGHTS, ROUTES, Workload
+from loadtests.workload import JSON_HEADERS, MIXED_WEIGHTS, ROUTES, Workload
+from models.data import default_data_dir
 
-WORKLOAD = Workload(os.environ.get("CLICKRANK_DATA_DIR", DEFAULT_DATA_DIR), "mixed", pool=4096)
+WORKLOAD = Workload(default_data_dir(), "mixed", pool=4096)
 API_KEY = os.environ.get("CLICKRANK_BENCH_API_KEY")
 HEADERS = {**JSON_HEADERS, **({"X-API-Key": API_KEY} if API_KEY else {})}
 WEIGHT = {kind: round(10 * share) for kind, share in MIXED_WEIGHTS.items()}

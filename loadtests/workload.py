@@ -19,7 +19,6 @@ from typing import Any
 from loadtests.common import log
 from models.data import load_dataset
 
-DEFAULT_DATA_DIR = os.environ.get("CLICKRANK_DATA_DIR", "../shared/data/ml-100k")
 SCENARIOS = ("predict", "recommend", "mixed")
 ROUTES = {"predict": "/v1/predict", "recommend": "/v1/recommend", "events": "/v1/events"}
 MIXED_WEIGHTS = {"predict": 0.6, "recommend": 0.2, "events": 0.2}

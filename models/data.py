@@ -7,6 +7,7 @@ so the service's ``load-history`` command reuses it.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,16 @@ GENRES: tuple[str, ...] = (
     "War",
     "Western",
 )
+
+
+DATA_DIR_ENV = "CLICKRANK_DATA_DIR"
+FALLBACK_DATA_DIR = Path("../shared/data/ml-100k")
+"""Where this workspace keeps MovieLens 100K, relative to the repository root."""
+
+
+def default_data_dir() -> Path:
+    """The data set a command reads when it is given none: ``$CLICKRANK_DATA_DIR``, else the fallback."""
+    return Path(os.environ.get(DATA_DIR_ENV) or FALLBACK_DATA_DIR)
 
 
 class DataFormatError(ValueError):
@@ -166,7 +177,7 @@ def data_hash(data_dir: Path) -> str:
 def load_dataset(data_dir: str | Path) -> Dataset:
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataFormatError(f"{data_dir}: data directory not found")
+        raise DataFormatError(f"{data_dir}: data directory not found (pass --data-dir or set {DATA_DIR_ENV})")
     items = load_items(data_dir / "u.item")
     ratings = load_ratings(data_dir / "u.data", {it.item_id for it in items})
     return Dataset(items=items, ratings=ratings, data_hash=data_hash(data_dir))

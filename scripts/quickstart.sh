@@ -2,11 +2,10 @@
 # From a fresh machine to a running service with real histories loaded:
 #   venv + install → train + export the model if ./artifacts has none → a local redis-server if none
 #   answers → load MovieLens histories → serve on http://127.0.0.1:8000.
-# Environment: CLICKRANK_DATA_DIR (default ../shared/data/ml-100k), CLICKRANK_MODEL_DIR (./artifacts),
-# CLICKRANK_REDIS_URL (redis://127.0.0.1:6379/0), PORT (8000).
+# Environment: CLICKRANK_DATA_DIR (default ../shared/data/ml-100k; clickrank reads it), CLICKRANK_MODEL_DIR
+# (./artifacts), CLICKRANK_REDIS_URL (redis://127.0.0.1:6379/0), PORT (8000).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA_DIR=${CLICKRANK_DATA_DIR:-../shared/data/ml-100k}
 export CLICKRANK_MODEL_DIR=${CLICKRANK_MODEL_DIR:-./artifacts}
 export CLICKRANK_REDIS_URL=${CLICKRANK_REDIS_URL:-redis://127.0.0.1:6379/0}
 PORT=${PORT:-8000}
@@ -21,7 +20,7 @@ pip install -q -e ".[cpu,train,dev]"
 
 if [ ! -f "$CLICKRANK_MODEL_DIR/manifest.json" ]; then
   echo "no model in $CLICKRANK_MODEL_DIR: training one (about 4 minutes on 2 cores)"
-  clickrank train --data-dir "$DATA_DIR" --model-dir "$CLICKRANK_MODEL_DIR"
+  clickrank train --model-dir "$CLICKRANK_MODEL_DIR"
 fi
 
 hostport=${CLICKRANK_REDIS_URL#redis://}; hostport=${hostport%%/*}
@@ -31,5 +30,5 @@ if ! redis-cli -h "${hostport%%:*}" -p "${hostport##*:}" ping >/dev/null 2>&1; t
   sleep 0.5
 fi
 
-clickrank load-history --data-dir "$DATA_DIR"
+clickrank load-history
 exec clickrank serve --host 127.0.0.1 --port "$PORT"

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR
 from models.redis_process import RedisProcess
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("CLICKRANK_TEST_DATA_DIR", REPO.parent / "shared" / "data" / "ml-100k"))
+DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO / FALLBACK_DATA_DIR).resolve()
 
 
 RedisServer = RedisProcess
@@ -42,7 +43,7 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "u.data").is_file():
-        pytest.fail(f"MovieLens 100K not found at {DATA_DIR} (set CLICKRANK_TEST_DATA_DIR)")
+        pytest.fail(f"MovieLens 100K not found at {DATA_DIR} (set {DATA_DIR_ENV})")
     return DATA_DIR
 
 

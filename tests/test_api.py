@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, get_args
 
@@ -19,11 +18,10 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
+from helpers import metric, metric_samples, running_app
 from oracle import ModelFiles
-from prometheus_client.parser import text_string_to_metric_families
 
 from models.features import EVENT_TYPES
-from service.app import create_app
 from service.ranking import influences, merge_events, top_rows
 from service.schemas import ContextEvent, EventType, parse_timestamp
 from service.settings import Settings
@@ -32,17 +30,6 @@ from service.store import StoredEvent
 pytestmark = pytest.mark.anyio
 
 NOW = time.time()
-BASE_URL = "http://clickrank.test"
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    """The app with its lifespan running, and an HTTP client talking to it through ASGI."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as client:
-            yield client, app
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +50,7 @@ async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.A
         item_sync_interval_s=0.2,
         covisit_weight=0.0,  # the model alone, checked by hand below (the blend: test_candidates.py)
     )
-    async with running(settings) as handle:
+    async with running_app(settings) as handle:
         yield handle
 
 
@@ -107,15 +94,6 @@ def user_history(files: ModelFiles, user: str, n: int, seed: int) -> list[dict[s
         kind = kinds[int(rng.integers(len(kinds)))]
         extra = {"value": int(rng.integers(1, 6))} if kind == "rate" else {}
         out.append(event(user, files.item_ids[row], float(ts[i]), kind, event_id=f"{user}-{i}", **extra))
-    return out
-
-
-def metric_samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                out[tuple(sorted(sample.labels.items()))] = sample.value
     return out
 
 
@@ -419,7 +397,7 @@ async def test_items_reach_every_replica(
     settings = Settings(
         redis_url=redis_server.url, model_dir=model_dir, device="cpu", item_sync_interval_s=0.1
     )
-    async with running(settings) as (other, _):
+    async with running_app(settings) as (other, _):
         assert (await other.get("/v1/items/replica:early")).json()["text"] == "Early Bird (2026) | Comedy"
         after = {"items": [{"item_id": "replica:late", "text": "Late Show (2026) | Drama"}]}
         assert (await client.post("/v1/items", json=after)).status_code == 200
@@ -516,10 +494,16 @@ async def test_concurrent_predicts_are_batched_without_cross_talk(
         assert response.status_code == 200, response.text
         return {p["item_id"]: p["click_probability"] for p in response.json()["predictions"]}
 
+    async def batches() -> tuple[float, float]:
+        """Batches so far: all, and those of more than one request."""
+        text = (await client.get("/metrics")).text
+        every = metric(text, "clickrank_batch_size_count")
+        return every, every - metric(text, "clickrank_batch_size_bucket", le="1.0")
+
     alone = {u: await predict(u) for u in users[:10]}
-    before = metric_samples((await client.get("/metrics")).text, "clickrank_batch_size_bucket")
+    before = await batches()
     together = dict(zip(users, await asyncio.gather(*(predict(u) for u in users)), strict=True))
-    after = metric_samples((await client.get("/metrics")).text, "clickrank_batch_size_bucket")
+    after = await batches()
 
     for u in users[:10]:
         assert together[u].keys() == alone[u].keys()
@@ -530,25 +514,32 @@ async def test_concurrent_predicts_are_batched_without_cross_talk(
         got = [together[u][c] for c in requests[u]["candidates"]]
         assert got == pytest.approx(expected.tolist(), abs=1e-5), u
 
-    def batches(samples: dict, le: str) -> float:
-        return samples[(("le", le),)]
-
-    more_than_one = (batches(after, "+Inf") - batches(after, "1.0")) - (
-        batches(before, "+Inf") - batches(before, "1.0")
-    )
-    assert more_than_one >= 1
-    assert batches(after, "+Inf") - batches(before, "+Inf") < 50
+    assert after[1] - before[1] >= 1, "no two of 50 concurrent predicts shared a batch"
+    assert after[0] - before[0] < 50
 
 
 async def test_metrics_count_requests_by_route(client: httpx.AsyncClient) -> None:
-    await client.post("/v1/predict", json={"user_id": "m", "candidates": ["nope"]})
-    await client.post("/v1/predict", json={"user_id": "m", "candidates": []})
+    async def counts() -> tuple[float, float, float]:
+        """Predicts answered 200 and 422, and predicts timed."""
+        text = (await client.get("/metrics")).text
+        answered = [
+            metric(text, "clickrank_requests_total", method="POST", route="/v1/predict", status=status)
+            for status in ("200", "422")
+        ]
+        return answered[0], answered[1], metric(text, "clickrank_request_seconds_count", route="/v1/predict")
+
+    before = await counts()
+    assert (
+        await client.post("/v1/predict", json={"user_id": "m", "candidates": ["nope"]})
+    ).status_code == 200
+    assert (await client.post("/v1/predict", json={"user_id": "m", "candidates": []})).status_code == 422
+    assert (await client.get("/v1/users/m/history")).status_code == 200
+    after = await counts()
+    assert [a - b for a, b in zip(after, before, strict=True)] == [1, 1, 2]
     text = (await client.get("/metrics")).text
-    requests = metric_samples(text, "clickrank_requests_total")
-    assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "200"))] >= 1
-    assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "422"))] >= 1
-    assert not any(dict(k)["route"].startswith("/v1/users/m") for k in requests)  # templates, not raw paths
-    assert metric_samples(text, "clickrank_request_seconds_count")[(("route", "/v1/predict"),)] >= 2
+    routes = {dict(labels)["route"] for labels in metric_samples(text, "clickrank_requests_total")}
+    assert "/v1/users/{user_id}/history" in routes
+    assert not any(route.startswith("/v1/users/m") for route in routes)  # templates, not raw paths
 
 
 # ------------------------------------------------------------------------------------- pure request logic

@@ -7,7 +7,6 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,26 +15,14 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
+from helpers import running_app, scraped_metric
 from oracle import ModelFiles
-from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 NOW = time.time()
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://clickrank.test", timeout=30
-        ) as client:
-            yield client, app
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +47,7 @@ async def resilient_app(
         request_timeout_ms=5000.0,
         retrieval_size=50,
     )
-    async with running(settings) as handle:
+    async with running_app(settings) as handle:
         yield handle
 
 
@@ -74,14 +61,6 @@ def context_probabilities(
 ) -> np.ndarray:
     """What the model says from the context events alone (onnxruntime run by hand)."""
     return ModelFiles(model_dir).probabilities(context, candidates)
-
-
-def counter(text: str, name: str, **labels: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def wait_ready(client: httpx.AsyncClient, within_s: float = 10.0) -> None:
@@ -105,9 +84,10 @@ async def test_redis_down_degrades_then_recovers_without_restart(
         {"item_id": catalog[21], "type": "rate", "timestamp": NOW - 10, "value": 5},
     ]
     candidates = catalog[30:45]
-    degraded_before = counter(
-        (await client.get("/metrics")).text, "clickrank_degraded_total", route="/v1/predict"
-    )
+    degraded_before = {
+        route: await scraped_metric(client, "clickrank_degraded_total", route=route)
+        for route in ("/v1/predict", "/v1/recommend")
+    }
 
     redis_server.stop()
     try:
@@ -145,9 +125,11 @@ async def test_redis_down_degrades_then_recovers_without_restart(
         assert (await client.get("/v1/users/d1/history")).status_code == 503
         assert (await client.delete("/v1/users/d1")).status_code == 503
 
-        text = (await client.get("/metrics")).text
-        assert counter(text, "clickrank_degraded_total", route="/v1/predict") == degraded_before + 1
-        assert counter(text, "clickrank_degraded_total", route="/v1/recommend") >= 1
+        degraded = {
+            route: await scraped_metric(client, "clickrank_degraded_total", route=route) - before
+            for route, before in degraded_before.items()
+        }
+        assert degraded == {"/v1/predict": 1, "/v1/recommend": 2}
     finally:
         if redis_server.proc is None:
             redis_server.start()
@@ -195,8 +177,8 @@ async def test_full_queue_is_503_with_retry_after_and_late_answers_are_504(
         redis_timeout_ms=100.0,
         request_timeout_ms=150.0,
     )
-    async with running(settings) as (client, _):
-        rejected_before = counter((await client.get("/metrics")).text, "clickrank_queue_rejected_total")
+    async with running_app(settings) as (client, _):
+        rejected_before = await scraped_metric(client, "clickrank_queue_rejected_total")
         started = time.monotonic()
         responses = await asyncio.gather(
             *(
@@ -214,7 +196,7 @@ async def test_full_queue_is_503_with_retry_after_and_late_answers_are_504(
             else:
                 assert error["code"] == "deadline_exceeded" and "150 ms" in error["message"]
             assert error["request_id"] == response.headers["x-request-id"]
-        rejected = counter((await client.get("/metrics")).text, "clickrank_queue_rejected_total")
+        rejected = await scraped_metric(client, "clickrank_queue_rejected_total")
         assert rejected - rejected_before == statuses.count(503)
 
 
@@ -223,7 +205,7 @@ async def test_missing_model_starts_unready_and_keeps_the_store_routes(
 ) -> None:
     missing = tmp_path / "no-model-here"
     settings = Settings(redis_url=redis_server.url, model_dir=missing, api_keys="k1, k2")
-    async with running(settings) as (client, _):
+    async with running_app(settings) as (client, _):
         assert (await client.get("/healthz")).status_code == 200
         ready = await client.get("/readyz")
         assert ready.status_code == 503
@@ -262,7 +244,7 @@ async def test_corrupt_model_is_reported_by_readyz(
         (corrupt / path.name).symlink_to(path)
     (corrupt / "ranker.onnx").unlink()
     (corrupt / "ranker.onnx").write_bytes((model_dir / "ranker.onnx").read_bytes()[:-16] + b"\0" * 16)
-    async with running(Settings(redis_url=redis_server.url, model_dir=corrupt)) as (client, _):
+    async with running_app(Settings(redis_url=redis_server.url, model_dir=corrupt)) as (client, _):
         ready = await client.get("/readyz")
         assert ready.status_code == 503
         assert "ranker.onnx" in ready.json()["error"]["message"]
@@ -282,6 +264,9 @@ async def test_unexpected_error_is_a_json_500_with_request_id_and_a_log_line(
         raise KeyError("secret internal detail")
 
     monkeypatch.setattr(app.state.services.model.ranker, "predict", bug)
+    failed_before = await scraped_metric(
+        client, "clickrank_requests_total", route="/v1/predict", status="500"
+    )
     response = await client.post(
         "/v1/predict", json={"user_id": "x", "candidates": ["1"]}, headers={"X-Request-ID": "req-500"}
     )
@@ -290,5 +275,5 @@ async def test_unexpected_error_is_a_json_500_with_request_id_and_a_log_line(
                                          "request_id": "req-500"}}  # fmt: skip
     assert "secret" not in response.text
     assert any("req-500" in r.getMessage() and r.exc_info for r in caplog.records)
-    text = (await client.get("/metrics")).text
-    assert counter(text, "clickrank_requests_total", route="/v1/predict", status="500") >= 1
+    failed = await scraped_metric(client, "clickrank_requests_total", route="/v1/predict", status="500")
+    assert failed == failed_before + 1

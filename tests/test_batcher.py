@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
-from prometheus_client import REGISTRY
+from helpers import local_metric
 
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 
@@ -51,7 +51,8 @@ class Model:
 
 
 @asynccontextmanager
-async def running(batcher: MicroBatcher) -> AsyncIterator[MicroBatcher]:
+async def batching(batcher: MicroBatcher) -> AsyncIterator[MicroBatcher]:
+    """The batcher between start() and stop()."""
     await batcher.start()
     try:
         yield batcher
@@ -67,14 +68,10 @@ async def wait_for(condition, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.001)
 
 
-def sample(name: str) -> float:
-    return REGISTRY.get_sample_value(name) or 0.0
-
-
 async def test_concurrent_requests_share_batches_without_cross_talk() -> None:
     model = Model(delay_s=0.01)
-    batches_before = sample("clickrank_batch_size_count")
-    async with running(MicroBatcher(model, max_batch_size=8, max_delay_ms=5, max_queue=100)) as batcher:
+    batches_before = local_metric("clickrank_batch_size_count")
+    async with batching(MicroBatcher(model, max_batch_size=8, max_delay_ms=5, max_queue=100)) as batcher:
         requests = list(range(60))
         results = await asyncio.gather(*(batcher.submit(r) for r in requests))
     assert results == [answer(r) for r in requests]
@@ -83,12 +80,12 @@ async def test_concurrent_requests_share_batches_without_cross_talk() -> None:
     assert max(sizes) > 1 and max(sizes) <= 8
     assert sorted(r for b in model.batches for r in b) == requests
     assert threading.get_ident() not in model.threads and len(model.threads) == 1
-    assert sample("clickrank_batch_size_count") - batches_before == len(model.batches)
+    assert local_metric("clickrank_batch_size_count") - batches_before == len(model.batches)
 
 
 async def test_partial_batch_flushes_after_the_delay() -> None:
     model = Model()
-    async with running(MicroBatcher(model, max_batch_size=64, max_delay_ms=40, max_queue=100)) as batcher:
+    async with batching(MicroBatcher(model, max_batch_size=64, max_delay_ms=40, max_queue=100)) as batcher:
         started = time.perf_counter()
         results = await asyncio.gather(*(batcher.submit(r) for r in (3, 4, 5)))
         elapsed = time.perf_counter() - started
@@ -99,7 +96,7 @@ async def test_partial_batch_flushes_after_the_delay() -> None:
 
 async def test_batch_size_one_runs_each_request_alone_and_at_once() -> None:
     model = Model()
-    async with running(MicroBatcher(model, max_batch_size=1, max_delay_ms=500, max_queue=100)) as batcher:
+    async with batching(MicroBatcher(model, max_batch_size=1, max_delay_ms=500, max_queue=100)) as batcher:
         started = time.perf_counter()
         results = await asyncio.gather(*(batcher.submit(r) for r in range(5)))
         elapsed = time.perf_counter() - started
@@ -111,8 +108,8 @@ async def test_batch_size_one_runs_each_request_alone_and_at_once() -> None:
 async def test_full_queue_refuses_at_once() -> None:
     model = Model()
     model.gate.clear()
-    rejected_before = sample("clickrank_queue_rejected_total")
-    async with running(MicroBatcher(model, max_batch_size=1, max_delay_ms=0, max_queue=2)) as batcher:
+    rejected_before = local_metric("clickrank_queue_rejected_total")
+    async with batching(MicroBatcher(model, max_batch_size=1, max_delay_ms=0, max_queue=2)) as batcher:
         first = asyncio.ensure_future(batcher.submit(1))
         await wait_for(model.entered.is_set)  # request 1 is being inferred, the queue is empty
         queued = [asyncio.ensure_future(batcher.submit(r)) for r in (2, 3)]
@@ -121,7 +118,7 @@ async def test_full_queue_refuses_at_once() -> None:
         with pytest.raises(QueueFull) as refused:
             await batcher.submit(4)
         assert refused.value.retry_after_s > 0
-        assert sample("clickrank_queue_rejected_total") - rejected_before == 1
+        assert local_metric("clickrank_queue_rejected_total") - rejected_before == 1
         model.gate.set()
         assert await asyncio.gather(first, *queued) == [answer(1), answer(2), answer(3)]
         assert await batcher.submit(5) == answer(5)  # room again
@@ -171,7 +168,7 @@ async def test_submit_before_start_is_refused() -> None:
 
 async def test_infer_error_reaches_only_its_batch() -> None:
     model = Model(poison=13)
-    async with running(MicroBatcher(model, max_batch_size=2, max_delay_ms=1000, max_queue=100)) as batcher:
+    async with batching(MicroBatcher(model, max_batch_size=2, max_delay_ms=1000, max_queue=100)) as batcher:
         outcomes = await asyncio.gather(*(batcher.submit(r) for r in (13, 1, 2, 3)), return_exceptions=True)
         assert await batcher.submit(4) == answer(4)  # the batcher keeps serving after a failed batch
     assert model.batches[:2] == [[13, 1], [2, 3]]
@@ -182,7 +179,7 @@ async def test_infer_error_reaches_only_its_batch() -> None:
 async def test_cancelled_waiters_do_not_disturb_the_others() -> None:
     model = Model()
     model.gate.clear()
-    async with running(MicroBatcher(model, max_batch_size=2, max_delay_ms=1000, max_queue=100)) as batcher:
+    async with batching(MicroBatcher(model, max_batch_size=2, max_delay_ms=1000, max_queue=100)) as batcher:
         tasks = [asyncio.ensure_future(batcher.submit(r)) for r in range(2)]
         await wait_for(model.entered.is_set)  # batch [0, 1] is running
         tasks += [asyncio.ensure_future(batcher.submit(r)) for r in (2, 3, 4)]

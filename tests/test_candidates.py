@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
+from helpers import running_app, scraped_metric
 from oracle import ModelFiles
-from prometheus_client.parser import text_string_to_metric_families
 
-from service.app import create_app
 from service.candidates import last_distinct, merge_covisit
 from service.settings import Settings
 
@@ -48,11 +47,8 @@ async def narrow(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[http
         fresh_size=3,
         fresh_candidates=3,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://clickrank.test", timeout=30) as c:
-            yield c, app
+    async with running_app(settings) as handle:
+        yield handle
 
 
 @pytest.fixture()
@@ -80,16 +76,6 @@ async def recommend(client: httpx.AsyncClient, user: str, top_k: int = 100) -> d
     return response.json()
 
 
-def samples(text: str, name: str) -> dict[str, float]:
-    """``name`` by its ``source`` label."""
-    return {
-        s.labels["source"]: s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == name
-    }
-
-
 async def history_user(client: httpx.AsyncClient, user: str, items: list[str]) -> None:
     """The user's events, a minute apart and ending a minute ago: the newest first-seen items, so the
     (bounded) fresh set holds only items this user has seen."""
@@ -115,14 +101,17 @@ async def test_a_strongly_covisited_item_joins_a_tiny_retrieval(
     with redis.Redis.from_url(redis_url) as r:
         assert r.zrevrange(f"cr:cv:{last}", 0, -1) == [target.encode()]
         assert target.encode() not in r.zrange("cr:fresh", 0, -1)
-    before = samples((await client.get("/metrics")).text, "clickrank_candidates_sum")
+    sources = ("covisit", "retrieval", "union")
+
+    async def candidates() -> dict[str, float]:
+        return {s: await scraped_metric(client, "clickrank_candidates_sum", source=s) for s in sources}
+
+    before = await candidates()
     body = await recommend(client, "me")
-    after = samples((await client.get("/metrics")).text, "clickrank_candidates_sum")
+    after = await candidates()
     assert {i["item_id"] for i in body["items"]} == {retrieved, target}
     assert body["degraded"] is False
-    assert after["covisit"] - before.get("covisit", 0) == 1
-    assert after["retrieval"] - before["retrieval"] == 1
-    assert after["union"] - before["union"] == 2
+    assert {s: after[s] - before[s] for s in sources} == {"covisit": 1, "retrieval": 1, "union": 2}
 
     with redis.Redis.from_url(redis_url) as r:
         r.delete(f"cr:cv:{last}")
@@ -162,26 +151,14 @@ async def test_a_failing_source_read_answers_degraded_not_500(
     await history_user(client, "broken", seen)
     with redis.Redis.from_url(redis_url) as r:
         r.set(f"cr:cv:{seen[-1]}", "not a sorted set")
-    text = (await client.get("/metrics")).text
-    degraded_before = sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "clickrank_degraded_total" and s.labels.get("route") == "/v1/recommend"
-    )
+    degraded_before = await scraped_metric(client, "clickrank_degraded_total", route="/v1/recommend")
     response = await client.post("/v1/recommend", json={"user_id": "broken", "top_k": 5})
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["degraded"] is True and body["history_length"] == len(seen)
     assert len(body["items"]) == 1 and body["items"][0]["item_id"] not in seen
-    text = (await client.get("/metrics")).text
-    degraded_after = sum(
-        s.value
-        for f in text_string_to_metric_families(text)
-        for s in f.samples
-        if s.name == "clickrank_degraded_total" and s.labels.get("route") == "/v1/recommend"
-    )
-    assert degraded_after == degraded_before + 1
+    degraded = await scraped_metric(client, "clickrank_degraded_total", route="/v1/recommend")
+    assert degraded == degraded_before + 1
 
 
 async def test_forget_keeps_working_and_leaves_the_aggregates(
@@ -228,40 +205,37 @@ async def test_covisitation_weight_boosts_the_probability_the_same_in_predict_an
         request_timeout_ms=20000.0,
         covisit_weight=weight,
     )
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://clickrank.test", timeout=30) as c:
-            last, linked, other = catalog[300], catalog[301], catalog[302]
-            # two users went from `last` to `linked`, one of them then to `other`
-            await post_events(c, [event("a", last, NOW - 900), event("a", linked, NOW - 890)])
-            await post_events(
-                c,
-                [event("b", last, NOW - 800), event("b", linked, NOW - 790), event("b", other, NOW - 780)],
-            )
-            mine = [event("me", last, NOW - 60)]  # one source item: its co-visitation set is the whole cv
-            await post_events(c, mine)
-            with redis.Redis.from_url(redis_url) as r:
-                entries = r.zrevrange(f"cr:cv:{last}", 0, -1, withscores=True)
-            total = sum(score for _, score in entries)
-            cv = {m.decode(): score / total for m, score in entries}
-            assert set(cv) == {linked, other} and cv[linked] > cv[other]
+    async with running_app(settings) as (c, app):
+        last, linked, other = catalog[300], catalog[301], catalog[302]
+        # two users went from `last` to `linked`, one of them then to `other`
+        await post_events(c, [event("a", last, NOW - 900), event("a", linked, NOW - 890)])
+        await post_events(
+            c,
+            [event("b", last, NOW - 800), event("b", linked, NOW - 790), event("b", other, NOW - 780)],
+        )
+        mine = [event("me", last, NOW - 60)]  # one source item: its co-visitation set is the whole cv
+        await post_events(c, mine)
+        with redis.Redis.from_url(redis_url) as r:
+            entries = r.zrevrange(f"cr:cv:{last}", 0, -1, withscores=True)
+        total = sum(score for _, score in entries)
+        cv = {m.decode(): score / total for m, score in entries}
+        assert set(cv) == {linked, other} and cv[linked] > cv[other]
 
-            files = ModelFiles(model_dir)
-            live = app.state.services.model.catalog
-            files.live_catalog = lambda: np.asarray(live.vectors, dtype=np.float64)
-            events = [{"item_id": e["item_id"], "type": e["type"], "timestamp": e["timestamp"]} for e in mine]
-            candidates = catalog[400:403] + list(cv)
-            plain = dict(zip(candidates, files.probabilities(events, candidates), strict=True))
-            norm = 1.0 + sum(plain[i] * math.expm1(weight * cv[i]) for i in cv)
-            expected = {i: p * math.exp(weight * cv.get(i, 0.0)) / norm for i, p in plain.items()}
+        files = ModelFiles(model_dir)
+        live = app.state.services.model.catalog
+        files.live_catalog = lambda: np.asarray(live.vectors, dtype=np.float64)
+        events = [{"item_id": e["item_id"], "type": e["type"], "timestamp": e["timestamp"]} for e in mine]
+        candidates = catalog[400:403] + list(cv)
+        plain = dict(zip(candidates, files.probabilities(events, candidates), strict=True))
+        norm = 1.0 + sum(plain[i] * math.expm1(weight * cv[i]) for i in cv)
+        expected = {i: p * math.exp(weight * cv.get(i, 0.0)) / norm for i, p in plain.items()}
 
-            body = (await c.post("/v1/predict", json={"user_id": "me", "candidates": list(plain)})).json()
-            got = {p["item_id"]: p["click_probability"] for p in body["predictions"]}
-            assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)
-            assert got[linked] > plain[linked]  # boosted; an unlinked item only shares the new normaliser
+        body = (await c.post("/v1/predict", json={"user_id": "me", "candidates": list(plain)})).json()
+        got = {p["item_id"]: p["click_probability"] for p in body["predictions"]}
+        assert got == pytest.approx(expected, rel=1e-4, abs=1e-9)
+        assert got[linked] > plain[linked]  # boosted; an unlinked item only shares the new normaliser
 
-            shown = (await c.post("/v1/recommend", json={"user_id": "me", "top_k": 100})).json()["items"]
-            in_both = {i["item_id"]: i["click_probability"] for i in shown if i["item_id"] in got}
-            assert linked in in_both
-            assert in_both == pytest.approx({i: got[i] for i in in_both}, rel=1e-5)
+        shown = (await c.post("/v1/recommend", json={"user_id": "me", "top_k": 100})).json()["items"]
+        in_both = {i["item_id"]: i["click_probability"] for i in shown if i["item_id"] in got}
+        assert linked in in_both
+        assert in_both == pytest.approx({i: got[i] for i in in_both}, rel=1e-5)

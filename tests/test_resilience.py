@@ -28,10 +28,9 @@ import httpx
 import numpy as np
 import pytest
 from conftest import RedisServer
-from prometheus_client.parser import text_string_to_metric_families
+from helpers import metric, running_app
 
 from models.redis_process import free_port
-from service.app import create_app
 from service.logs import JsonFormatter, mask_secrets
 from service.server import GRACEFUL_SHUTDOWN_S
 from service.settings import Settings
@@ -145,14 +144,6 @@ def catalog(model_dir: Path) -> list[str]:
 def unbounded_client(url: str, timeout_s: float = 10.0) -> httpx.AsyncClient:
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     return httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=limits)
-
-
-def gauge(text: str, name: str) -> float:
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name:
-                return sample.value
-    raise AssertionError(f"no metric {name}")
 
 
 def assert_defined_503(response: httpx.Response) -> None:
@@ -416,7 +407,7 @@ def test_burst_far_past_capacity_is_shed_fast_and_memory_stays_bounded(
 
     asyncio.run(raw_burst(svc.port, "/v1/predict", bodies[:32]))  # warm-up: allocator arenas, batch shapes
     rss_before = svc.rss_mb()
-    rejected_before = gauge(httpx.get(f"{svc.url}/metrics").text, "clickrank_queue_rejected_total")
+    rejected_before = metric(httpx.get(f"{svc.url}/metrics").text, "clickrank_queue_rejected_total")
     answers = [*asyncio.run(raw_burst(svc.port, "/v1/predict", bodies))]
     answers += asyncio.run(raw_burst(svc.port, "/v1/predict", bodies))
     time.sleep(0.5)
@@ -429,7 +420,9 @@ def test_burst_far_past_capacity_is_shed_fast_and_memory_stays_bounded(
     for answer in shed:
         assert answer.json()["error"]["code"] == "overloaded", answer.body
         assert int(answer.headers["retry-after"]) >= 1
-    rejected = gauge(httpx.get(f"{svc.url}/metrics").text, "clickrank_queue_rejected_total") - rejected_before
+    rejected = (
+        metric(httpx.get(f"{svc.url}/metrics").text, "clickrank_queue_rejected_total") - rejected_before
+    )
     assert rejected == len(shed)
     p99_shed = float(np.percentile([a.seconds for a in shed], 99))
     p99_served = float(np.percentile([a.seconds for a in served], 99))
@@ -510,22 +503,17 @@ def test_request_logs_are_json_with_the_request_id_and_no_payload(
     settings = Settings(redis_url=redis_url, model_dir=model_dir, device="cpu", api_keys=KEYS[0])
 
     async def requests() -> list[httpx.Response]:
-        app = create_app(settings)
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://clickrank.test") as http:
-                headers = {"X-API-Key": KEYS[0]}
-                event = {"user_id": MARKER, "item_id": f"{MARKER}-item", "type": "view", "timestamp": NOW}
-                return [
-                    await http.post("/v1/events", json={"events": [event]}, headers=headers),
-                    await http.post(
-                        "/v1/predict", json={"user_id": MARKER, "candidates": ["1"]}, headers=headers
-                    ),
-                    await http.post(
-                        "/v1/predict", json={"user_id": MARKER, "candidates": "x"}, headers=headers
-                    ),
-                    await http.get(f"/v1/users/{MARKER}/history?api_key={KEYS[0]}"),
-                ]
+        async with running_app(settings) as (http, _):
+            headers = {"X-API-Key": KEYS[0]}
+            event = {"user_id": MARKER, "item_id": f"{MARKER}-item", "type": "view", "timestamp": NOW}
+            return [
+                await http.post("/v1/events", json={"events": [event]}, headers=headers),
+                await http.post(
+                    "/v1/predict", json={"user_id": MARKER, "candidates": ["1"]}, headers=headers
+                ),
+                await http.post("/v1/predict", json={"user_id": MARKER, "candidates": "x"}, headers=headers),
+                await http.get(f"/v1/users/{MARKER}/history?api_key={KEYS[0]}"),
+            ]
 
     with caplog.at_level(logging.INFO):
         responses = asyncio.run(requests())
@@ -575,7 +563,7 @@ def test_sigterm_drains_requests_in_flight_and_exits_zero(
                 for i in range(n)
             ]
             async with asyncio.timeout(5):
-                while gauge((await http.get("/metrics")).text, "clickrank_queue_depth") < n:
+                while metric((await http.get("/metrics")).text, "clickrank_queue_depth") < n:
                     await asyncio.sleep(0.01)
             svc.signal(signal.SIGTERM)
             signalled = time.monotonic()

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-from prometheus_client import REGISTRY
+from helpers import local_metric
 
 from models.features import EVENT_TYPES, event_type_id, gap_buckets, value_bucket
 from service.runtime import (
@@ -67,9 +67,7 @@ def test_manifest_fields_and_providers(models: OnnxModels, model_dir: Path) -> N
     assert models.dim == manifest["config"]["dim"]
     assert models.history_length == manifest["config"]["history_length"]
     assert models.providers == ["CPUExecutionProvider"]
-    assert REGISTRY.get_sample_value(
-        "clickrank_model_info", {"version": models.version, "provider": "CPUExecutionProvider"}
-    ) == 1  # fmt: skip
+    assert local_metric("clickrank_model_info", version=models.version, provider="CPUExecutionProvider") == 1
 
 
 def test_auto_device_uses_cuda_only_when_offered(model_dir: Path) -> None:
@@ -189,11 +187,11 @@ def test_encode_texts_is_deterministic_and_batch_independent(models: OnnxModels)
 
 def test_warm_up_runs_every_bucket(models: OnnxModels) -> None:  # and checks outputs are finite
     def runs() -> float:
-        return REGISTRY.get_sample_value("clickrank_inference_seconds_count", {"graph": "ranker"}) or 0.0
+        return local_metric("clickrank_inference_seconds_count", graph="ranker")
 
     before = runs()
     models.warm_up()
-    assert runs() - before >= len(models.history_buckets) * len(CANDIDATE_BUCKETS)
+    assert runs() - before == len(models.history_buckets) * len(CANDIDATE_BUCKETS)
 
 
 @pytest.fixture()

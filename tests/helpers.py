@@ -1,0 +1,59 @@
+"""Helpers shared by the test modules: the app running in-process, and reading Prometheus metrics."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service.app import create_app
+from service.settings import Settings
+
+BASE_URL = "http://clickrank.test"
+
+Labels = tuple[tuple[str, str], ...]
+
+
+@asynccontextmanager
+async def running_app(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+    """The app with its lifespan running, and an HTTP client talking to it through ASGI."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url=BASE_URL, timeout=30) as client:
+            yield client, app
+
+
+def metric_samples(text: str, name: str) -> dict[Labels, float]:
+    """Every sample called ``name`` in a Prometheus text exposition, by its sorted labels."""
+    return {
+        tuple(sorted(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name
+    }
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """The sum of the samples called ``name`` whose labels include ``labels`` (0 when there is none)."""
+    return sum(
+        value
+        for sample_labels, value in metric_samples(text, name).items()
+        if labels.items() <= dict(sample_labels).items()
+    )
+
+
+def local_metric(name: str, **labels: str) -> float:
+    """:func:`metric` of this process's registry, as its ``/metrics`` would expose it."""
+    return metric(generate_latest(REGISTRY).decode(), name, **labels)
+
+
+async def scraped_metric(client: httpx.AsyncClient, name: str, **labels: str) -> float:
+    """:func:`metric` of the service behind ``client``, read through its ``/metrics``."""
+    response = await client.get("/metrics")
+    assert response.status_code == 200, response.text
+    return metric(response.text, name, **labels)
