@@ -32,13 +32,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from models.model_dir import ModelDir, ModelLoadError
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import REQUEST_ID, ThrottledLog, install_request_id_factory
 from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
 from service.ranking import ModelOutputError, Ranker
-from service.runtime import ModelLoadError, OnnxModels
+from service.runtime import OnnxModels
 from service.schemas import (
     CANDIDATE_TAGS,
     ID_PATTERN,
@@ -111,11 +112,12 @@ async def _load_model(services: Services) -> None:
     """
     settings = services.settings
     try:
+        served = await asyncio.to_thread(ModelDir(settings.model_dir).load)
         models = await asyncio.to_thread(
-            OnnxModels, settings.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads
+            OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
         )
         catalog = await asyncio.to_thread(
-            ItemCatalog.from_model_dir, settings.model_dir, models.version, redis_prefix=settings.redis_prefix
+            ItemCatalog.from_table, served.items, models.version, redis_prefix=settings.redis_prefix
         )
         await asyncio.to_thread(models.warm_up)
     except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
