@@ -76,8 +76,8 @@ CMD ["clickrank", "serve", "--host", "0.0.0.0", "--port", "8000"]
 FROM cpu AS cpu-bundled
 COPY --from=model / /models/
 # Loads the graphs and verifies the manifest checksums, as the user the service runs as.
-RUN python -c "from pathlib import Path; from service.runtime import OnnxModels; \
-    print('bundled model', OnnxModels(Path('/models'), device='cpu').version)"
+RUN python -c "from models.model_dir import ModelDir; from service.runtime import OnnxModels; \
+    print('bundled model', OnnxModels(ModelDir('/models').load(), device='cpu').version)"
 
 # ------------------------------------------------------------------------------ GPU
 FROM ${UV_IMAGE} AS uv
@@ -137,8 +137,8 @@ CMD ["clickrank", "serve", "--host", "0.0.0.0", "--port", "8000"]
 
 FROM gpu-runtime AS gpu-bundled
 COPY --from=model / /models/
-RUN python -c "from pathlib import Path; from service.runtime import OnnxModels; \
-    print('bundled model', OnnxModels(Path('/models'), device='cpu').version)"
+RUN python -c "from models.model_dir import ModelDir; from service.runtime import OnnxModels; \
+    print('bundled model', OnnxModels(ModelDir('/models').load(), device='cpu').version)"
 
 # The last stage, so a plain `docker build .` gives the GPU image.
 FROM gpu-runtime AS gpu

@@ -155,9 +155,10 @@ def backends(
     if no_spin:
         found["ort-nospin"] = ort_call(ort_session(onnx_path, threads, spinning=False))
     if model_dir is not None:
+        from models.model_dir import ModelDir
         from service.runtime import OnnxModels, RankRequest
 
-        models = OnnxModels(model_dir, device="cpu", intra_op_threads=threads)
+        models = OnnxModels(ModelDir(model_dir).load(), device="cpu", intra_op_threads=threads)
 
         def service_call(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
             requests = [

@@ -1,15 +1,19 @@
-"""ONNX export of the two graphs (dynamo exporter, dynamic shapes) and the PyTorch ↔ ONNX parity check."""
+"""The export of a trained model into a model directory: the two ONNX graphs (dynamo exporter, dynamic
+shapes), the PyTorch ↔ ONNX parity check, the item table, the tokenizer and the PyTorch head."""
 
 from __future__ import annotations
 
+import shutil
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.export import Dim
 
-from models.encoder import ItemTextEncoder
+from models.data import Item
+from models.encoder import ItemTextEncoder, minilm_path
 from models.features import (
     ENCODER_INPUTS,
     ENCODER_OUTPUTS,
@@ -19,9 +23,13 @@ from models.features import (
     RANKER_INPUTS,
     RANKER_OUTPUTS,
 )
-from models.ranker import SequenceRanker
+from models.model_dir import ITEM_ENCODER, RANKER, RANKER_WEIGHTS, TOKENIZER, ItemTable, ModelDir
+from models.ranker import SequenceRanker, save_ranker
+from models.train import RecModel
 
 OPSET = 18
+PARITY_TOLERANCE = 1e-4
+"""Largest max |Δ click probability| between the PyTorch ranker and its ONNX graph that is exported."""
 
 
 def random_ranker_inputs(
@@ -103,3 +111,58 @@ def ranker_parity(ranker: SequenceRanker, path: Path, seed: int = 1) -> float:
             return float("inf")
         worst = max(worst, float(np.abs(1.0 / (1.0 + np.exp(-got)) - expected).max()))
     return worst
+
+
+def graph_shapes(dim: int) -> dict[str, dict[str, dict[str, list[str | int]]]]:
+    """The two graphs' input and output shapes, for the manifest (B, L, C, T dynamic; D = ``dim``)."""
+    history = ["B", "L"]
+    return {
+        RANKER: {
+            "inputs": dict(
+                zip(RANKER_INPUTS, ([*history, dim], *[history] * 4, ["B", "C", dim]), strict=True)
+            ),
+            "outputs": dict(zip(RANKER_OUTPUTS, (["B", "C"], ["B", "C", "L"], ["B", dim]), strict=True)),
+        },
+        ITEM_ENCODER: {
+            "inputs": {name: ["B", "T"] for name in ENCODER_INPUTS},
+            "outputs": {name: ["B", dim] for name in ENCODER_OUTPUTS},
+        },
+    }
+
+
+def item_table(model: RecModel, items: Sequence[Item], trained: np.ndarray) -> ItemTable:
+    """Every item's final vector (text vector + ID embedding) and its ID-embedding part, which is zero
+    for items outside ``trained`` (their ID embedding never received a gradient)."""
+    model.eval()
+    with torch.no_grad():
+        text_vectors = model.tower.text_vectors().numpy()
+        id_offsets = model.tower.id_embedding.weight.numpy().copy()
+    untrained = np.ones(len(items), dtype=bool)
+    untrained[trained] = False
+    id_offsets[untrained] = 0.0
+    return ItemTable(
+        item_ids=[it.item_id for it in items],
+        texts=[it.text for it in items],
+        vectors=(text_vectors + id_offsets).astype(np.float32),
+        id_offsets=id_offsets.astype(np.float32),
+    )
+
+
+def export_model(
+    out: ModelDir, model: RecModel, table: ItemTable, bert: torch.nn.Module, tokenizer, max_text_tokens: int
+) -> float:
+    """Write every file of ``out`` but the manifest and the reports; returns the ranker's ONNX parity
+    (max |Δ probability|), raising RuntimeError above ``PARITY_TOLERANCE``."""
+    model.eval()
+    out.write_item_table(table)
+    shutil.copyfile(minilm_path() / TOKENIZER, out.file(TOKENIZER))
+    export_ranker(model.ranker, out.file(RANKER))
+    save_ranker(model.ranker, out.file(RANKER_WEIGHTS))
+    encoder = ItemTextEncoder(bert, model.tower.projection)
+    export_item_encoder(encoder, tokenizer, out.file(ITEM_ENCODER), max_text_tokens)
+    parity = ranker_parity(model.ranker, out.file(RANKER))
+    if parity > PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"ONNX ranker disagrees with PyTorch: max |Δp| = {parity:.2e} > {PARITY_TOLERANCE}"
+        )
+    return parity

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import multiprocessing
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
@@ -15,24 +13,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import clickrank
 from models.calibration import Calibration, click_probabilities, fit_platt, log_softmax_scores
 from models.data import Dataset, load_dataset
-from models.encoder import ItemTextEncoder, load_minilm, minilm_path, pooled_embeddings
+from models.encoder import load_minilm, pooled_embeddings
 from models.evaluate import Case, evaluate_model, format_table, genre_features, make_split, popularity_scorer
-from models.export import (
-    ENCODER_INPUTS,
-    ENCODER_OUTPUTS,
-    RANKER_INPUTS,
-    RANKER_OUTPUTS,
-    export_item_encoder,
-    export_ranker,
-    ranker_parity,
-)
-from models.ranker import save_ranker
+from models.export import PARITY_TOLERANCE, export_model, graph_shapes, item_table
+from models.model_dir import METRICS, TRAINING_CURVE, ModelDir
 from models.sequences import UserSequence, make_windows, user_sequences
 from models.train import FitConfig, FitResult, RecModel, fit
 
-PARITY_TOLERANCE = 1e-4
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ROW_NAMES = {"id-only": "id-only transformer", "clickrank": "clickrank (BERT + transformer)"}
 """Evaluation-table row of each fitted model (curves and fit times use the short names)."""
 RETRIEVAL_ONLY_ROW = "clickrank, retrieval only"
@@ -51,7 +42,7 @@ class TrainConfig:
 
     @classmethod
     def tiny(cls) -> TrainConfig:
-        """About two minutes on 2 cores: for tests and CI (the real encoder and export, a small head)."""
+        """About 1–1.5 minutes on 2 cores: for tests and CI (the real encoder and export, a small head)."""
         return cls(
             fit=FitConfig(
                 dim=32,
@@ -70,14 +61,6 @@ class TrainConfig:
     def replace(self, *, seed: int | None = None, epochs: int | None = None) -> TrainConfig:
         changes = {k: v for k, v in (("seed", seed), ("epochs", epochs)) if v is not None}
         return dataclasses.replace(self, fit=dataclasses.replace(self.fit, **changes))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
@@ -151,7 +134,7 @@ def run_harness(
         "test_calibration": calibration_on_cases(
             model, calibration, split.test, split.train_items, num_items
         ),
-        "model": model,
+        "fit": fits["clickrank"],
     }
 
 
@@ -168,8 +151,8 @@ def refit_on_all_events(
     from ``init`` (the harness's model) at a quarter of the learning rate, a gentle nudge, or from scratch.
     Only items with events are softmax targets: the others keep their text vectors untouched."""
     windows = make_windows(sequences, cfg.history_length, cfg.stride)
-    rated = np.unique(np.concatenate([s.items for s in sequences]))
     refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
+    rated = items_with_events(sequences)
     return fit(f"{name} (all data)", windows, [], rated, num_items, text_features, refit, init=init)
 
 
@@ -240,124 +223,124 @@ def train_and_export(
     By default the harness fits clickrank on the split (early stopping, metrics against popularity and on
     cold items) and a warm-started refit on all data is exported; ``id_only`` also fits the ID-only
     baseline (``clickrank evaluate`` always does); ``skip_eval`` fits on all data only."""
-    start = time.perf_counter()
+    started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_dataset(data_dir)
-    num_items = len(data.items)
-    texts = [it.text for it in data.items]
-    print(f"data: {len(data.ratings)} ratings, {num_items} items, from {data_dir}")
+    print(f"data: {len(data.ratings)} ratings, {len(data.items)} items, from {data_dir}")
     bert, tokenizer = load_minilm()
-    text_features = pooled_embeddings(bert, tokenizer, texts, config.max_text_tokens)
-    cfg = config.fit
+    text_features = pooled_embeddings(bert, tokenizer, [it.text for it in data.items], config.max_text_tokens)
+    harness = None if skip_eval else evaluate_in_harness(data, config, text_features, id_only)
+    sequences = user_sequences(data)
+    final, recipe = fit_exported_model(sequences, len(data.items), text_features, config, harness)
+    out = ModelDir(model_dir)
+    table = item_table(final.model, data.items, items_with_events(sequences))
+    parity = export_model(out, final.model, table, bert, tokenizer, config.max_text_tokens)
+    write_reports(out, harness, final)
+    manifest = out.write_manifest(export_manifest(data, data_dir, config, harness, final, recipe, parity))
+    print(f"exported model {manifest['version']} to {model_dir} (ONNX parity max |Δp| = {parity:.1e})")
+    print(f"wall time: {time.perf_counter() - started:.1f} s")
+    return manifest
 
-    metrics: dict = {}
-    curves: dict = {}
-    calibration = Calibration()  # without the harness there is no validation split to fit it on
-    init, epochs = None, cfg.epochs
-    if not skip_eval:
-        harness = run_harness(data, config, text_features, id_only=id_only)
-        print(format_table(harness["rows"]))
-        metrics = {
-            "table": harness["rows"],
-            "split": harness["split"],
-            "fit_seconds": harness["fit_seconds"],
-            "best_epoch": harness["best_epoch"],
-            "test_calibration": harness["test_calibration"],
-        }
-        calibration = harness["calibration"]
-        print(f"calibration: {calibration} → on test: {harness['test_calibration']}")
-        curves = harness["curves"]
-        init, epochs = harness["model"], config.refit_epochs
-    if init is not None and epochs == 0:
-        final = FitResult(init, best_epoch=harness["best_epoch"])
-    else:
+
+def evaluate_in_harness(
+    data: Dataset, config: TrainConfig, text_features: torch.Tensor, id_only: bool
+) -> dict:
+    """``run_harness``, with its table and calibration printed."""
+    harness = run_harness(data, config, text_features, id_only=id_only)
+    print(format_table(harness["rows"]))
+    print(f"calibration: {harness['calibration']} → on test: {harness['test_calibration']}")
+    return harness
+
+
+def items_with_events(sequences: list[UserSequence]) -> np.ndarray:
+    return np.unique(np.concatenate([s.items for s in sequences]))
+
+
+def fit_exported_model(
+    sequences: list[UserSequence],
+    num_items: int,
+    text_features: torch.Tensor | None,
+    config: TrainConfig,
+    harness: dict | None,
+) -> tuple[FitResult, str]:
+    """The model to export and how it was fitted: the harness's model refitted on all events for
+    ``refit_epochs`` (kept as evaluated when that is 0), or without a harness one fit on all events."""
+    if harness is None:
         final = refit_on_all_events(
-            "clickrank", user_sequences(data), num_items, text_features, cfg, epochs, init
+            "clickrank", sequences, num_items, text_features, config.fit, config.fit.epochs
         )
+        return final, "fit on all events"
+    if config.refit_epochs == 0:
+        return harness["fit"], "the harness's model, as evaluated"
+    final = refit_on_all_events(
+        "clickrank",
+        sequences,
+        num_items,
+        text_features,
+        config.fit,
+        config.refit_epochs,
+        harness["fit"].model,
+    )
+    return final, "the harness's model, refitted on all events"
+
+
+def write_reports(out: ModelDir, harness: dict | None, final: FitResult) -> None:
+    """``training_curve.png`` (every fit's curve) and, after a harness, ``metrics.json``."""
+    curves = dict(harness["curves"]) if harness else {}
+    if harness is None or final is not harness["fit"]:
         curves["clickrank (all data)"] = final.curve
+    _plot_curves(curves, out.file(TRAINING_CURVE))
+    if harness:
+        out.file(METRICS).write_text(json.dumps(harness_metrics(harness), indent=2))
 
-    model_dir.mkdir(parents=True, exist_ok=True)
-    model = final.model.eval()
-    with torch.no_grad():
-        text_vectors = model.tower.text_vectors().numpy()
-        id_offsets = model.tower.id_embedding.weight.numpy().copy()
-    seen = np.zeros(num_items, dtype=bool)
-    seen[np.concatenate([s.items for s in user_sequences(data)])] = True
-    id_offsets[~seen] = 0.0
-    np.save(model_dir / "item_vectors.npy", (text_vectors + id_offsets).astype(np.float32))
-    np.save(model_dir / "item_id_offsets.npy", id_offsets.astype(np.float32))
-    (model_dir / "items.json").write_text(
-        json.dumps([{"item_id": it.item_id, "text": it.text} for it in data.items])
-    )
-    shutil.copyfile(minilm_path() / "tokenizer.json", model_dir / "tokenizer.json")
-    export_ranker(model.ranker, model_dir / "ranker.onnx")
-    save_ranker(model.ranker, model_dir / "ranker.pt")
-    export_item_encoder(
-        ItemTextEncoder(bert, model.tower.projection),
-        tokenizer,
-        model_dir / "item_encoder.onnx",
-        config.max_text_tokens,
-    )
-    parity = ranker_parity(model.ranker, model_dir / "ranker.onnx")
-    if parity > PARITY_TOLERANCE:
-        raise RuntimeError(
-            f"ONNX ranker disagrees with PyTorch: max |Δp| = {parity:.2e} > {PARITY_TOLERANCE}"
-        )
-    if curves:
-        _plot_curves(curves, model_dir / "training_curve.png")
-    if metrics:
-        (model_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
+def harness_metrics(harness: dict | None) -> dict:
+    """What the harness measured, as ``metrics.json`` and the manifest's ``metrics`` hold it."""
+    if harness is None:
+        return {}
+    keys = ("split", "fit_seconds", "best_epoch", "test_calibration")
+    return {"table": harness["rows"]} | {k: harness[k] for k in keys}
+
+
+def export_manifest(
+    data: Dataset,
+    data_dir: Path,
+    config: TrainConfig,
+    harness: dict | None,
+    final: FitResult,
+    recipe: str,
+    parity: float,
+) -> dict:
+    """The manifest, but the file checksums: what the export is and what produced it. ``config`` is the
+    exported model's own fit (the refit's, when there was one); ``harness_config`` the evaluated fit's."""
     created = datetime.now(UTC).replace(microsecond=0)
-    d = cfg.dim
-    manifest = {
+    # without the harness there is no validation split to fit the calibration on
+    calibration = harness["calibration"] if harness else Calibration()
+    return {
         "version": f"{created:%Y%m%dT%H%M%SZ}-{data.data_hash[:8]}",
         "created": created.isoformat().replace("+00:00", "Z"),
+        "package_version": clickrank.__version__,
+        "data_dir": str(data_dir),
         "data_hash": data.data_hash,
+        "seed": final.config.seed,
+        "fit": {"recipe": recipe, "final_epoch": final.best_epoch},
         "config": {
-            **dataclasses.asdict(cfg),
+            **dataclasses.asdict(final.config),
             "max_text_tokens": config.max_text_tokens,
-            "cold_fraction": config.cold_fraction,
-            "refit_epochs": config.refit_epochs,
-            "final_epochs": final.best_epoch,
-            "encoder": "sentence-transformers/all-MiniLM-L6-v2",
+            "encoder": ENCODER_NAME,
         },
-        "metrics": metrics,
+        "harness_config": (
+            {**dataclasses.asdict(harness["fit"].config), "cold_fraction": config.cold_fraction}
+            if harness
+            else None
+        ),
+        "metrics": harness_metrics(harness),
         "calibration": calibration.to_json(),
         "parity": {"ranker_max_abs_prob_diff": parity, "tolerance": PARITY_TOLERANCE},
-        "graphs": {
-            "ranker.onnx": {
-                "inputs": dict(
-                    zip(
-                        RANKER_INPUTS,
-                        (["B", "L", d], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "L"], ["B", "C", d]),
-                        strict=True,
-                    )
-                ),
-                "outputs": dict(zip(RANKER_OUTPUTS, (["B", "C"], ["B", "C", "L"], ["B", d]), strict=True)),
-            },
-            "item_encoder.onnx": {
-                "inputs": {name: ["B", "T"] for name in ENCODER_INPUTS},
-                "outputs": {name: ["B", d] for name in ENCODER_OUTPUTS},
-            },
-        },
-        "num_items": num_items,
+        "graphs": graph_shapes(final.config.dim),
+        "num_items": len(data.items),
     }
-    files = [
-        "ranker.onnx",
-        "ranker.pt",
-        "item_encoder.onnx",
-        "item_vectors.npy",
-        "item_id_offsets.npy",
-        "items.json",
-        "tokenizer.json",
-    ]
-    manifest["files"] = {name: _sha256(model_dir / name) for name in files}
-    (model_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    print(f"exported model {manifest['version']} to {model_dir} (ONNX parity max |Δp| = {parity:.1e})")
-    print(f"wall time: {time.perf_counter() - start:.1f} s")
-    return manifest
 
 
 def _seed_rows(data_dir: Path, config: TrainConfig) -> dict:
@@ -381,7 +364,7 @@ def evaluate_command(
     """Run the whole harness (popularity, ID-only, clickrank) for ``seeds`` seeds and print the means, or
     with ``seeds == 0`` print the table saved at train time. ``jobs`` > 1 runs seeds in parallel processes."""
     if seeds <= 0:
-        path = model_dir / "metrics.json"
+        path = ModelDir(model_dir).file(METRICS)
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: run `clickrank train` first (or pass --seeds N)")
         result = json.loads(path.read_text())

@@ -147,6 +147,8 @@ class RecModel(nn.Module):
 @dataclass
 class FitResult:
     model: RecModel
+    config: FitConfig
+    """The recipe that produced ``model`` (of this fit; a warm start's earlier fit has its own)."""
     curve: list[dict[str, float]] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
@@ -278,7 +280,7 @@ def fit(
     softmax = _Softmax(train_items, counts, num_items, cfg)
     picks = rng.choice(len(valid), min(cfg.valid_users, len(valid)), replace=False) if valid else []
     valid_sample = [valid[i] for i in np.sort(picks)]
-    result = FitResult(model)
+    result = FitResult(model, cfg)
     best, best_state, stale = -1.0, None, 0
     start = time.perf_counter()
     steps = (len(windows) + cfg.batch_size - 1) // cfg.batch_size

@@ -1,4 +1,4 @@
-"""The item table: ids ↔ rows, texts, vectors; loaded from the model dir, extended online, shared via Redis.
+"""The item table: ids ↔ rows, texts, vectors; from the loaded model dir, extended online, shared via Redis.
 
 Concurrency: the arrays are never written in place. An upsert builds a new snapshot (ids, texts, index,
 vectors) and swaps it in with one attribute assignment, so the inference thread keeps reading the arrays
@@ -19,18 +19,17 @@ own model's ID-embedding offset (``text vector + offset`` for items known at tra
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import repeat
-from pathlib import Path
 
 import numpy as np
 from redis.asyncio import Redis
 
+from models.model_dir import ItemTable
 from service.store import redis_call
 
 log = logging.getLogger(__name__)
@@ -101,31 +100,23 @@ class ItemCatalog:
         self._keys = (base, f"{base}:rev", f"{base}:log", f"{base}:epoch")
 
     @classmethod
-    def from_model_dir(
-        cls, model_dir: Path, model_version: str, *, redis_prefix: str = "cr:", timeout_s: float = 1.0
+    def from_table(
+        cls, table: ItemTable, model_version: str, *, redis_prefix: str = "cr:", timeout_s: float = 1.0
     ) -> ItemCatalog:
-        """Load items.json, item_vectors.npy and item_id_offsets.npy; a ValueError names the bad file."""
-        model_dir = Path(model_dir)
-        paths = [model_dir / name for name in ("items.json", "item_vectors.npy", "item_id_offsets.npy")]
-        for path in paths:
-            if not path.is_file():
-                raise ValueError(f"{path}: file not found")
+        """The catalog of a loaded model directory (``ServedModel.items``); a ValueError says what is
+        inconsistent."""
         try:
-            items = json.loads(paths[0].read_text(encoding="utf-8"))
-            ids = [str(item["item_id"]) for item in items]
-            texts = [str(item["text"]) for item in items]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{paths[0]}: expected a list of {{item_id, text}} objects ({exc})") from None
-        arrays = []
-        for path in paths[1:]:
-            try:
-                arrays.append(np.load(path, allow_pickle=False))
-            except ValueError as exc:
-                raise ValueError(f"{path}: not a numpy array file ({exc})") from None
-        try:
-            return cls(ids, texts, *arrays, model_version, redis_prefix=redis_prefix, timeout_s=timeout_s)
+            return cls(
+                table.item_ids,
+                table.texts,
+                table.vectors,
+                table.id_offsets,
+                model_version,
+                redis_prefix=redis_prefix,
+                timeout_s=timeout_s,
+            )
         except ValueError as exc:
-            raise ValueError(f"{model_dir}: inconsistent item table: {exc}") from None
+            raise ValueError(f"inconsistent item table: {exc}") from None
 
     def __len__(self) -> int:
         return len(self._state.item_ids)

@@ -12,12 +12,13 @@ import logging
 from contextlib import suppress
 from dataclasses import dataclass, field
 
+from models.model_dir import ModelDir, ModelLoadError
 from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.items import ItemWriter
 from service.ranking import Ranker
-from service.runtime import ModelLoadError, OnnxModels
+from service.runtime import OnnxModels
 from service.settings import Settings
 from service.store import HistoryStore
 
@@ -64,11 +65,12 @@ async def _load_model(services: Services) -> LoadedModel | None:
     """
     settings, store = services.settings, services.store
     try:
+        served = await asyncio.to_thread(ModelDir(settings.model_dir).load)
         models = await asyncio.to_thread(
-            OnnxModels, settings.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads
+            OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
         )
         catalog = await asyncio.to_thread(
-            ItemCatalog.from_model_dir, settings.model_dir, models.version, redis_prefix=settings.redis_prefix
+            ItemCatalog.from_table, served.items, models.version, redis_prefix=settings.redis_prefix
         )
         await asyncio.to_thread(models.warm_up)
     except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving

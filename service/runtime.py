@@ -1,7 +1,7 @@
-"""ONNX Runtime sessions of the two exported graphs, with manifest checksums and shape-bucket padding.
+"""ONNX Runtime sessions of the two exported graphs, with shape-bucket padding.
 
-The model directory is trusted only after every file listed in ``manifest.json`` matches its sha256;
-the graphs and the tokenizer are built from the very bytes that were checked. ``rank`` runs one
+The sessions and the tokenizer are built from a ``ServedModel``: the very bytes ``ModelDir.load`` checked
+against the manifest (``models/model_dir.py``). ``rank`` runs one
 ``ranker.onnx`` call for a whole micro-batch: histories are left-padded (newest event in the last slot,
 as in training) and candidate lists right-padded to a few fixed bucket sizes, so the runtime only ever
 sees a handful of shapes, all of which ``warm_up`` runs once before the first request.
@@ -10,14 +10,10 @@ sees a handful of shapes, all of which ``warm_up`` runs once before the first re
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +21,7 @@ from tokenizers import Tokenizer
 
 from models.calibration import Calibration
 from models.features import ENCODER_INPUTS, ENCODER_OUTPUTS, RANKER_INPUTS, RANKER_OUTPUTS
+from models.model_dir import ITEM_ENCODER, RANKER, TOKENIZER, ModelLoadError, ServedModel
 from service.metrics import INFERENCE_SECONDS, MODEL_INFO
 
 log = logging.getLogger("clickrank.runtime")
@@ -39,15 +36,8 @@ up to a multiple of it."""
 ENCODE_BATCH = 64
 """Texts per ``item_encoder.onnx`` call (texts are sorted by length first, so little is padding)."""
 
-RANKER = "ranker.onnx"
-ITEM_ENCODER = "item_encoder.onnx"
-TOKENIZER = "tokenizer.json"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-
-
-class ModelLoadError(Exception):
-    """The model directory is missing, incomplete or corrupt; the message says which file and why."""
 
 
 @dataclass
@@ -81,55 +71,6 @@ def history_buckets(history_length: int) -> tuple[int, ...]:
     return tuple(sorted({b for b in HISTORY_BUCKETS if b < history_length} | {history_length}))
 
 
-def read_manifest(model_dir: Path) -> dict[str, Any]:
-    """The parsed ``manifest.json`` with the fields the service relies on checked."""
-    path = model_dir / "manifest.json"
-    if not model_dir.is_dir():
-        raise ModelLoadError(f"model directory {model_dir} does not exist")
-    if not path.is_file():
-        raise ModelLoadError(f"{path} is missing: {model_dir} is not an exported model directory")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-        config = manifest["config"]
-        checks = {
-            "version": isinstance(manifest["version"], str) and manifest["version"] != "",
-            "files": isinstance(manifest["files"], dict),
-            "config.dim": isinstance(config["dim"], int) and config["dim"] > 0,
-            "config.history_length": isinstance(config["history_length"], int)
-            and config["history_length"] > 0,
-            "config.max_text_tokens": isinstance(config["max_text_tokens"], int)
-            and config["max_text_tokens"] > 2,
-        }
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelLoadError(f"{path} cannot be read as JSON: {exc}") from exc
-    except (KeyError, TypeError) as exc:
-        raise ModelLoadError(f"{path} lacks the field {exc}") from exc
-    bad = [name for name, ok in checks.items() if not ok]
-    if bad:
-        raise ModelLoadError(f"{path} has invalid {', '.join(bad)}")
-    return manifest
-
-
-def read_verified(model_dir: Path, name: str, digest: str) -> bytes:
-    """The bytes of one listed file, after checking them against the manifest's sha256."""
-    if Path(name).name != name or name in ("", ".", ".."):
-        raise ModelLoadError(f"manifest.json lists {name!r}, which is not a plain file name")
-    path = model_dir / name
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ModelLoadError(f"{name} is missing from {model_dir} (listed in manifest.json)") from None
-    except OSError as exc:
-        raise ModelLoadError(f"{name} in {model_dir} cannot be read: {exc}") from exc
-    actual = hashlib.sha256(data).hexdigest()
-    if actual != str(digest).lower():
-        raise ModelLoadError(
-            f"{name} in {model_dir}: checksum mismatch (manifest sha256 {digest}, file sha256 {actual}); "
-            "the model directory is corrupt or was partly overwritten"
-        )
-    return data
-
-
 def session_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     """The providers to ask ONNX Runtime for: CUDA (with CPU for the ops CUDA lacks) or CPU alone."""
     if device not in ("auto", "cuda", "cpu"):
@@ -160,17 +101,11 @@ def session_options(intra_op_threads: int) -> ort.SessionOptions:
 
 
 class OnnxModels:
-    """The ranker and item-encoder sessions of one verified model directory. Thread-safe; calls are sync."""
+    """The ranker and item-encoder sessions of one verified model. Thread-safe; calls are sync."""
 
-    def __init__(self, model_dir: Path, *, device: str = "auto", intra_op_threads: int = 0) -> None:
-        model_dir = Path(model_dir)
+    def __init__(self, model: ServedModel, *, device: str = "auto", intra_op_threads: int = 0) -> None:
         providers = session_providers(device)
-        self.manifest = read_manifest(model_dir)
-        files: dict[str, str] = self.manifest["files"]
-        for required in (RANKER, ITEM_ENCODER, TOKENIZER):
-            if required not in files:
-                raise ModelLoadError(f"manifest.json in {model_dir} does not list {required}")
-        blobs = {name: read_verified(model_dir, name, digest) for name, digest in files.items()}
+        self.manifest = model.manifest
         config = self.manifest["config"]
         self.version: str = self.manifest["version"]
         self.dim: int = config["dim"]
@@ -180,9 +115,11 @@ class OnnxModels:
         self.calibration = Calibration.from_json(self.manifest.get("calibration"))
 
         options = session_options(intra_op_threads)
-        self._ranker = self._session(RANKER, blobs[RANKER], options, providers, RANKER_INPUTS, RANKER_OUTPUTS)
+        self._ranker = self._session(
+            RANKER, model.ranker_onnx, options, providers, RANKER_INPUTS, RANKER_OUTPUTS
+        )
         self._encoder = self._session(
-            ITEM_ENCODER, blobs[ITEM_ENCODER], options, providers, ENCODER_INPUTS, ENCODER_OUTPUTS
+            ITEM_ENCODER, model.item_encoder_onnx, options, providers, ENCODER_INPUTS, ENCODER_OUTPUTS
         )
         self.providers: list[str] = self._ranker.get_providers()
         if providers[0] != CPU and self.providers[0] != CUDA:
@@ -193,9 +130,9 @@ class OnnxModels:
             log.warning("CUDA is offered but could not be started; running on %s", self.providers)
 
         try:
-            self._tokenizer = Tokenizer.from_str(blobs[TOKENIZER].decode("utf-8"))
+            self._tokenizer = Tokenizer.from_str(model.tokenizer_json)
         except Exception as exc:
-            raise ModelLoadError(f"{TOKENIZER} in {model_dir} is not a valid tokenizer: {exc}") from exc
+            raise ModelLoadError(f"{TOKENIZER} in {model.source} is not a valid tokenizer: {exc}") from exc
         padding = self._tokenizer.padding
         self._pad_id = int(padding["pad_id"]) if padding else int(self._tokenizer.token_to_id("[PAD]") or 0)
         self._tokenizer.no_padding()  # encode_texts pads each length-sorted chunk itself
@@ -203,7 +140,7 @@ class OnnxModels:
 
         MODEL_INFO.clear()
         MODEL_INFO.labels(version=self.version, provider=self.providers[0]).set(1)
-        log.info("loaded model %s from %s on %s", self.version, model_dir, self.providers)
+        log.info("loaded model %s from %s on %s", self.version, model.source, self.providers)
 
     def _session(
         self,

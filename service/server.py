@@ -9,6 +9,7 @@ import sys
 import uvicorn
 from pydantic import ValidationError
 
+from models.model_dir import MANIFEST, ModelDir
 from service.logs import install_request_id_factory, log_config
 from service.settings import Settings
 
@@ -36,7 +37,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.api_key_list())
     logging.config.dictConfig(logging_config)
     install_request_id_factory()
-    if not (settings.model_dir / "manifest.json").is_file():
+    if not ModelDir(settings.model_dir).file(MANIFEST).is_file():
         logging.getLogger("clickrank.server").warning(
             "no model at %s (manifest.json missing); starting anyway, /readyz will answer 503 until a model "
             "is deployed and the service restarted (set CLICKRANK_MODEL_DIR)",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -11,23 +10,22 @@ import numpy as np
 import onnxruntime as ort
 
 from models.features import encode_window, event_type_id, value_bucket
+from models.model_dir import ModelDir
 
 
 class ModelFiles:
-    """The exported model read straight from disk, without the service's code."""
+    """The exported model as ``ModelDir`` loads it, run without the service's code."""
 
     def __init__(self, model_dir: Path) -> None:
-        self.manifest = json.loads((model_dir / "manifest.json").read_text())
-        items = json.loads((model_dir / "items.json").read_text())
-        self.item_ids = [str(item["item_id"]) for item in items]
-        self.texts = [item["text"] for item in items]
+        model = ModelDir(model_dir).load()
+        self.manifest = model.manifest
+        self.item_ids = model.items.item_ids
+        self.texts = model.items.texts
         self.row = {item_id: i for i, item_id in enumerate(self.item_ids)}
-        self.vectors = np.load(model_dir / "item_vectors.npy")
+        self.vectors = model.items.vectors
         self.live_catalog: Callable[[], np.ndarray] = lambda: self.vectors.astype(np.float64)
         """The item vectors the service normalises over (set to the app's catalog by the fixture)."""
-        self.session = ort.InferenceSession(
-            str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"]
-        )
+        self.session = ort.InferenceSession(model.ranker_onnx, providers=["CPUExecutionProvider"])
 
     @property
     def history_length(self) -> int:

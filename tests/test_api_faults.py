@@ -4,7 +4,6 @@ deadline, a missing or corrupt model. Each must give a defined answer, never a h
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from fastapi import FastAPI
 from helpers import running_app, scraped_metric
 from oracle import ModelFiles
 
+from models.model_dir import ModelDir
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -32,7 +32,7 @@ def anyio_backend() -> str:
 
 @pytest.fixture(scope="module")
 def catalog(model_dir: Path) -> list[str]:
-    return [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+    return ModelDir(model_dir).load().items.item_ids
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ recommend answer holds came from co-visitation or the fresh items."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import AsyncIterator
@@ -21,6 +20,7 @@ from fastapi import FastAPI
 from helpers import running_app, scraped_metric
 from oracle import ModelFiles
 
+from models.model_dir import ModelDir
 from service.candidates import last_distinct, merge_covisit
 from service.settings import Settings
 
@@ -58,7 +58,7 @@ def client(narrow: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.A
 
 @pytest.fixture(scope="module")
 def catalog(model_dir: Path) -> list[str]:
-    return [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+    return ModelDir(model_dir).load().items.item_ids
 
 
 def event(user: str, item: str, ts: float) -> dict[str, Any]:

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis.asyncio
 
+from models.model_dir import ItemTable
 from service.catalog import ItemCatalog
 from service.store import StoreUnavailable, connect
 
@@ -24,23 +24,19 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
-def write_item_table(directory: Path, n: int = 5, seed: int = 0) -> Path:
-    """The three item-table files of the model-directory contract (docs/architecture.md)."""
+def item_table(n: int = 5, seed: int = 0) -> ItemTable:
+    """An item table as ``ModelDir.load`` hands it over (docs/architecture.md)."""
     rng = np.random.default_rng(seed)
     offsets = np.zeros((n, DIM), np.float32)
     offsets[:TRAINED] = rng.normal(size=(TRAINED, DIM))
     vectors = rng.normal(size=(n, DIM)).astype(np.float32) + offsets
-    items = [{"item_id": str(i + 1), "text": f"Movie {i + 1} (1995) | Drama"} for i in range(n)]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "items.json").write_text(json.dumps(items))
-    np.save(directory / "item_vectors.npy", vectors)
-    np.save(directory / "item_id_offsets.npy", offsets)
-    return directory
+    ids = [str(i + 1) for i in range(n)]
+    return ItemTable(ids, [f"Movie {i} (1995) | Drama" for i in ids], vectors, offsets)
 
 
 @pytest.fixture()
-def model_dir(tmp_path: Path) -> Path:
-    return write_item_table(tmp_path / "model")
+def table() -> ItemTable:
+    return item_table()
 
 
 @pytest.fixture()
@@ -62,8 +58,8 @@ def vec(seed: int) -> np.ndarray:
     return np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
 
 
-def test_loads_the_item_table_and_maps_ids_to_rows(model_dir: Path) -> None:
-    catalog = ItemCatalog.from_model_dir(model_dir, "v1")
+def test_loads_the_item_table_and_maps_ids_to_rows(table: ItemTable) -> None:
+    catalog = ItemCatalog.from_table(table, "v1")
     assert (len(catalog), catalog.dim, catalog.model_version) == (5, DIM, "v1")
     assert catalog.item_ids == ["1", "2", "3", "4", "5"]
     rows = catalog.index_of(["3", "nope", "1", "3"])
@@ -71,7 +67,7 @@ def test_loads_the_item_table_and_maps_ids_to_rows(model_dir: Path) -> None:
     assert catalog.index_of([]).shape == (0,)
     text, vector = catalog.get("2")
     assert text == "Movie 2 (1995) | Drama"
-    np.testing.assert_array_equal(vector, np.load(model_dir / "item_vectors.npy")[1])
+    np.testing.assert_array_equal(vector, table.vectors[1])
     assert catalog.get("nope") is None
     assert catalog.vectors.dtype == np.float32 and catalog.vectors.shape == (5, DIM)
 
@@ -79,24 +75,21 @@ def test_loads_the_item_table_and_maps_ids_to_rows(model_dir: Path) -> None:
 @pytest.mark.parametrize(
     ("breakage", "message"),
     [
-        (lambda d: (d / "item_id_offsets.npy").unlink(), "item_id_offsets.npy: file not found"),
-        (lambda d: (d / "items.json").write_text("{not json"), "items.json"),
-        (lambda d: (d / "items.json").write_text('[{"item_id": "1", "text": "t"}]'), "differ in count"),
-        (lambda d: np.save(d / "item_id_offsets.npy", np.zeros((5, DIM + 1), np.float32)), "do not match"),
-        (lambda d: np.save(d / "item_vectors.npy", np.zeros(5, np.float32)), r"must be \[N, D\]"),
-        (lambda d: (d / "item_vectors.npy").write_bytes(b"garbage"), "item_vectors.npy"),
+        ({"texts": ["t"]}, "differ in count"),
+        ({"id_offsets": np.zeros((5, DIM + 1), np.float32)}, "do not match"),
+        ({"vectors": np.zeros(5, np.float32)}, r"must be \[N, D\]"),
+        ({"item_ids": ["1", "2", "3", "4", "1"]}, "duplicate item ids"),
     ],
-    ids=["missing-file", "bad-json", "count-mismatch", "dim-mismatch", "one-dim", "not-npy"],
+    ids=["count-mismatch", "dim-mismatch", "one-dim", "duplicate-id"],
 )
-def test_a_broken_item_table_is_a_clear_error(model_dir: Path, breakage, message: str) -> None:
-    breakage(model_dir)
-    with pytest.raises(ValueError, match=message):
-        ItemCatalog.from_model_dir(model_dir, "v1")
+def test_an_inconsistent_item_table_is_a_clear_error(table: ItemTable, breakage: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=f"inconsistent item table: .*{message}"):
+        ItemCatalog.from_table(dataclasses.replace(table, **breakage), "v1")
 
 
-def test_upsert_is_copy_on_write_and_applies_id_offsets(model_dir: Path) -> None:
-    catalog = ItemCatalog.from_model_dir(model_dir, "v1")
-    offsets = np.load(model_dir / "item_id_offsets.npy")
+def test_upsert_is_copy_on_write_and_applies_id_offsets(table: ItemTable) -> None:
+    catalog = ItemCatalog.from_table(table, "v1")
+    offsets = table.id_offsets
     held = catalog.vectors  # what an inference thread may be reading right now
     held_copy = held.copy()
     rows_before = catalog.index_of(["1", "5"])
@@ -122,8 +115,8 @@ def test_upsert_is_copy_on_write_and_applies_id_offsets(model_dir: Path) -> None
     [("x", "t", np.zeros(DIM + 1)), ("x", "t", np.full(DIM, np.nan)), ("", "t", np.zeros(DIM))],
     ids=["wrong-dim", "nan", "empty-id"],
 )
-def test_an_invalid_upsert_changes_nothing(model_dir: Path, bad: tuple) -> None:
-    catalog = ItemCatalog.from_model_dir(model_dir, "v1")
+def test_an_invalid_upsert_changes_nothing(table: ItemTable, bad: tuple) -> None:
+    catalog = ItemCatalog.from_table(table, "v1")
     before = catalog.vectors
     with pytest.raises(ValueError, match="item 1"):
         catalog.upsert_local([("2", "fine", vec(0)), bad])
@@ -131,10 +124,10 @@ def test_an_invalid_upsert_changes_nothing(model_dir: Path, bad: tuple) -> None:
     assert catalog.get("2")[0] == "Movie 2 (1995) | Drama"
 
 
-async def test_publish_reaches_other_replicas_and_a_restart(model_dir: Path, client) -> None:
-    a = ItemCatalog.from_model_dir(model_dir, "v1")
-    b = ItemCatalog.from_model_dir(model_dir, "v1")
-    other_model = ItemCatalog.from_model_dir(write_item_table(model_dir.parent / "v2", seed=1), "v2")
+async def test_publish_reaches_other_replicas_and_a_restart(table: ItemTable, client) -> None:
+    a = ItemCatalog.from_table(table, "v1")
+    b = ItemCatalog.from_table(table, "v1")
+    other_model = ItemCatalog.from_table(item_table(seed=1), "v2")
     assert await b.sync(client) == 0
 
     await a.publish(client, [("new", "Brand new | Sci-Fi", vec(1)), ("2", "Retitled | Comedy", vec(2))])
@@ -150,7 +143,7 @@ async def test_publish_reaches_other_replicas_and_a_restart(model_dir: Path, cli
     assert await b.sync(client) == 1  # only what changed since the last sync
     assert len(b) == 7
 
-    restarted = ItemCatalog.from_model_dir(model_dir, "v1")
+    restarted = ItemCatalog.from_table(table, "v1")
     assert await restarted.sync(client) == 3
     assert_same_items(restarted, b)
 
@@ -159,10 +152,10 @@ async def test_publish_reaches_other_replicas_and_a_restart(model_dir: Path, cli
 
 
 async def test_sync_pages_through_a_large_log_without_splitting_a_publication(
-    model_dir: Path, client
+    table: ItemTable, client
 ) -> None:
-    a = ItemCatalog.from_model_dir(model_dir, "v1")
-    b = ItemCatalog.from_model_dir(model_dir, "v1")
+    a = ItemCatalog.from_table(table, "v1")
+    b = ItemCatalog.from_table(table, "v1")
     sizes = [1200, 1200, 2100]  # the sync chunk is 2000 rows: partial and oversized publications
     start = 0
     for size in sizes:
@@ -177,9 +170,9 @@ async def test_sync_pages_through_a_large_log_without_splitting_a_publication(
     assert_same_items(b, a)
 
 
-async def test_sync_rereads_everything_after_redis_lost_its_data(model_dir: Path, client) -> None:
-    a = ItemCatalog.from_model_dir(model_dir, "v1")
-    b = ItemCatalog.from_model_dir(model_dir, "v1")
+async def test_sync_rereads_everything_after_redis_lost_its_data(table: ItemTable, client) -> None:
+    a = ItemCatalog.from_table(table, "v1")
+    b = ItemCatalog.from_table(table, "v1")
     await a.publish(client, [(f"n{i}", "x", vec(i)) for i in range(3)])
     assert await b.sync(client) == 3
     await client.flushall()  # a Redis restart without persistence: the revision starts again at 1
@@ -188,8 +181,8 @@ async def test_sync_rereads_everything_after_redis_lost_its_data(model_dir: Path
     assert b.get("fresh")[0] == "after the restart"
 
 
-async def test_catalog_calls_fail_fast_when_redis_is_down(model_dir: Path, redis_server) -> None:
-    catalog = ItemCatalog.from_model_dir(model_dir, "v1", timeout_s=0.05)
+async def test_catalog_calls_fail_fast_when_redis_is_down(table: ItemTable, redis_server) -> None:
+    catalog = ItemCatalog.from_table(table, "v1", timeout_s=0.05)
     c = connect(redis_server.url, timeout_s=0.05)
     redis_server.stop()
     try:

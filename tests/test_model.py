@@ -11,9 +11,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from models.calibration import Calibration
+from models.data import Dataset, Item
 from models.evaluate import make_split, rank_metrics
 from models.export import RANKER_INPUTS, random_ranker_inputs
-from models.pipeline import RETRIEVAL_ONLY_ROW
+from models.pipeline import RETRIEVAL_ONLY_ROW, TrainConfig, export_manifest, fit_exported_model
 from models.ranker import load_ranker
 from models.sequences import UserSequence, make_windows
 from models.train import FitConfig, fit
@@ -135,3 +137,27 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
     else:
         np.testing.assert_allclose(served, retrieval)
         np.testing.assert_allclose(ranked, retrieval)
+
+
+def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
+    """A warm-started refit trains ``refit_epochs`` at a quarter of the harness's rate: the manifest's
+    ``config`` is that recipe (it produced the exported weights), the harness's is ``harness_config``."""
+    items = 40
+    sequences = _toy_sequences(60, items, 20, seed=1)
+    cfg = FitConfig(
+        dim=8, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
+    )
+    config = TrainConfig(fit=cfg, refit_epochs=1)
+    split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
+    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    harness_fit = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
+    harness = {"fit": harness_fit, "calibration": Calibration(slope=0.5), "rows": {}, "split": {},
+               "fit_seconds": {}, "best_epoch": harness_fit.best_epoch, "test_calibration": {}}  # fmt: skip
+    final, recipe = fit_exported_model(sequences, items, None, config, harness)
+    data = Dataset([Item(str(i), f"Item {i}", "", ()) for i in range(items)], None, "ab" * 32)  # type: ignore[arg-type]
+    manifest = export_manifest(data, Path("toy"), config, harness, final, recipe, parity=0.0)
+    assert (manifest["config"]["epochs"], manifest["config"]["lr"]) == (1, pytest.approx(cfg.lr / 4))
+    assert (manifest["harness_config"]["epochs"], manifest["harness_config"]["lr"]) == (2, cfg.lr)
+    assert manifest["fit"] == {"recipe": "the harness's model, refitted on all events", "final_epoch": 1}
+    assert manifest["seed"] == 3 and manifest["calibration"]["slope"] == 0.5
+    assert manifest["version"].endswith("-abababab") and manifest["num_items"] == items

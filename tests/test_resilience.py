@@ -30,6 +30,7 @@ import pytest
 from conftest import RedisServer
 from helpers import metric, running_app
 
+from models.model_dir import ModelDir
 from models.redis_process import free_port
 from service.logs import JsonFormatter, mask_secrets
 from service.server import GRACEFUL_SHUTDOWN_S
@@ -138,7 +139,7 @@ def service(
 
 @pytest.fixture(scope="module")
 def catalog(model_dir: Path) -> list[str]:
-    return [str(item["item_id"]) for item in json.loads((model_dir / "items.json").read_text())]
+    return ModelDir(model_dir).load().items.item_ids
 
 
 def unbounded_client(url: str, timeout_s: float = 10.0) -> httpx.AsyncClient:

@@ -1,9 +1,7 @@
-"""OnnxModels on a real exported model: checksums, providers, padding-invariant ranking, text encoding."""
+"""OnnxModels on a real exported model: providers, padding-invariant ranking, text encoding."""
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +10,10 @@ import pytest
 from helpers import local_metric
 
 from models.features import EVENT_TYPES, event_type_id, gap_buckets, value_bucket
+from models.model_dir import RANKER, ItemTable, ModelDir, ModelLoadError, ServedModel
 from service.runtime import (
     CANDIDATE_BUCKETS,
     RANKER_INPUTS,
-    ModelLoadError,
     OnnxModels,
     RankRequest,
     bucket,
@@ -24,13 +22,18 @@ from service.runtime import (
 
 
 @pytest.fixture(scope="module")
-def models(model_dir: Path) -> OnnxModels:
-    return OnnxModels(model_dir, device="cpu")
+def served(model_dir: Path) -> ServedModel:
+    return ModelDir(model_dir).load()
 
 
 @pytest.fixture(scope="module")
-def item_vectors(model_dir: Path) -> np.ndarray:
-    return np.load(model_dir / "item_vectors.npy")
+def models(served: ServedModel) -> OnnxModels:
+    return OnnxModels(served, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def item_vectors(served: ServedModel) -> np.ndarray:
+    return served.items.vectors
 
 
 def make_request(
@@ -54,15 +57,15 @@ def make_request(
 
 def exact_shape_run(model_dir: Path, request: RankRequest) -> list[np.ndarray]:
     """The ranker run directly at the request's own shape [1, n, D] / [1, C, D]: no bucket padding."""
-    session = ort.InferenceSession(str(model_dir / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(ModelDir(model_dir).file(RANKER)), providers=["CPUExecutionProvider"])
     n = len(request.history_types)
     feeds = (request.history_vectors, request.history_types, request.history_values, request.history_gaps,
              np.ones(n, dtype=np.float32), request.candidate_vectors)  # fmt: skip
     return session.run(None, {k: v[None] for k, v in zip(RANKER_INPUTS, feeds, strict=True)})
 
 
-def test_manifest_fields_and_providers(models: OnnxModels, model_dir: Path) -> None:
-    manifest = json.loads((model_dir / "manifest.json").read_text())
+def test_manifest_fields_and_providers(models: OnnxModels, served: ServedModel) -> None:
+    manifest = served.manifest
     assert models.version == manifest["version"]
     assert models.dim == manifest["config"]["dim"]
     assert models.history_length == manifest["config"]["history_length"]
@@ -70,17 +73,17 @@ def test_manifest_fields_and_providers(models: OnnxModels, model_dir: Path) -> N
     assert local_metric("clickrank_model_info", version=models.version, provider="CPUExecutionProvider") == 1
 
 
-def test_auto_device_uses_cuda_only_when_offered(model_dir: Path) -> None:
+def test_auto_device_uses_cuda_only_when_offered(served: ServedModel) -> None:
     expected = "CUDAExecutionProvider" if "CUDAExecutionProvider" in ort.get_available_providers() else None
-    providers = OnnxModels(model_dir, device="auto").providers
+    providers = OnnxModels(served, device="auto").providers
     assert providers[0] == (expected or "CPUExecutionProvider")
 
 
-def test_cuda_device_without_cuda_is_a_load_error(model_dir: Path) -> None:
+def test_cuda_device_without_cuda_is_a_load_error(served: ServedModel) -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime offers CUDA")
     with pytest.raises(ModelLoadError, match=r"device=cuda"):
-        OnnxModels(model_dir, device="cuda")
+        OnnxModels(served, device="cuda")
 
 
 def test_buckets() -> None:
@@ -166,11 +169,11 @@ def test_malformed_requests_are_refused(models: OnnxModels, item_vectors: np.nda
     assert models.rank([]) == []
 
 
-def test_encode_texts_reproduces_the_catalog_text_vectors(models: OnnxModels, model_dir: Path) -> None:
-    items = json.loads((model_dir / "items.json").read_text())
-    text_part = np.load(model_dir / "item_vectors.npy") - np.load(model_dir / "item_id_offsets.npy")
-    rows = [0, 1, 49, 500, len(items) - 1]
-    encoded = models.encode_texts([items[k]["text"] for k in rows])
+def test_encode_texts_reproduces_the_catalog_text_vectors(models: OnnxModels, served: ServedModel) -> None:
+    table: ItemTable = served.items
+    text_part = table.vectors - table.id_offsets
+    rows = [0, 1, 49, 500, len(table.texts) - 1]
+    encoded = models.encode_texts([table.texts[k] for k in rows])
     assert encoded.shape == (len(rows), models.dim) and encoded.dtype == np.float32
     np.testing.assert_allclose(encoded, text_part[rows], atol=1e-4, rtol=0)
 
@@ -192,44 +195,3 @@ def test_warm_up_runs_every_bucket(models: OnnxModels) -> None:  # and checks ou
     before = runs()
     models.warm_up()
     assert runs() - before == len(models.history_buckets) * len(CANDIDATE_BUCKETS)
-
-
-@pytest.fixture()
-def model_copy(model_dir: Path, tmp_path: Path) -> Path:
-    target = tmp_path / "model"
-    shutil.copytree(model_dir, target)
-    return target
-
-
-@pytest.mark.parametrize("name", ["ranker.onnx", "tokenizer.json"])
-def test_missing_file_is_a_load_error(model_copy: Path, name: str) -> None:
-    (model_copy / name).unlink()
-    with pytest.raises(ModelLoadError, match=rf"{name} is missing"):
-        OnnxModels(model_copy, device="cpu")
-
-
-@pytest.mark.parametrize("name", ["ranker.onnx", "item_encoder.onnx", "item_vectors.npy"])
-def test_corrupted_file_is_a_load_error(model_copy: Path, name: str) -> None:
-    path = model_copy / name
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(ModelLoadError, match=rf"{name} in .*checksum mismatch"):
-        OnnxModels(model_copy, device="cpu")
-
-
-def test_missing_or_broken_manifest_is_a_load_error(model_copy: Path, tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match="does not exist"):
-        OnnxModels(tmp_path / "nowhere", device="cpu")
-    manifest = model_copy / "manifest.json"
-    content = json.loads(manifest.read_text())
-    manifest.write_text("{not json")
-    with pytest.raises(ModelLoadError, match="cannot be read as JSON"):
-        OnnxModels(model_copy, device="cpu")
-    del content["files"]["ranker.onnx"]
-    manifest.write_text(json.dumps(content))
-    with pytest.raises(ModelLoadError, match=r"does not list ranker\.onnx"):
-        OnnxModels(model_copy, device="cpu")
-    manifest.unlink()
-    with pytest.raises(ModelLoadError, match=r"manifest\.json is missing"):
-        OnnxModels(model_copy, device="cpu")
