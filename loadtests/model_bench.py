@@ -156,17 +156,19 @@ def backends(
         found["ort-nospin"] = ort_call(ort_session(onnx_path, threads, spinning=False))
     if model_dir is not None:
         from models.model_dir import ModelDir
-        from service.runtime import OnnxModels, RankRequest
+        from service.runtime import History, OnnxModels, RankRequest
 
         models = OnnxModels(ModelDir(model_dir).load(), device="cpu", intra_op_threads=threads)
 
         def service_call(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
             requests = [
                 RankRequest(
-                    feeds["history_vectors"][i],
-                    feeds["history_types"][i],
-                    feeds["history_values"][i],
-                    feeds["history_gaps"][i],
+                    History(
+                        feeds["history_vectors"][i],
+                        feeds["history_types"][i],
+                        feeds["history_values"][i],
+                        feeds["history_gaps"][i],
+                    ),
                     feeds["candidate_vectors"][i],
                 )
                 for i in range(len(feeds["history_mask"]))

@@ -25,7 +25,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
-from service.runtime import OnnxModels, RankRequest, RankResult, encode_off_loop
+from service.runtime import History, OnnxModels, RankRequest, RankResult, encode_off_loop
 from service.schemas import (
     CandidateItem,
     ContextEvent,
@@ -71,22 +71,13 @@ class Window:
     """The history the ranker reads for one request: catalog items only, oldest first."""
 
     item_ids: list[str]
-    vectors: np.ndarray  # [n, D] f32
-    types: np.ndarray  # [n] i64
-    values: np.ndarray  # [n] i64
-    gaps: np.ndarray  # [n] i64
+    history: History
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
     def request(self, candidate_vectors: np.ndarray) -> RankRequest:
-        return RankRequest(
-            history_vectors=self.vectors,
-            history_types=self.types,
-            history_values=self.values,
-            history_gaps=self.gaps,
-            candidate_vectors=np.ascontiguousarray(candidate_vectors, dtype=np.float32),
-        )
+        return RankRequest(self.history, np.ascontiguousarray(candidate_vectors, dtype=np.float32))
 
 
 def build_window(events: Sequence[StoredEvent], catalog: ItemCatalog, length: int) -> Window:
@@ -99,13 +90,13 @@ def build_window(events: Sequence[StoredEvent], catalog: ItemCatalog, length: in
     keep = np.flatnonzero(rows >= 0)[-length:].tolist() if length > 0 else []
     kept = [events[i] for i in keep]
     vectors = catalog.vectors[rows[keep]] if keep else np.zeros((0, catalog.dim), dtype=np.float32)
-    return Window(
-        item_ids=[e.item_id for e in kept],
+    history = History(
         vectors=np.ascontiguousarray(vectors, dtype=np.float32),
         types=np.asarray([event_type_id(e.type) for e in kept], dtype=np.int64),
         values=np.asarray([value_bucket(e.value) for e in kept], dtype=np.int64),
         gaps=gap_buckets([e.timestamp for e in kept]),
     )
+    return Window(item_ids=[e.item_id for e in kept], history=history)
 
 
 def influences(attention: np.ndarray, item_ids: Sequence[str], top: int = EXPLAIN_TOP) -> list[Influence]:

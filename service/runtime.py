@@ -40,14 +40,24 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 
 
-@dataclass
-class RankRequest:
-    """One request's ranker input, unpadded: ``n >= 0`` real events oldest first, ``C >= 1`` candidates."""
+@dataclass(frozen=True, slots=True)
+class History:
+    """One user's history as the ranker reads it, unpadded: ``n >= 0`` real events, oldest first."""
 
-    history_vectors: np.ndarray  # [n, D] f32
-    history_types: np.ndarray  # [n] i64 (models.features.event_type_id)
-    history_values: np.ndarray  # [n] i64 (models.features.value_bucket)
-    history_gaps: np.ndarray  # [n] i64 (models.features.gap_buckets of the n timestamps)
+    vectors: np.ndarray  # [n, D] f32
+    types: np.ndarray  # [n] i64 (models.features.event_type_id)
+    values: np.ndarray  # [n] i64 (models.features.value_bucket)
+    gaps: np.ndarray  # [n] i64 (models.features.gap_buckets of the n timestamps)
+
+    def __len__(self) -> int:
+        return len(self.vectors)
+
+
+@dataclass(frozen=True, slots=True)
+class RankRequest:
+    """One request's ranker input: a history and ``C >= 1`` candidates."""
+
+    history: History
     candidate_vectors: np.ndarray  # [C, D] f32
 
 
@@ -185,11 +195,12 @@ class OnnxModels:
         for i, (r, n, c) in enumerate(zip(requests, lengths, counts, strict=True)):
             if n:
                 start = length - n
-                vectors[i, start:] = r.history_vectors[-n:]
-                types[i, start:] = r.history_types[-n:]
-                values[i, start:] = r.history_values[-n:]
-                gaps[i, start:] = r.history_gaps[-n:]
-                if n < len(r.history_gaps):
+                history = r.history
+                vectors[i, start:] = history.vectors[-n:]
+                types[i, start:] = history.types[-n:]
+                values[i, start:] = history.values[-n:]
+                gaps[i, start:] = history.gaps[-n:]
+                if n < len(history):
                     gaps[i, start] = 0  # truncated: the oldest kept event opens the window
                 mask[i, start:] = 1.0
             candidates[i, :c] = r.candidate_vectors
@@ -208,14 +219,16 @@ class OnnxModels:
 
     def _check(self, index: int, r: RankRequest) -> int:
         """The number of history events the ranker reads for one request, after checking its shapes."""
-        n = len(r.history_vectors)
-        if r.history_vectors.ndim != 2 or r.history_vectors.shape[1] != self.dim:
+        history = r.history
+        n = len(history)
+        if history.vectors.ndim != 2 or history.vectors.shape[1] != self.dim:
             raise ValueError(
-                f"request {index}: history_vectors must be [n, {self.dim}], got {r.history_vectors.shape}"
+                f"request {index}: history_vectors must be [n, {self.dim}], got {history.vectors.shape}"
             )
-        for name in ("history_types", "history_values", "history_gaps"):
-            if getattr(r, name).shape != (n,):
-                raise ValueError(f"request {index}: {name} must be [{n}], got {getattr(r, name).shape}")
+        for name in ("types", "values", "gaps"):
+            if getattr(history, name).shape != (n,):
+                got = getattr(history, name).shape
+                raise ValueError(f"request {index}: history_{name} must be [{n}], got {got}")
         if (
             r.candidate_vectors.ndim != 2
             or r.candidate_vectors.shape[1] != self.dim
@@ -262,8 +275,8 @@ class OnnxModels:
                 candidates = np.zeros((width, self.dim), dtype=np.float32)
                 full, cold = self.rank(
                     [
-                        RankRequest(history, events, events, events, candidates),
-                        RankRequest(history[:0], empty, empty, empty, candidates),
+                        RankRequest(History(history, events, events, events), candidates),
+                        RankRequest(History(history[:0], empty, empty, empty), candidates),
                     ]
                 )
                 for result, n in ((full, length), (cold, 0)):

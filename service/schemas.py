@@ -164,13 +164,15 @@ class EventsResponse(ApiModel):
 # ---------------------------------------------------------------------------------------------- predict
 
 
-class CandidateItem(ApiModel):
+class ItemIn(ApiModel):
+    item_id: ItemId
+    text: ItemText
+
+
+class CandidateItem(ItemIn):
     """A candidate given with its text: an item unknown to the catalog is encoded on the fly and scored
     (it is not added to the catalog; use POST /v1/items for that). A known item is scored with its
     catalog vector and the text is ignored."""
-
-    item_id: ItemId
-    text: ItemText
 
 
 def _candidate_tag(value: Any) -> str:
@@ -221,7 +223,18 @@ class Prediction(ApiModel):
     influences: list[Influence] | None = None
 
 
-class PredictResponse(ApiModel):
+class RankedAnswer(ApiModel):
+    """What predict and recommend answers share: whose answer, from which model, on how much history."""
+
+    user_id: str
+    model_version: str
+    history_length: int = Field(description="history events the ranker read for this answer")
+    degraded: bool = Field(
+        description="true: computed without the stored history (Redis unreachable or slow)"
+    )
+
+
+class PredictResponse(RankedAnswer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -242,12 +255,6 @@ class PredictResponse(ApiModel):
         }
     )  # fmt: skip
 
-    user_id: str
-    model_version: str
-    history_length: int = Field(description="history events the ranker read for this answer")
-    degraded: bool = Field(
-        description="true: computed without the stored history (Redis unreachable or slow)"
-    )
     predictions: list[Prediction]
     unknown_items: list[str] = Field(description="candidates not in the catalog and given without text")
 
@@ -268,7 +275,7 @@ class RecommendRequest(ApiModel):
     explain: bool = False
 
 
-class RecommendResponse(ApiModel):
+class RecommendResponse(RankedAnswer):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -283,19 +290,10 @@ class RecommendResponse(ApiModel):
         }
     )
 
-    user_id: str
-    model_version: str
-    history_length: int
-    degraded: bool
     items: list[Prediction]
 
 
 # ------------------------------------------------------------------------------------------------ items
-
-
-class ItemIn(ApiModel):
-    item_id: ItemId
-    text: ItemText
 
 
 class ItemsRequest(ApiModel):

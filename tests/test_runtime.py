@@ -14,6 +14,7 @@ from models.model_dir import RANKER, ItemTable, ModelDir, ModelLoadError, Served
 from service.runtime import (
     CANDIDATE_BUCKETS,
     RANKER_INPUTS,
+    History,
     OnnxModels,
     RankRequest,
     bucket,
@@ -43,24 +44,30 @@ def make_request(
     rows = rng.integers(0, len(item_vectors), n)
     types = [EVENT_TYPES[t] for t in rng.integers(0, len(EVENT_TYPES), n)]
     timestamps = np.sort(rng.uniform(8.8e8, 8.9e8, n))
-    request = RankRequest(
-        history_vectors=item_vectors[rows],
-        history_types=np.array([event_type_id(t) for t in types], dtype=np.int64),
-        history_values=np.array(
+    history = History(
+        vectors=item_vectors[rows],
+        types=np.array([event_type_id(t) for t in types], dtype=np.int64),
+        values=np.array(
             [value_bucket(float(rng.integers(1, 6)) if t == "rate" else None) for t in types], dtype=np.int64
         ),
-        history_gaps=gap_buckets(timestamps),
-        candidate_vectors=item_vectors[rng.integers(0, len(item_vectors), c)],
+        gaps=gap_buckets(timestamps),
     )
+    request = RankRequest(history, item_vectors[rng.integers(0, len(item_vectors), c)])
     return request, timestamps
 
 
 def exact_shape_run(model_dir: Path, request: RankRequest) -> list[np.ndarray]:
     """The ranker run directly at the request's own shape [1, n, D] / [1, C, D]: no bucket padding."""
     session = ort.InferenceSession(str(ModelDir(model_dir).file(RANKER)), providers=["CPUExecutionProvider"])
-    n = len(request.history_types)
-    feeds = (request.history_vectors, request.history_types, request.history_values, request.history_gaps,
-             np.ones(n, dtype=np.float32), request.candidate_vectors)  # fmt: skip
+    h = request.history
+    feeds = (
+        h.vectors,
+        h.types,
+        h.values,
+        h.gaps,
+        np.ones(len(h), dtype=np.float32),
+        request.candidate_vectors,
+    )
     return session.run(None, {k: v[None] for k, v in zip(RANKER_INPUTS, feeds, strict=True)})
 
 
@@ -131,8 +138,10 @@ def test_bucket_padding_matches_the_exact_shape(
 def test_history_changes_the_scores(models: OnnxModels, item_vectors: np.ndarray) -> None:
     rng = np.random.default_rng(3)
     request = make_request(rng, item_vectors, 10, 20)[0]
-    cold = RankRequest(request.history_vectors[:0], request.history_types[:0], request.history_values[:0],
-                       request.history_gaps[:0], request.candidate_vectors)  # fmt: skip
+    h = request.history
+    cold = RankRequest(
+        History(h.vectors[:0], h.types[:0], h.values[:0], h.gaps[:0]), request.candidate_vectors
+    )
     with_history, without = models.rank([request, cold])
     assert np.abs(with_history.logits - without.logits).max() > 1e-3
 
@@ -141,13 +150,14 @@ def test_long_history_keeps_the_newest_events(models: OnnxModels, item_vectors: 
     rng = np.random.default_rng(5)
     length = models.history_length
     request, timestamps = make_request(rng, item_vectors, length + 7, 12)
-    window = RankRequest(
-        history_vectors=request.history_vectors[-length:],
-        history_types=request.history_types[-length:],
-        history_values=request.history_values[-length:],
-        history_gaps=gap_buckets(timestamps[-length:]),  # the window's first gap is 0, as in training
-        candidate_vectors=request.candidate_vectors,
+    h = request.history
+    newest = History(
+        vectors=h.vectors[-length:],
+        types=h.types[-length:],
+        values=h.values[-length:],
+        gaps=gap_buckets(timestamps[-length:]),  # the window's first gap is 0, as in training
     )
+    window = RankRequest(newest, request.candidate_vectors)
     long, cut = models.rank([request, window])
     assert long.attention.shape == (12, length)
     np.testing.assert_allclose(long.logits, cut.logits, atol=1e-5, rtol=0)
@@ -156,12 +166,10 @@ def test_long_history_keeps_the_newest_events(models: OnnxModels, item_vectors: 
 
 def test_malformed_requests_are_refused(models: OnnxModels, item_vectors: np.ndarray) -> None:
     good = make_request(np.random.default_rng(0), item_vectors, 4, 4)[0]
-    wrong_dim = RankRequest(good.history_vectors, good.history_types, good.history_values, good.history_gaps,
-                            np.zeros((4, models.dim + 1), np.float32))  # fmt: skip
-    short_types = RankRequest(good.history_vectors, good.history_types[:2], good.history_values,
-                              good.history_gaps, good.candidate_vectors)  # fmt: skip
-    no_candidates = RankRequest(good.history_vectors, good.history_types, good.history_values,
-                                good.history_gaps, np.zeros((0, models.dim), np.float32))  # fmt: skip
+    h = good.history
+    wrong_dim = RankRequest(h, np.zeros((4, models.dim + 1), np.float32))
+    short_types = RankRequest(History(h.vectors, h.types[:2], h.values, h.gaps), good.candidate_vectors)
+    no_candidates = RankRequest(h, np.zeros((0, models.dim), np.float32))
     for bad, field in ((wrong_dim, "candidate_vectors"), (short_types, "history_types"),
                        (no_candidates, "candidate_vectors")):  # fmt: skip
         with pytest.raises(ValueError, match=f"request 1: {field}"):
