@@ -14,18 +14,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from models.calibration import click_probabilities, log_softmax_scores
-from models.features import event_type_id, gap_buckets, value_bucket
 from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
-from service.runtime import History, OnnxModels, RankRequest, RankResult, encode_off_loop
+from service.runtime import OnnxModels, RankResult, encode_off_loop
 from service.schemas import (
     CandidateItem,
     ContextEvent,
@@ -37,6 +36,7 @@ from service.schemas import (
     RecommendResponse,
 )
 from service.store import HistoryStore, StoredEvent, StoreUnavailable
+from service.window import Window, build_window, merge_events
 
 log = logging.getLogger("clickrank.ranking")
 _degraded_log = ThrottledLog(log)
@@ -49,54 +49,6 @@ PRIOR_CHUNK = 1024
 
 class ModelOutputError(RuntimeError):
     """The ranker returned non-finite numbers: a broken export, never a valid answer."""
-
-
-def merge_events(stored: Sequence[StoredEvent], context: Sequence[ContextEvent]) -> list[StoredEvent]:
-    """Stored events plus the request's context events, ordered by timestamp, newest last.
-
-    A context event whose ``event_id`` is already stored is the same event sent twice and is skipped.
-    The sort is stable: at equal timestamps stored events come before context events.
-    """
-    stored_ids = {e.event_id for e in stored if e.event_id is not None}
-    extra = [
-        StoredEvent(item_id=c.item_id, type=c.type, timestamp=c.timestamp, value=c.value, event_id=c.event_id)
-        for c in context
-        if c.event_id is None or c.event_id not in stored_ids
-    ]
-    return sorted([*stored, *extra], key=lambda e: e.timestamp)
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    """The history the ranker reads for one request: catalog items only, oldest first."""
-
-    item_ids: list[str]
-    history: History
-
-    def __len__(self) -> int:
-        return len(self.item_ids)
-
-    def request(self, candidate_vectors: np.ndarray) -> RankRequest:
-        return RankRequest(self.history, np.ascontiguousarray(candidate_vectors, dtype=np.float32))
-
-
-def build_window(events: Sequence[StoredEvent], catalog: ItemCatalog, length: int) -> Window:
-    """The last ``length`` events (time-ordered) whose item is in the catalog, as ranker features.
-
-    Unknown items are dropped before the cut, so the ranker always gets up to ``length`` real events.
-    Gaps are computed over the kept events, as in training.
-    """
-    rows = catalog.index_of([e.item_id for e in events]) if events else np.empty(0, dtype=np.int64)
-    keep = np.flatnonzero(rows >= 0)[-length:].tolist() if length > 0 else []
-    kept = [events[i] for i in keep]
-    vectors = catalog.vectors[rows[keep]] if keep else np.zeros((0, catalog.dim), dtype=np.float32)
-    history = History(
-        vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-        types=np.asarray([event_type_id(e.type) for e in kept], dtype=np.int64),
-        values=np.asarray([value_bucket(e.value) for e in kept], dtype=np.int64),
-        gaps=gap_buckets([e.timestamp for e in kept]),
-    )
-    return Window(item_ids=[e.item_id for e in kept], history=history)
 
 
 def influences(attention: np.ndarray, item_ids: Sequence[str], top: int = EXPLAIN_TOP) -> list[Influence]:
@@ -171,9 +123,7 @@ class Ranker:
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
         route = "/v1/predict"
-        stored, _, degraded = await self._stored(req.user_id, route, with_seen=False)
-        events = merge_events(stored, req.context)
-        window = build_window(events, self.catalog, self.history_length)
+        events, window, _, degraded = await self._history(req.user_id, req.context, route, with_seen=False)
         item_ids, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[Prediction] = []
         if item_ids:
@@ -188,19 +138,15 @@ class Ranker:
                 probabilities = self._with_covisit(item_ids, probabilities, covisit, partition)
             predictions = rank_predictions(item_ids, probabilities, result, window, req.top_k, req.explain)
         return PredictResponse(
-            user_id=req.user_id,
-            model_version=self.models.version,
-            history_length=len(window),
-            degraded=degraded,
-            predictions=predictions,
-            unknown_items=unknown,
+            **self._answered(req.user_id, window, degraded), predictions=predictions, unknown_items=unknown
         )
 
     async def recommend(self, req: RecommendRequest) -> RecommendResponse:
         route = "/v1/recommend"
-        stored, seen, degraded = await self._stored(req.user_id, route, with_seen=req.exclude_seen)
-        events = merge_events(stored, req.context)
-        window = build_window(events, self.catalog, self.history_length)
+        with_seen = req.exclude_seen
+        events, window, seen, degraded = await self._history(
+            req.user_id, req.context, route, with_seen=with_seen
+        )
         exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
 
         excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
@@ -234,13 +180,16 @@ class Ranker:
             if len(window):
                 probabilities = self._with_covisit(ids, probabilities, found.covisit, partition)
             items = rank_predictions(ids, probabilities, result, window, req.top_k, req.explain)
-        return RecommendResponse(
-            user_id=req.user_id,
-            model_version=self.models.version,
-            history_length=len(window),
-            degraded=degraded,
-            items=items,
-        )
+        return RecommendResponse(**self._answered(req.user_id, window, degraded), items=items)
+
+    def _answered(self, user_id: str, window: Window, degraded: bool) -> dict[str, Any]:
+        """The ``RankedAnswer`` fields of an answer."""
+        return {
+            "user_id": user_id,
+            "model_version": self.models.version,
+            "history_length": len(window),
+            "degraded": degraded,
+        }
 
     async def _prior_rows(self, k: int, excluded: np.ndarray) -> np.ndarray:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
@@ -301,15 +250,18 @@ class Ranker:
             raise ModelOutputError(f"ranker.onnx of model {self.models.version} returned non-finite scores")
         return result
 
-    async def _stored(
-        self, user_id: str, route: str, *, with_seen: bool
-    ) -> tuple[list[StoredEvent], set[str] | None, bool]:
-        """(stored events, seen-set, degraded); an unreachable store gives no history and degraded."""
+    async def _history(
+        self, user_id: str, context: Sequence[ContextEvent], route: str, *, with_seen: bool
+    ) -> tuple[list[StoredEvent], Window, set[str] | None, bool]:
+        """(stored + context events, their window, seen-set, degraded); an unreachable store gives the
+        context alone, no seen-set, and degraded."""
         try:
-            events, seen = await self.store.history(user_id, self.history_length, with_seen=with_seen)
+            stored, seen = await self.store.history(user_id, self.history_length, with_seen=with_seen)
+            degraded = False
         except StoreUnavailable as exc:
-            return [], None, self._degraded(route, exc)
-        return list(events), seen, False
+            stored, seen, degraded = [], None, self._degraded(route, exc)
+        events = merge_events(stored, context)
+        return events, build_window(events, self.catalog, self.history_length), seen, degraded
 
     @staticmethod
     def _degraded(route: str, exc: Exception) -> bool:

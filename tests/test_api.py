@@ -22,10 +22,11 @@ from helpers import metric, metric_samples, running_app
 from oracle import ModelFiles
 
 from models.features import EVENT_TYPES
-from service.ranking import influences, merge_events, top_rows
+from service.ranking import influences, top_rows
 from service.schemas import ContextEvent, EventType, parse_timestamp
 from service.settings import Settings
 from service.store import StoredEvent
+from service.window import merge_events
 
 pytestmark = pytest.mark.anyio
 
