@@ -299,7 +299,8 @@ async def _replay_service(settings, stream: Stream, item_ids: list[str]) -> tupl
     from service.app import create_app
     from service.routes.events import post_events
     from service.routes.predict import recommend
-    from service.schemas import Event, EventsRequest, RecommendRequest
+    from service.schemas.events import Event, EventsRequest
+    from service.schemas.ranking import RecommendRequest
 
     row = {item_id: i for i, item_id in enumerate(item_ids)}
     n = len(stream)

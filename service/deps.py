@@ -21,7 +21,7 @@ from fastapi.security import APIKeyHeader
 
 from service.errors import ApiError, documented
 from service.lifespan import LoadedModel, Services
-from service.schemas import ID_MAX_LENGTH, ID_PATTERN
+from service.schemas.fields import ID_MAX_LENGTH, ID_PATTERN
 
 T = TypeVar("T")
 

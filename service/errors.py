@@ -27,7 +27,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batcher import BatcherClosed, QueueFull
 from service.logs import ThrottledLog
 from service.ranking import ModelOutputError
-from service.schemas import CANDIDATE_TAGS, ErrorBody, ErrorDetail, ErrorResponse
+from service.schemas.ops import ErrorBody, ErrorDetail, ErrorResponse
+from service.schemas.ranking import CANDIDATE_TAGS
 from service.store import StoreUnavailable
 
 log = logging.getLogger("clickrank.api")

@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import RETRY_AFTER_S, error_response, fault_log
 from service.logs import REQUEST_ID
 from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
-from service.schemas import ID_PATTERN
+from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
 access_log = logging.getLogger("clickrank.access")

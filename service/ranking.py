@@ -25,9 +25,9 @@ from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
 from service.runtime import OnnxModels, RankResult, encode_off_loop
-from service.schemas import (
+from service.schemas.events import ContextEvent
+from service.schemas.ranking import (
     CandidateItem,
-    ContextEvent,
     Influence,
     Prediction,
     PredictRequest,

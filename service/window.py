@@ -11,7 +11,7 @@ import numpy as np
 from models.features import event_type_id, gap_buckets, value_bucket
 from service.catalog import ItemCatalog
 from service.runtime import History, RankRequest
-from service.schemas import ContextEvent
+from service.schemas.events import ContextEvent
 from service.store import StoredEvent
 
 

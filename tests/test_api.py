@@ -23,7 +23,8 @@ from oracle import ModelFiles
 
 from models.features import EVENT_TYPES
 from service.ranking import influences, top_rows
-from service.schemas import ContextEvent, EventType, parse_timestamp
+from service.schemas.events import ContextEvent
+from service.schemas.fields import EventType, parse_timestamp
 from service.settings import Settings
 from service.store import StoredEvent
 from service.window import merge_events

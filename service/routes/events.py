@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.deps import ServicesDep, v1_router, within_deadline
 from service.errors import documented
 from service.metrics import EVENTS_INGESTED
-from service.schemas import EventsRequest, EventsResponse
+from service.schemas.events import EventsRequest, EventsResponse
 from service.store import StoredEvent
 
 router = v1_router()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from service.deps import ItemIdPath, ModelDep, ServicesDep, v1_router, within_deadline
 from service.errors import ApiError, documented
 from service.metrics import ITEMS_UPSERTED
-from service.schemas import ItemOut, ItemsRequest, ItemsResponse
+from service.schemas.items import ItemOut, ItemsRequest, ItemsResponse
 
 router = v1_router()
 

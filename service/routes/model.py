@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service.deps import ModelDep, ServicesDep, v1_router
 from service.errors import documented
-from service.schemas import BatchingInfo, ModelInfo
+from service.schemas.ops import BatchingInfo, ModelInfo
 
 router = v1_router()
 

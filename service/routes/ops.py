@@ -8,7 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ServicesDep
 from service.errors import documented, error_response, request_id_of
-from service.schemas import ErrorDetail, Status
+from service.schemas.ops import ErrorDetail, Status
 from service.store import StoreUnavailable
 
 router = APIRouter(tags=["operations"])

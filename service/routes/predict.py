@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from service.deps import ModelDep, ServicesDep, v1_router, within_deadline
 from service.errors import documented
-from service.schemas import PredictRequest, PredictResponse, RecommendRequest, RecommendResponse
+from service.schemas.ranking import PredictRequest, PredictResponse, RecommendRequest, RecommendResponse
 
 router = v1_router()
 

@@ -8,7 +8,7 @@ from fastapi import Query
 
 from service.deps import ServicesDep, UserIdPath, v1_router, within_deadline
 from service.errors import documented
-from service.schemas import ForgetResponse, HistoryEvent, HistoryResponse
+from service.schemas.events import ForgetResponse, HistoryEvent, HistoryResponse
 
 router = v1_router()
 
