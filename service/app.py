@@ -35,9 +35,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
+from service.catalog_sync import CatalogSync
 from service.logs import REQUEST_ID, ThrottledLog, install_request_id_factory
 from service.metrics import EVENTS_INGESTED, ITEMS_UPSERTED, QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
 from service.ranking import ModelOutputError, Ranker
+from service.redis_conn import RedisConnection, StoreUnavailable
 from service.runtime import ModelLoadError, OnnxModels
 from service.schemas import (
     CANDIDATE_TAGS,
@@ -62,7 +64,7 @@ from service.schemas import (
     Status,
 )
 from service.settings import Settings
-from service.store import HistoryStore, StoredEvent, StoreUnavailable
+from service.store import HistoryStore, StoredEvent
 
 log = logging.getLogger("clickrank.api")
 access_log = logging.getLogger("clickrank.access")
@@ -88,8 +90,10 @@ class Services:
     """Everything the routes use; built by the lifespan, reachable as ``app.state.services``."""
 
     settings: Settings
+    redis: RedisConnection
     store: HistoryStore
     catalog: ItemCatalog | None = None
+    catalog_sync: CatalogSync | None = None
     batcher: MicroBatcher | None = None
     ranker: Ranker | None = None
     model_error: str | None = "model not loaded yet"
@@ -114,9 +118,7 @@ async def _load_model(services: Services) -> None:
         models = await asyncio.to_thread(
             OnnxModels, settings.model_dir, device=settings.device, intra_op_threads=settings.intra_op_threads
         )
-        catalog = await asyncio.to_thread(
-            ItemCatalog.from_model_dir, settings.model_dir, models.version, redis_prefix=settings.redis_prefix
-        )
+        catalog = await asyncio.to_thread(ItemCatalog.from_model_dir, settings.model_dir, models.version)
         await asyncio.to_thread(models.warm_up)
     except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
         services.model_error = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -130,6 +132,7 @@ async def _load_model(services: Services) -> None:
     )
     await batcher.start()
     services.catalog, services.batcher = catalog, batcher
+    services.catalog_sync = CatalogSync(services.redis, catalog, prefix=settings.redis_prefix)
     services.ranker = Ranker(
         models,
         catalog,
@@ -155,9 +158,9 @@ async def _load_model(services: Services) -> None:
 
 async def _sync_catalog(services: Services, *, failing: bool) -> bool:
     """One sync round; returns whether it failed. A failure is logged when it starts, and the recovery."""
-    assert services.catalog is not None
+    assert services.catalog_sync is not None
     try:
-        applied = await services.catalog.sync(services.store.client)
+        applied = await services.catalog_sync.sync()
     except (
         Exception
     ) as exc:  # Redis down or slow, a malformed entry: retried next round, the catalog stays usable
@@ -189,7 +192,7 @@ async def _shutdown(services: Services) -> None:
     for task in services.tasks:
         with suppress(asyncio.CancelledError):
             await task
-    await services.store.close()
+    await services.redis.close()
 
 
 # ------------------------------------------------------------------------------------------ middleware
@@ -588,7 +591,8 @@ async def post_items(body: ItemsRequest, services: ServicesDep) -> ItemsResponse
                if row < 0]  # fmt: skip
         # Fresh first: a retry after a failed publish still finds the items new (the write is idempotent).
         await services.store.add_fresh(new)
-        await ranker.catalog.publish(services.store.client, items)  # also applies them locally
+        assert services.catalog_sync is not None  # set with the ranker
+        await services.catalog_sync.publish(items)  # also applies them locally
         return len(items)
 
     upserted = await within_deadline(services, upsert())
@@ -672,7 +676,7 @@ async def readyz(request: Request, services: ServicesDep) -> Status | JSONRespon
             ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
         )
     try:
-        await services.store.ping()
+        await services.redis.ping()
     except StoreUnavailable as exc:
         problems.append(ErrorDetail(field="redis", message=str(exc), type="store_unavailable"))
     if problems:
@@ -698,7 +702,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        services = Services(settings=settings, store=HistoryStore.from_settings(settings))
+        redis = RedisConnection.from_settings(settings)
+        services = Services(settings=settings, redis=redis, store=HistoryStore.from_settings(settings, redis))
         app.state.services = services
         try:
             await _load_model(services)

@@ -25,6 +25,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
+from service.redis_conn import StoreUnavailable
 from service.runtime import OnnxModels, RankRequest, RankResult
 from service.schemas import (
     CandidateItem,
@@ -36,7 +37,7 @@ from service.schemas import (
     RecommendRequest,
     RecommendResponse,
 )
-from service.store import HistoryStore, StoredEvent, StoreUnavailable
+from service.store import HistoryStore, StoredEvent
 
 log = logging.getLogger("clickrank.ranking")
 _degraded_log = ThrottledLog(log)
