@@ -132,6 +132,7 @@ class Workload:
 def load_histories(redis_url: str, workload: Workload) -> tuple[int, int]:
     """Store the workload users' histories through the service's own store code; (accepted, duplicates)."""
     from service.load_history import CALL_TIMEOUT_S, load_events
+    from service.redis_conn import RedisConnection
     from service.settings import Settings
     from service.store import HistoryStore
 
@@ -139,11 +140,11 @@ def load_histories(redis_url: str, workload: Workload) -> tuple[int, int]:
     events = workload.history_events()
 
     async def go() -> tuple[int, int]:
-        store = HistoryStore.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
+        redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
         try:
-            return await load_events(store, events)
+            return await load_events(HistoryStore.from_settings(settings, redis), events)
         finally:
-            await store.close()
+            await redis.close()
 
     accepted, duplicates = asyncio.run(go())
     log(

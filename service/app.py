@@ -16,6 +16,7 @@ from service import lifespan
 from service.errors import install_error_handlers
 from service.logs import install_request_id_factory
 from service.middleware import AdmissionControl, RequestContextMiddleware
+from service.redis_conn import RedisConnection
 from service.routes import ROUTERS
 from service.settings import Settings
 from service.store import HistoryStore
@@ -28,7 +29,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
-        services = lifespan.Services(settings=settings, store=HistoryStore.from_settings(settings))
+        redis = RedisConnection.from_settings(settings)
+        services = lifespan.Services(settings, redis, HistoryStore.from_settings(settings, redis))
         app.state.services = services
         try:
             await lifespan.start(services)

@@ -24,7 +24,8 @@ import numpy as np
 
 from service.catalog import ItemCatalog
 from service.metrics import CANDIDATES
-from service.store import HistoryStore, SourceLists, StoreUnavailable
+from service.redis_conn import StoreUnavailable
+from service.store import HistoryStore, SourceLists
 
 PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``prior(k, excluded_rows)``: the ``k`` best rows by the history-free prior, never an excluded one."""

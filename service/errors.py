@@ -27,9 +27,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.batcher import BatcherClosed, QueueFull
 from service.logs import ThrottledLog
 from service.ranking import ModelOutputError
+from service.redis_conn import StoreUnavailable
 from service.schemas.ops import ErrorBody, ErrorDetail, ErrorResponse
 from service.schemas.ranking import CANDIDATE_TAGS
-from service.store import StoreUnavailable
 
 log = logging.getLogger("clickrank.api")
 fault_log = ThrottledLog(log)

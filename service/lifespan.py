@@ -1,8 +1,9 @@
 """The services the routes use, and their life: built at startup, the model loaded (or its absence
 reported), the catalog kept in sync with other replicas, everything stopped in order at shutdown.
 
-``Services`` owns the store and, once a model is loaded, one ``LoadedModel`` that owns the parts built
-from it. The ranker and the item writer borrow those parts; they never build or stop them.
+``Services`` owns the Redis connection (the store borrows it) and, once a model is loaded, one
+``LoadedModel`` that owns the parts built from it. The ranker and the item writer borrow those parts;
+they never build or stop them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from models.model_dir import ModelDir, ModelLoadError
 from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
+from service.catalog_sync import CatalogSync
 from service.items import ItemWriter
 from service.ranking import Ranker
+from service.redis_conn import RedisConnection
 from service.runtime import OnnxModels
 from service.settings import Settings
 from service.store import HistoryStore
@@ -27,11 +30,12 @@ log = logging.getLogger("clickrank.api")
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """One model version being served: its graphs, its catalog, the batcher in front of the ranker graph,
-    and the two request handlers built on them."""
+    """One model version being served: its graphs, its catalog and the catalog's sharing with other
+    replicas, the batcher in front of the ranker graph, and the two request handlers built on them."""
 
     models: OnnxModels
     catalog: ItemCatalog
+    catalog_sync: CatalogSync
     batcher: MicroBatcher
     ranker: Ranker
     items: ItemWriter
@@ -42,6 +46,7 @@ class Services:
     """Everything the routes use; reachable as ``app.state.services``."""
 
     settings: Settings
+    redis: RedisConnection
     store: HistoryStore
     model: LoadedModel | None = None
     model_error: str | None = "model not loaded yet"
@@ -69,9 +74,7 @@ async def _load_model(services: Services) -> LoadedModel | None:
         models = await asyncio.to_thread(
             OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
         )
-        catalog = await asyncio.to_thread(
-            ItemCatalog.from_table, served.items, models.version, redis_prefix=settings.redis_prefix
-        )
+        catalog = await asyncio.to_thread(ItemCatalog.from_table, served.items, models.version)
         await asyncio.to_thread(models.warm_up)
     except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
         services.model_error = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
@@ -104,14 +107,16 @@ async def _load_model(services: Services) -> LoadedModel | None:
     )
     services.model_error = None
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
-    return LoadedModel(models, catalog, batcher, ranker, ItemWriter(models, catalog, store))
+    catalog_sync = CatalogSync(services.redis, catalog, prefix=settings.redis_prefix)
+    items = ItemWriter(models, catalog_sync, store)
+    return LoadedModel(models, catalog, catalog_sync, batcher, ranker, items)
 
 
 async def _sync_catalog(services: Services, *, failing: bool) -> bool:
     """One sync round; returns whether it failed. A failure is logged when it starts, and the recovery."""
     assert services.model is not None
     try:
-        applied = await services.model.catalog.sync(services.store.client)
+        applied = await services.model.catalog_sync.sync()
     except (
         Exception
     ) as exc:  # Redis down or slow, a malformed entry: retried next round, the catalog stays usable
@@ -143,4 +148,4 @@ async def stop(services: Services) -> None:
     for task in services.tasks:
         with suppress(asyncio.CancelledError):
             await task
-    await services.store.close()
+    await services.redis.close()

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 from tqdm import tqdm
 
 from models.data import Ratings, load_dataset
+from service.redis_conn import RedisConnection, StoreUnavailable
 from service.settings import Settings
-from service.store import HistoryStore, StoredEvent, StoreUnavailable
+from service.store import HistoryStore, StoredEvent
 
 CHUNK = 1000
 """Events per ``append`` call (one Lua script each)."""
@@ -81,10 +82,11 @@ async def load_events(
 
 async def _run(settings: Settings, events: list[tuple[str, StoredEvent]]) -> tuple[int, int]:
     target = _redacted(settings.redis_url)
-    store = HistoryStore.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
+    redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
+    store = HistoryStore.from_settings(settings, redis)
     try:
         try:
-            await asyncio.wait_for(store.ping(), 5.0)
+            await asyncio.wait_for(redis.ping(), 5.0)
         except (StoreUnavailable, TimeoutError) as exc:
             raise ConnectionError(f"cannot reach Redis at {target} ({exc})") from None
         try:
@@ -94,7 +96,7 @@ async def _run(settings: Settings, events: list[tuple[str, StoredEvent]]) -> tup
                 f"Redis at {target} failed during the load ({exc}); re-running is safe (idempotent event ids)"
             ) from None
     finally:
-        await store.close()
+        await redis.close()
 
 
 def load_history_command(
@@ -106,13 +108,13 @@ def load_history_command(
     settings = settings or Settings()
     events = rating_events(load_dataset(data_dir).ratings, limit)
     start = time.perf_counter()
-    store_log = logging.getLogger("service.store")
-    level = store_log.level
-    store_log.setLevel(logging.ERROR)  # a failure is reported once, as the command's one-line error
+    redis_log = logging.getLogger("service.redis_conn")
+    level = redis_log.level
+    redis_log.setLevel(logging.ERROR)  # a failure is reported once, as the command's one-line error
     try:
         accepted, duplicates = asyncio.run(_run(settings, events))
     finally:
-        store_log.setLevel(level)
+        redis_log.setLevel(level)
     summary = LoadSummary(
         events=len(events),
         users=len({user for user, _ in events}),

@@ -24,6 +24,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
+from service.redis_conn import StoreUnavailable
 from service.runtime import OnnxModels, RankResult, encode_off_loop
 from service.schemas.events import ContextEvent
 from service.schemas.ranking import (
@@ -35,7 +36,7 @@ from service.schemas.ranking import (
     RecommendRequest,
     RecommendResponse,
 )
-from service.store import HistoryStore, StoredEvent, StoreUnavailable
+from service.store import HistoryStore, StoredEvent
 from service.window import Window, build_window, merge_events
 
 log = logging.getLogger("clickrank.ranking")

@@ -11,7 +11,8 @@ Key layout (``p`` is the prefix, ``u`` a user id; the kind segment comes first, 
 - ``p e:u``   sorted set of the user's event ids → first ingestion time (server clock). Idempotency is
   per user and lasts ``dedup_window_s`` (7 days) after an id is first stored: long enough for any retry
   or replay of a day's backlog, bounded in memory. Keying it per user lets ``forget`` erase it.
-- ``p trend`` / ``p trend:meta``  recency-weighted popularity (see ``_APPEND_LUA``) and its reference time.
+- ``p trend`` / ``p trend:meta``  recency-weighted popularity (see ``service/lua/append.lua``) and its
+  reference time.
 - ``p cv:i``  sorted set "what followed item i": member = an item that some user interacted with within
   ``covisit_window`` (W) events after i, score = the sum over those pairs of a recency weight
   2^((t - ref_i) / half_life) / distance (t the later event's time, forward decay with the trending
@@ -42,35 +43,30 @@ Redis Cluster: the key names live in ``_KIND`` and ``HistoryStore._key`` only. T
 ``cv:<item>`` keys itself and writes keys of many users and items in one call, which works on a single
 Redis (or a primary with replicas) only, not on Redis Cluster yet.
 
-Every call has a deadline; on a connection error, a timeout or a Redis error the store raises
-``StoreUnavailable`` after counting it in ``REDIS_ERRORS`` and logging one line.
+``append`` is one Lua script (``service/lua/append.lua``); its KEYS and ARGV slots are named once, in
+``APPEND`` (``service/lua_scripts.py`` explains how the script reads them). Every call goes through the
+``RedisConnection`` that the store borrows (``service/redis_conn.py``): it has a deadline and raises
+``StoreUnavailable`` on a connection error, a timeout or a Redis error.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import logging
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Collection, Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.asyncio.client import Pipeline
 
 from models.features import EVENT_TYPE_IDS
-from service.metrics import REDIS_ERRORS, REDIS_LATENCY
+from service.lua_scripts import Layout, LuaScript
+from service.redis_conn import RedisConnection
 
 if TYPE_CHECKING:
     from service.settings import Settings
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 DEDUP_WINDOW_S = 7 * 86400
 _BATCH_RESULT_GRACE_S = 5  # a transparent retry happens within the call's deadline; keep results a bit longer
@@ -92,242 +88,30 @@ class _KIND:
     SEQUENCE, BATCH = "seq", "batch"
 
 
-# One atomic script per append call. Phase 1 only reads (cached result of a retried call, key types,
-# timestamps) and returns an error before any write, so a rejected batch changes nothing; Redis refuses
-# the whole script up front when it is out of memory (the shebang marks it as a writing script).
-_APPEND_LUA = r"""#!lua
--- KEYS: 1 seq, 2 trend, 3 trend:meta, 4 batch:<token>, 5 cvref, 6 fresh, 7 iseen, then per user h, s, e.
--- ARGV: 1 history cap, 2 half-life, 3 dedup window, 4 batch-result ttl, 5 rescale exponent, 6 co-visitation
--- key prefix, 7 co-visitation window W, 8 co-visitation size K, 9 fresh size F; then 5 per event.
--- The co-visitation keys (prefix .. item id) are built here, not declared in KEYS: cross-item keys touched
--- from Lua work on a single Redis (or a primary with replicas) only, not on Redis Cluster for now.
-local U, H = 7, 9
-local done = redis.call('GET', KEYS[4])
-if done then
-  local a, d = string.match(done, '(%d+),(%d+)')
-  return {tonumber(a), tonumber(d)}
-end
-local function check_type(key, kind)
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then
-    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. '; batch rejected'
-  end
-end
-local kinds = {'zset', 'set', 'zset'}
-local nusers = (#KEYS - U) / 3
-for j = 1, nusers do
-  for k = 1, 3 do
-    local err = check_type(KEYS[U + 3 * (j - 1) + k], kinds[k])
-    if err then return redis.error_reply(err) end
-  end
-end
-local fixed = {'string', 'zset', 'hash', nil, 'hash', 'zset', 'set'}
-for k = 1, U do
-  if fixed[k] then
-    local err = check_type(KEYS[k], fixed[k])
-    if err then return redis.error_reply(err) end
-  end
-end
-local n = (#ARGV - H) / 5
-for i = 0, n - 1 do
-  local ts = tonumber(ARGV[H + 1 + 5 * i + 2])
-  if not ts or ts ~= ts or ts == math.huge or ts == -math.huge then
-    return redis.error_reply('event ' .. i .. ': timestamp is not a finite number; batch rejected')
-  end
-end
-
-local cap = tonumber(ARGV[1])
-local half_life = tonumber(ARGV[2])
-local window = tonumber(ARGV[3])
-local max_exp = tonumber(ARGV[5])
-local cv_prefix = ARGV[6]
-local cv_window = tonumber(ARGV[7])
-local cv_size = tonumber(ARGV[8])
-local fresh_size = tonumber(ARGV[9])
-local now = tonumber(redis.call('TIME')[1])
-
--- Co-visitation, read-only part: each event's stored predecessors (the W latest stored events at or before
--- its timestamp), and the type of every co-visitation key the batch may write.
-local stored_before = {}
-if cv_window > 0 then
-  local cv_checked = {}
-  local function check_cv(item)
-    if not cv_checked[item] then
-      cv_checked[item] = true
-      return check_type(cv_prefix .. item, 'zset')
-    end
-  end
-  for i = 0, n - 1 do
-    local b = H + 1 + 5 * i
-    local j, ts_arg, item = tonumber(ARGV[b]), ARGV[b + 2], ARGV[b + 3]
-    local rows = redis.call('ZREVRANGEBYSCORE', KEYS[U + 3 * (j - 1) + 1], ts_arg, '-inf', 'WITHSCORES',
-      'LIMIT', 0, cv_window)
-    local before = {}
-    for r = 1, #rows, 2 do
-      local prev = cjson.decode(string.sub(rows[r], 17))[1]
-      before[#before + 1] = {tonumber(rows[r + 1]), prev}
-      local err = check_cv(prev)
-      if err then return redis.error_reply(err) end
-    end
-    stored_before[i] = before
-    local err = check_cv(item)
-    if err then return redis.error_reply(err) end
-  end
-end
-
-for j = 1, nusers do
-  local ids = KEYS[U + 3 * (j - 1) + 3]
-  redis.call('ZREMRANGEBYSCORE', ids, '-inf', '(' .. (now - window))
-end
-
--- Forward decay: a weight 2^((t - ref) / half_life) relative to a reference time; when an event is
--- max_exp half-lives past ref, the set's scores are rescaled to a new ref (weights below 1e-12 dropped).
-local function rescale(key, old_ref, new_ref)
-  local factor = 2 ^ ((old_ref - new_ref) / half_life)
-  local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  local args = {}
-  for i = 1, #entries, 2 do
-    local s = tonumber(entries[i + 1]) * factor
-    if s >= 1e-12 then
-      args[#args + 1] = string.format('%.17g', s)
-      args[#args + 1] = entries[i]
-    else
-      redis.call('ZREM', key, entries[i])
-    end
-    if #args >= 2000 then
-      redis.call('ZADD', key, unpack(args))
-      args = {}
-    end
-  end
-  if #args > 0 then redis.call('ZADD', key, unpack(args)) end
-end
-
-local meta = redis.call('HMGET', KEYS[3], 'ref', 'latest')
-local ref, latest = tonumber(meta[1]), tonumber(meta[2])
-local seq = redis.call('INCRBY', KEYS[1], n) - n
-local accepted, dups = 0, 0
-local touched, with_ids, new_events = {}, {}, {}
-local fresh_added = false
-for i = 0, n - 1 do
-  local b = H + 1 + 5 * i
-  local j, eid, ts_arg, item, payload = tonumber(ARGV[b]), ARGV[b + 1], ARGV[b + 2], ARGV[b + 3], ARGV[b + 4]
-  local base = U + 3 * (j - 1)
-  local new = true
-  if eid ~= '' then
-    new = redis.call('ZADD', KEYS[base + 3], 'NX', now, eid) == 1
-    with_ids[j] = true
-  end
-  if new then
-    accepted = accepted + 1
-    seq = seq + 1
-    redis.call('ZADD', KEYS[base + 1], ts_arg, string.format('%016x', seq) .. payload)
-    redis.call('SADD', KEYS[base + 2], item)
-    touched[j] = true
-    -- trending is about now: a timestamp from a skewed clock must not outweigh every real event
-    local ts = math.min(tonumber(ts_arg), now + 3600)
-    if ref == nil then ref, latest = ts, ts end
-    if ts > latest then latest = ts end
-    if (ts - ref) / half_life > max_exp then
-      rescale(KEYS[2], ref, ts)
-      ref = ts
-    end
-    local w = 2 ^ ((ts - ref) / half_life)
-    if w > 0 then redis.call('ZINCRBY', KEYS[2], string.format('%.17g', w), item) end
-    -- fresh items: the first event ever of an item (time first seen = its timestamp)
-    if redis.call('SADD', KEYS[7], item) == 1 then
-      redis.call('ZADD', KEYS[6], 'NX', string.format('%.17g', ts), item)
-      fresh_added = true
-    end
-    local list = new_events[j]
-    if not list then
-      list = {}
-      new_events[j] = list
-    end
-    list[#list + 1] = {tonumber(ts_arg), i, item, ts}
-  else
-    dups = dups + 1
-  end
-end
-
--- Co-visitation: for each new event (item i at t), each of the user's W previous events (item j, the d-th
--- before it in time order) adds 2^((t - ref_j) / half_life) / d to member i of j's set. New events of one
--- user are taken in time order, whatever their order in the batch.
-if cv_window > 0 then
-  local refs, cv_touched = {}, {}
-  local function cv_add(src, item, t, weight_div)
-    local key = cv_prefix .. src
-    local r = refs[src]
-    if r == nil then
-      r = tonumber(redis.call('HGET', KEYS[5], src)) or t
-    end
-    if (t - r) / half_life > max_exp then
-      rescale(key, r, t)
-      r = t
-    end
-    refs[src] = r
-    local w = 2 ^ ((t - r) / half_life) / weight_div
-    if w > 0 then
-      redis.call('ZINCRBY', key, string.format('%.17g', w), item)
-      cv_touched[src] = true
-    end
-  end
-  for _, list in pairs(new_events) do
-    table.sort(list, function(a, b)
-      if a[1] ~= b[1] then return a[1] < b[1] end
-      return a[2] < b[2]
-    end)
-    for p = 1, #list do
-      local e = list[p]
-      local before = stored_before[e[2]]
-      -- merge, newest first: earlier new events of the batch (list[p-1], ...) and the stored ones; at
-      -- equal timestamps the batch's events are the later arrivals
-      local q, s, d = p - 1, 1, 0
-      local used = {[e[3]] = true}
-      while d < cv_window and (q >= 1 or s <= #before) do
-        local prev
-        if q >= 1 and (s > #before or list[q][1] >= before[s][1]) then
-          prev = list[q][3]
-          q = q - 1
-        else
-          prev = before[s][2]
-          s = s + 1
-        end
-        d = d + 1
-        if not used[prev] then
-          used[prev] = true
-          cv_add(prev, e[3], e[4], d)
-        end
-      end
-    end
-  end
-  local ref_args = {}
-  for src in pairs(cv_touched) do
-    redis.call('ZREMRANGEBYRANK', cv_prefix .. src, 0, -(cv_size + 1))
-    ref_args[#ref_args + 1] = src
-    ref_args[#ref_args + 1] = string.format('%.17g', refs[src])
-    if #ref_args >= 2000 then
-      redis.call('HSET', KEYS[5], unpack(ref_args))
-      ref_args = {}
-    end
-  end
-  if #ref_args > 0 then redis.call('HSET', KEYS[5], unpack(ref_args)) end
-end
-
-if fresh_added then
-  redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(fresh_size + 1))
-end
-for j in pairs(touched) do
-  redis.call('ZREMRANGEBYRANK', KEYS[U + 3 * (j - 1) + 1], 0, -(cap + 1))
-end
-for j in pairs(with_ids) do
-  redis.call('EXPIRE', KEYS[U + 3 * (j - 1) + 3], window)
-end
-if ref ~= nil then
-  redis.call('HSET', KEYS[3], 'ref', string.format('%.17g', ref), 'latest', string.format('%.17g', latest))
-end
-redis.call('SET', KEYS[4], accepted .. ',' .. dups, 'EX', tonumber(ARGV[4]))
-return {accepted, dups}
-"""
+APPEND = LuaScript.packaged(
+    "append",
+    keys=Layout(
+        head=("seq", "trend", "trend_meta", "batch", "covisit_ref", "fresh", "event_items"),
+        group_name="user",
+        group=("history", "seen", "event_ids"),
+    ),
+    args=Layout(
+        head=(
+            "history_cap",
+            "half_life",
+            "dedup_window",
+            "batch_ttl",
+            "rescale_exponent",
+            "covisit_prefix",
+            "covisit_window",
+            "covisit_size",
+            "fresh_size",
+        ),
+        group_name="event",
+        group=("user", "event_id", "timestamp", "item", "payload"),
+    ),
+)
+"""``service/lua/append.lua``: one atomic script per ``append`` call."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,60 +132,6 @@ class SourceLists:
     trending: list[str]  # best first
 
 
-class StoreUnavailable(Exception):
-    """Redis unreachable or past its deadline."""
-
-
-_LOG_EVERY_S = 5.0
-_last_logged: dict[str, tuple[float, int]] = {}  # op -> (monotonic time of the last line, failures since)
-
-
-def _log_failure(op: str, elapsed_ms: float, reason: str) -> None:
-    """One warning line per op every few seconds: an outage under load must not flood the log."""
-    now = time.monotonic()
-    last, suppressed = _last_logged.get(op, (-math.inf, 0))
-    if now - last < _LOG_EVERY_S:
-        _last_logged[op] = (last, suppressed + 1)
-        return
-    _last_logged[op] = (now, 0)
-    more = f" ({suppressed} more since the last report)" if suppressed else ""
-    log.warning("redis %s failed after %.1f ms: %s%s", op, elapsed_ms, reason, more)
-
-
-async def redis_call(op: str, awaitable: Awaitable[T], timeout_s: float) -> T:
-    """Await one Redis round trip under a deadline, recording latency or the error by ``op``."""
-    start = time.perf_counter()
-    try:
-        result = await asyncio.wait_for(awaitable, timeout_s)
-    except (RedisError, OSError) as exc:  # OSError covers TimeoutError (the deadline) and socket errors
-        REDIS_ERRORS.labels(op).inc()
-        if isinstance(exc, TimeoutError):
-            reason = f"no answer within {timeout_s * 1000:.0f} ms"
-        else:
-            reason = f"{type(exc).__name__}: {exc}"
-        _log_failure(op, (time.perf_counter() - start) * 1000, reason)
-        raise StoreUnavailable(f"redis {op}: {reason}") from exc
-    REDIS_LATENCY.labels(op).observe(time.perf_counter() - start)
-    return result
-
-
-def connect(url: str, *, timeout_s: float, max_connections: int = 64) -> Redis:
-    """A pooled client that reconnects by itself: a dead pooled connection (Redis restarted) is
-    replaced and the command retried twice with a short backoff, all within the caller's deadline."""
-    socket_timeout = max(timeout_s, 1.0)
-    pool = BlockingConnectionPool.from_url(
-        url,
-        max_connections=max_connections,
-        timeout=socket_timeout,  # wait for a free pooled connection (the call's deadline cuts it shorter)
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=socket_timeout,
-        socket_keepalive=True,
-        health_check_interval=30,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2),
-    )
-    return Redis.from_pool(pool)
-
-
 def _check_event(user_id: str, event: StoredEvent) -> None:
     if not isinstance(user_id, str) or not user_id:
         raise ValueError("user_id must be a non-empty string")
@@ -420,59 +150,45 @@ def _check_event(user_id: str, event: StoredEvent) -> None:
 
 
 class HistoryStore:
-    """Redis-backed user histories; every public call is one round trip under ``timeout_s``."""
+    """Redis-backed user histories; every public call is one round trip under the connection's deadline."""
 
     def __init__(
         self,
-        client: Redis,
+        redis: RedisConnection,
         *,
         prefix: str = "cr:",
         history_cap: int = 200,
-        timeout_s: float = 0.05,
         trending_half_life_s: float = 259200.0,
         dedup_window_s: int = DEDUP_WINDOW_S,
         covisit_window: int = 5,
         covisit_size: int = 50,
         fresh_size: int = 200,
     ) -> None:
-        if history_cap < 1 or timeout_s <= 0 or trending_half_life_s <= 0 or dedup_window_s < 1:
-            raise ValueError(
-                "history_cap, timeout_s, trending_half_life_s and dedup_window_s must be positive"
-            )
+        if history_cap < 1 or trending_half_life_s <= 0 or dedup_window_s < 1:
+            raise ValueError("history_cap, trending_half_life_s and dedup_window_s must be positive")
         if covisit_window < 0 or covisit_size < 1 or fresh_size < 1:
             raise ValueError("covisit_window must be >= 0, covisit_size and fresh_size positive")
-        self._client = client
+        self._redis = redis
         self._prefix = prefix
         self._cap = history_cap
-        self._timeout_s = timeout_s
         self._half_life_s = trending_half_life_s
         self._dedup_window_s = dedup_window_s
         self._covisit_window = covisit_window
         self._covisit_size = covisit_size
         self._fresh_size = fresh_size
-        self._append_script = client.register_script(_APPEND_LUA)
 
     @classmethod
-    def from_settings(
-        cls, settings: Settings, *, timeout_s: float | None = None, max_connections: int = 64
-    ) -> HistoryStore:
-        """The store the settings describe; ``timeout_s`` overrides ``redis_timeout_ms`` (bulk loads)."""
-        timeout_s = settings.redis_timeout_ms / 1000.0 if timeout_s is None else timeout_s
+    def from_settings(cls, settings: Settings, redis: RedisConnection) -> HistoryStore:
+        """The store the settings describe, on ``redis`` (which the caller owns and closes)."""
         return cls(
-            connect(settings.redis_url, timeout_s=timeout_s, max_connections=max_connections),
+            redis,
             prefix=settings.redis_prefix,
             history_cap=settings.history_cap,
-            timeout_s=timeout_s,
             trending_half_life_s=settings.trending_half_life_s,
             covisit_window=settings.covisit_window,
             covisit_size=settings.covisit_size,
             fresh_size=settings.fresh_size,
         )
-
-    @property
-    def client(self) -> Redis:
-        """The underlying client (shared with the item catalog)."""
-        return self._client
 
     def _key(self, kind: str, name: str | None = None) -> str:
         """``p kind`` or ``p kind:name`` (``name`` a user or item id; ``""`` gives the bare ``p kind:``)."""
@@ -491,40 +207,53 @@ class HistoryStore:
         if not events:
             return 0, 0
         users: dict[str, int] = {}
-        argv: list[str | int | float] = []
+        per_event: list[dict[str, str | int]] = []
         for i, (user_id, event) in enumerate(events):
             try:
                 _check_event(user_id, event)
             except ValueError as exc:
                 raise ValueError(f"event {i}: {exc}") from None
-            j = users.setdefault(user_id, len(users) + 1)
             value = None if event.value is None else float(event.value)
             payload = json.dumps([event.item_id, event.type, value, event.event_id], separators=(",", ":"))
-            argv += [j, event.event_id or "", repr(float(event.timestamp)), event.item_id, payload]
-        keys = [
-            self._key(_KIND.SEQUENCE),
-            self._key(_KIND.TRENDING),
-            self._key(_KIND.TRENDING_META),
-            self._key(_KIND.BATCH, uuid.uuid4().hex),
-            self._key(_KIND.COVISIT_REF),
-            self._key(_KIND.FRESH),
-            self._key(_KIND.EVENT_ITEMS),
+            per_event.append(
+                {
+                    "user": users.setdefault(user_id, len(users) + 1),  # the user's key group, 1-based
+                    "event_id": event.event_id or "",
+                    "timestamp": repr(float(event.timestamp)),
+                    "item": event.item_id,
+                    "payload": payload,
+                }
+            )
+        fixed_keys = {
+            "seq": self._key(_KIND.SEQUENCE),
+            "trend": self._key(_KIND.TRENDING),
+            "trend_meta": self._key(_KIND.TRENDING_META),
+            "batch": self._key(_KIND.BATCH, uuid.uuid4().hex),
+            "covisit_ref": self._key(_KIND.COVISIT_REF),
+            "fresh": self._key(_KIND.FRESH),
+            "event_items": self._key(_KIND.EVENT_ITEMS),
+        }
+        user_keys = [
+            {
+                "history": self._key(_KIND.HISTORY, user_id),
+                "seen": self._key(_KIND.SEEN, user_id),
+                "event_ids": self._key(_KIND.EVENT_IDS, user_id),
+            }
+            for user_id in users
         ]
-        for user_id in users:
-            keys += [self._key(kind, user_id) for kind in (_KIND.HISTORY, _KIND.SEEN, _KIND.EVENT_IDS)]
-        head = [
-            self._cap,
-            repr(self._half_life_s),
-            self._dedup_window_s,
-            math.ceil(self._timeout_s) + _BATCH_RESULT_GRACE_S,
-            _RESCALE_EXPONENT,
-            self._key(_KIND.COVISIT, ""),
-            self._covisit_window,
-            self._covisit_size,
-            self._fresh_size,
-        ]
-        accepted, duplicates = await redis_call(
-            "append", self._append_script(keys=keys, args=head + argv), self._timeout_s
+        params = {
+            "history_cap": self._cap,
+            "half_life": repr(self._half_life_s),
+            "dedup_window": self._dedup_window_s,
+            "batch_ttl": math.ceil(self._redis.timeout_s) + _BATCH_RESULT_GRACE_S,
+            "rescale_exponent": _RESCALE_EXPONENT,
+            "covisit_prefix": self._key(_KIND.COVISIT, ""),
+            "covisit_window": self._covisit_window,
+            "covisit_size": self._covisit_size,
+            "fresh_size": self._fresh_size,
+        }
+        accepted, duplicates = await self._redis.run_script(
+            "append", APPEND, APPEND.keys.build(fixed_keys, user_keys), APPEND.args.build(params, per_event)
         )
         return int(accepted), int(duplicates)
 
@@ -536,15 +265,13 @@ class HistoryStore:
         if n == 0 and not with_seen:
             return [], None
 
-        async def run() -> list:
-            async with self._client.pipeline(transaction=False) as pipe:
-                if n:
-                    pipe.zrange(self._key(_KIND.HISTORY, user_id), -n, -1, withscores=True)
-                if with_seen:
-                    pipe.smembers(self._key(_KIND.SEEN, user_id))
-                return await pipe.execute()
+        def queue(pipe: Pipeline) -> None:
+            if n:
+                pipe.zrange(self._key(_KIND.HISTORY, user_id), -n, -1, withscores=True)
+            if with_seen:
+                pipe.smembers(self._key(_KIND.SEEN, user_id))
 
-        replies = await redis_call("history", run(), self._timeout_s)
+        replies = await self._redis.pipeline("history", queue, transaction=False)
         events: list[StoredEvent] = []
         if n and replies[0]:
             # One JSON parse for all members, not one per member (a third of this method's time).
@@ -562,7 +289,7 @@ class HistoryStore:
         Trending counts, co-visitation and fresh items are anonymous aggregates over all users (no key or
         member names a user) and are left alone."""
         keys = [self._key(kind, user_id) for kind in (_KIND.HISTORY, _KIND.SEEN, _KIND.EVENT_IDS)]
-        return bool(await redis_call("forget", self._client.delete(*keys), self._timeout_s))
+        return bool(await self._redis.call("forget", lambda r: r.delete(*keys)))
 
     async def trending(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """Top-k items by recency-weighted event count, expressed as the number of events at the time of
@@ -571,13 +298,11 @@ class HistoryStore:
             return []
         excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
 
-        async def run() -> list:
-            async with self._client.pipeline(transaction=False) as pipe:
-                pipe.zrevrange(self._key(_KIND.TRENDING), 0, k + len(excluded) - 1, withscores=True)
-                pipe.hmget(self._key(_KIND.TRENDING_META), "ref", "latest")
-                return await pipe.execute()
+        def queue(pipe: Pipeline) -> None:
+            pipe.zrevrange(self._key(_KIND.TRENDING), 0, k + len(excluded) - 1, withscores=True)
+            pipe.hmget(self._key(_KIND.TRENDING_META), "ref", "latest")
 
-        rows, (ref, latest) = await redis_call("trending", run(), self._timeout_s)
+        rows, (ref, latest) = await self._redis.pipeline("trending", queue, transaction=False)
         if ref is None or latest is None:
             return []
         scale = 2.0 ** ((float(ref) - float(latest)) / self._half_life_s)
@@ -597,13 +322,11 @@ class HistoryStore:
             return
         key, now = self._key(_KIND.FRESH), time.time()
 
-        async def run() -> list:
-            async with self._client.pipeline(transaction=True) as pipe:
-                pipe.zadd(key, dict.fromkeys(item_ids, now), nx=True)
-                pipe.zremrangebyrank(key, 0, -(self._fresh_size + 1))
-                return await pipe.execute()
+        def queue(pipe: Pipeline) -> None:
+            pipe.zadd(key, dict.fromkeys(item_ids, now), nx=True)
+            pipe.zremrangebyrank(key, 0, -(self._fresh_size + 1))
 
-        await redis_call("fresh", run(), self._timeout_s)
+        await self._redis.pipeline("fresh", queue, transaction=True)
 
     async def candidate_lists(
         self, sources: Sequence[str], *, trending: int, exclude: int = 0
@@ -612,24 +335,15 @@ class HistoryStore:
         ``exclude`` more, to make up for excluded ones) trending items: one pipelined round trip."""
         extra = min(exclude, _OVERFETCH_MAX) if trending > 0 else 0
 
-        async def run() -> list:
-            async with self._client.pipeline(transaction=False) as pipe:
-                for item_id in sources:
-                    pipe.zrevrange(self._key(_KIND.COVISIT, item_id), 0, -1, withscores=True)
-                pipe.zrevrange(self._key(_KIND.FRESH), 0, self._fresh_size - 1)
-                if trending > 0:
-                    pipe.zrevrange(self._key(_KIND.TRENDING), 0, trending + extra - 1)
-                return await pipe.execute()
+        def queue(pipe: Pipeline) -> None:
+            for item_id in sources:
+                pipe.zrevrange(self._key(_KIND.COVISIT, item_id), 0, -1, withscores=True)
+            pipe.zrevrange(self._key(_KIND.FRESH), 0, self._fresh_size - 1)
+            if trending > 0:
+                pipe.zrevrange(self._key(_KIND.TRENDING), 0, trending + extra - 1)
 
-        replies = await redis_call("candidates", run(), self._timeout_s)
+        replies = await self._redis.pipeline("candidates", queue, transaction=False)
         covisit = [[(m.decode(), float(s)) for m, s in rows] for rows in replies[: len(sources)]]
         fresh = [m.decode() for m in replies[len(sources)]]
         trend = [m.decode() for m in replies[len(sources) + 1]] if trending > 0 else []
         return SourceLists(covisit=covisit, fresh=fresh, trending=trend)
-
-    async def ping(self) -> None:
-        """Raises StoreUnavailable unless Redis answers within the deadline."""
-        await redis_call("ping", self._client.ping(), self._timeout_s)
-
-    async def close(self) -> None:
-        await self._client.aclose()

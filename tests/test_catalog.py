@@ -1,17 +1,24 @@
-"""ItemCatalog: the model dir's item table, copy-on-write upserts, publish/sync through a real Redis."""
+"""ItemCatalog: the model dir's item table, copy-on-write upserts; CatalogSync: publish/sync through a real
+Redis, under the connection's deadline."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import signal
+import time
 from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
+import redis
 import redis.asyncio
 
 from models.model_dir import ItemTable
 from service.catalog import ItemCatalog
-from service.store import StoreUnavailable, connect
+from service.catalog_sync import CatalogSync
+from service.redis_conn import RedisConnection, StoreUnavailable
+from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -40,10 +47,15 @@ def table() -> ItemTable:
 
 
 @pytest.fixture()
-async def client(redis_url: str) -> AsyncIterator[redis.asyncio.Redis]:
-    c = connect(redis_url, timeout_s=1.0)
+async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
+    c = RedisConnection.connect(redis_url, timeout_s=1.0)
     yield c
-    await c.aclose()
+    await c.close()
+
+
+def replica(conn: RedisConnection, table: ItemTable, version: str = "v1") -> CatalogSync:
+    """One replica's catalog of ``version`` with its Redis sharing."""
+    return CatalogSync(conn, ItemCatalog.from_table(table, version))
 
 
 def assert_same_items(got: ItemCatalog, want: ItemCatalog) -> None:
@@ -124,73 +136,132 @@ def test_an_invalid_upsert_changes_nothing(table: ItemTable, bad: tuple) -> None
     assert catalog.get("2")[0] == "Movie 2 (1995) | Drama"
 
 
-async def test_publish_reaches_other_replicas_and_a_restart(table: ItemTable, client) -> None:
-    a = ItemCatalog.from_table(table, "v1")
-    b = ItemCatalog.from_table(table, "v1")
-    other_model = ItemCatalog.from_table(item_table(seed=1), "v2")
-    assert await b.sync(client) == 0
+async def test_publish_reaches_other_replicas_and_a_restart(table: ItemTable, conn: RedisConnection) -> None:
+    a, b = replica(conn, table), replica(conn, table)
+    other_model = replica(conn, item_table(seed=1), "v2")
+    assert await b.sync() == 0
 
-    await a.publish(client, [("new", "Brand new | Sci-Fi", vec(1)), ("2", "Retitled | Comedy", vec(2))])
-    assert a.get("new")[0] == "Brand new | Sci-Fi"  # published items apply locally too
-    assert await b.sync(client) == 2
+    await a.publish([("new", "Brand new | Sci-Fi", vec(1)), ("2", "Retitled | Comedy", vec(2))])
+    assert a.catalog.get("new")[0] == "Brand new | Sci-Fi"  # published items apply locally too
+    assert await b.sync() == 2
     for item_id in ("new", "2"):
-        assert b.get(item_id)[0] == a.get(item_id)[0]
-        np.testing.assert_array_equal(b.get(item_id)[1], a.get(item_id)[1])
-    assert await b.sync(client) == 0  # nothing new
-    assert await a.sync(client) == 0  # a replica re-reading its own publication changes nothing
+        assert b.catalog.get(item_id)[0] == a.catalog.get(item_id)[0]
+        np.testing.assert_array_equal(b.catalog.get(item_id)[1], a.catalog.get(item_id)[1])
+    assert await b.sync() == 0  # nothing new
+    assert await a.sync() == 0  # a replica re-reading its own publication changes nothing
 
-    await a.publish(client, [("late", "Late | Horror", vec(3))])
-    assert await b.sync(client) == 1  # only what changed since the last sync
-    assert len(b) == 7
+    await a.publish([("late", "Late | Horror", vec(3))])
+    assert await b.sync() == 1  # only what changed since the last sync
+    assert len(b.catalog) == 7
 
-    restarted = ItemCatalog.from_table(table, "v1")
-    assert await restarted.sync(client) == 3
-    assert_same_items(restarted, b)
+    restarted = replica(conn, table)
+    assert await restarted.sync() == 3
+    assert_same_items(restarted.catalog, b.catalog)
 
-    assert await other_model.sync(client) == 0  # another model version never mixes in
-    assert other_model.get("new") is None and len(other_model) == 5
+    assert await other_model.sync() == 0  # another model version never mixes in
+    assert other_model.catalog.get("new") is None and len(other_model.catalog) == 5
 
 
 async def test_sync_pages_through_a_large_log_without_splitting_a_publication(
-    table: ItemTable, client
+    table: ItemTable, conn: RedisConnection
 ) -> None:
-    a = ItemCatalog.from_table(table, "v1")
-    b = ItemCatalog.from_table(table, "v1")
+    a, b = replica(conn, table), replica(conn, table)
     sizes = [1200, 1200, 2100]  # the sync chunk is 2000 rows: partial and oversized publications
     start = 0
     for size in sizes:
-        await a.publish(client, [(f"n{i}", f"item {i}", vec(i)) for i in range(start, start + size)])
+        await a.publish([(f"n{i}", f"item {i}", vec(i)) for i in range(start, start + size)])
         start += size
-    await a.publish(
-        client, [("n0", "item 0 again", vec(10**6))]
-    )  # re-published: moves to the newest revision
-    assert await b.sync(client) == sum(sizes)
-    assert len(b) == 5 + sum(sizes)
-    assert b.get("n0")[0] == "item 0 again"
-    assert_same_items(b, a)
+    await a.publish([("n0", "item 0 again", vec(10**6))])  # re-published: moves to the newest revision
+    assert await b.sync() == sum(sizes)
+    assert len(b.catalog) == 5 + sum(sizes)
+    assert b.catalog.get("n0")[0] == "item 0 again"
+    assert_same_items(b.catalog, a.catalog)
 
 
-async def test_sync_rereads_everything_after_redis_lost_its_data(table: ItemTable, client) -> None:
-    a = ItemCatalog.from_table(table, "v1")
-    b = ItemCatalog.from_table(table, "v1")
-    await a.publish(client, [(f"n{i}", "x", vec(i)) for i in range(3)])
-    assert await b.sync(client) == 3
-    await client.flushall()  # a Redis restart without persistence: the revision starts again at 1
-    await a.publish(client, [("fresh", "after the restart", vec(9))])
-    assert await b.sync(client) == 1
-    assert b.get("fresh")[0] == "after the restart"
+async def test_sync_rereads_everything_after_redis_lost_its_data(
+    table: ItemTable, conn: RedisConnection, redis_url: str
+) -> None:
+    a, b = replica(conn, table), replica(conn, table)
+    await a.publish([(f"n{i}", "x", vec(i)) for i in range(3)])
+    assert await b.sync() == 3
+    with redis.Redis.from_url(redis_url) as client:
+        client.flushall()  # a Redis restart without persistence: the revision starts again at 1
+    await a.publish([("fresh", "after the restart", vec(9))])
+    assert await b.sync() == 1
+    assert b.catalog.get("fresh")[0] == "after the restart"
+
+
+def command_calls(redis_url: str, command: str) -> int:
+    """How many times the server ran ``command`` (INFO commandstats, e.g. ``evalsha``, ``script|load``)."""
+    with redis.Redis.from_url(redis_url) as client:
+        return int(client.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+async def test_the_publish_script_is_registered_once_per_connection(
+    table: ItemTable, conn: RedisConnection, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Registered once (a spy on redis-py's ``register_script``, which hashes the source locally), loaded
+    into the server once (INFO commandstats), then one EVALSHA per publication."""
+    registrations = []
+    register = redis.asyncio.Redis.register_script
+
+    def spy(self: redis.asyncio.Redis, source: str) -> object:
+        registrations.append(source)
+        return register(self, source)
+
+    monkeypatch.setattr(redis.asyncio.Redis, "register_script", spy)
+    a, b = replica(conn, table), replica(conn, table)  # two catalogs sharing one connection
+    with redis.Redis.from_url(redis_url) as client:
+        client.script_flush()  # earlier tests loaded it into this server
+        client.config_resetstat()
+    for i in range(3):
+        await a.publish([(f"a{i}", "x", vec(i))])
+        await b.publish([(f"b{i}", "x", vec(i))])
+    assert len(registrations) == 1
+    assert command_calls(redis_url, "script|load") == 1  # after the first EVALSHA answered NOSCRIPT
+    assert command_calls(redis_url, "evalsha") == 6 + 1
+    assert command_calls(redis_url, "eval") == 0  # never the whole source per call
+
+    with redis.Redis.from_url(redis_url) as client:
+        client.script_flush()  # the server forgot it (a restart): loaded again once, transparently
+    await a.publish([("c", "x", vec(0))])
+    await b.publish([("d", "x", vec(0))])
+    assert command_calls(redis_url, "script|load") == 2
+    assert len(registrations) == 1
+    assert await replica(conn, table).sync() == 8
 
 
 async def test_catalog_calls_fail_fast_when_redis_is_down(table: ItemTable, redis_server) -> None:
-    catalog = ItemCatalog.from_table(table, "v1", timeout_s=0.05)
-    c = connect(redis_server.url, timeout_s=0.05)
+    conn = RedisConnection.connect(redis_server.url, timeout_s=0.05)
+    sharing = replica(conn, table)
     redis_server.stop()
     try:
         with pytest.raises(StoreUnavailable):
-            await catalog.sync(c)
+            await sharing.sync()
         with pytest.raises(StoreUnavailable):
-            await catalog.publish(c, [("x", "t", vec(0))])
-        assert catalog.get("x") is None  # not acknowledged, not applied
+            await sharing.publish([("x", "t", vec(0))])
+        assert sharing.catalog.get("x") is None  # not acknowledged, not applied
     finally:
         redis_server.start()
-        await c.aclose()
+        await conn.close()
+
+
+async def test_catalog_calls_obey_the_configured_redis_timeout(table: ItemTable, redis_server) -> None:
+    """A Redis that accepts connections but does not answer (SIGSTOP): each call gives up at
+    ``redis_timeout_ms``, not later."""
+    settings = Settings(redis_url=redis_server.url, redis_timeout_ms=80)
+    conn = RedisConnection.from_settings(settings)
+    sharing = replica(conn, table)
+    assert await sharing.sync() == 0  # connected: the pool holds a live connection
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        for call in (sharing.sync, lambda: sharing.publish([("x", "t", vec(0))])):
+            start = time.perf_counter()
+            with pytest.raises(StoreUnavailable, match="no answer within 80 ms"):
+                await call()
+            assert 0.08 <= time.perf_counter() - start < 0.5  # the old catalog waited a fixed 1 s
+        assert sharing.catalog.get("x") is None
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert await sharing.sync() in (0, 1)  # answering again; the cut-off publish may have landed
+    await conn.close()

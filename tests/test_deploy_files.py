@@ -355,8 +355,20 @@ def test_build_context_has_the_wheel_sources_and_nothing_else() -> None:
     packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
     assert copied == packages | {"pyproject.toml", PYPROJECT["project"]["readme"]}
     patterns = dockerignore_patterns()
-    for path in ["pyproject.toml", "README.md", "service/app.py", "clickrank/cli.py", "models/features.py"]:
+    lua = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "service" / "lua").glob("*.lua"))
+    assert lua, "service/lua/*.lua: the Redis scripts"
+    for path in [
+        "pyproject.toml",
+        "README.md",
+        "service/app.py",
+        "clickrank/cli.py",
+        "models/features.py",
+        *lua,
+    ]:
         assert not dockerignore_excludes(path, patterns), f"{path} must be in the build context"
+    package_data = PYPROJECT["tool"]["setuptools"]["package-data"]["service"]
+    for path in lua:  # not Python: the wheel carries them only as declared package data
+        assert any(Path(path).relative_to("service").match(glob) for glob in package_data), path
     outside = [
         ".git/HEAD",
         ".venv/bin/python",

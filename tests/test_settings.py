@@ -9,6 +9,7 @@ import pytest
 import redis
 from pydantic import ValidationError
 
+from service.redis_conn import RedisConnection
 from service.settings import Settings
 from service.store import HistoryStore, StoredEvent
 
@@ -39,12 +40,13 @@ async def test_store_from_settings_uses_the_environment(
     monkeypatch.setenv("CLICKRANK_HISTORY_CAP", "60")
     settings = Settings()
     assert (settings.redis_url, settings.history_cap) == (redis_url, 60)
-    s = HistoryStore.from_settings(settings)
+    conn = RedisConnection.from_settings(settings)
+    s = HistoryStore.from_settings(settings, conn)
     await s.append([("u", StoredEvent("a", "click", T0 + i, None, None)) for i in range(70)])
     assert len((await s.history("u", 100))[0]) == 60
     with redis.Redis.from_url(redis_url) as client:
         assert client.exists("env:h:u")
-    await s.close()
+    await conn.close()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """HistoryStore against a real redis-server: ordering, cap, idempotency, atomicity, trending,
-forget, deadlines and recovery after a Redis restart."""
+forget, co-visitation, fresh items, deadlines and recovery after a Redis restart."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 import redis
 from prometheus_client import REGISTRY
 
-from service.store import HistoryStore, StoredEvent, StoreUnavailable, connect
+from service.redis_conn import RedisConnection, StoreUnavailable
+from service.store import HistoryStore, StoredEvent
 
 pytestmark = pytest.mark.anyio
 
@@ -27,12 +28,15 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture()
-async def store(redis_url: str) -> AsyncIterator[HistoryStore]:
-    s = HistoryStore(
-        connect(redis_url, timeout_s=1.0), history_cap=5, timeout_s=1.0, trending_half_life_s=DAY
-    )
-    yield s
-    await s.close()
+async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
+    c = RedisConnection.connect(redis_url, timeout_s=1.0)
+    yield c
+    await c.close()
+
+
+@pytest.fixture()
+def store(conn: RedisConnection) -> HistoryStore:
+    return HistoryStore(conn, history_cap=5, trending_half_life_s=DAY)
 
 
 def ev(
@@ -168,7 +172,7 @@ async def test_recent_events_beat_older_more_numerous_ones_once_decay_dominates(
     assert await store.trending(0) == []
 
 
-async def test_trending_is_exact_from_1997_to_now_in_any_arrival_order(redis_url: str) -> None:
+async def test_trending_is_exact_from_1997_to_now_in_any_arrival_order(conn: RedisConnection) -> None:
     now = time.time()
     events = (
         [("u", ev("ml", 875_000_000.0 + i * 3600)) for i in range(20)]  # MovieLens era, 1997
@@ -179,11 +183,10 @@ async def test_trending_is_exact_from_1997_to_now_in_any_arrival_order(redis_url
     for seed in range(3):
         order = events[:]
         random.Random(seed).shuffle(order)
-        s = HistoryStore(connect(redis_url, timeout_s=1.0), prefix=f"t{seed}:", trending_half_life_s=DAY)
+        s = HistoryStore(conn, prefix=f"t{seed}:", trending_half_life_s=DAY)
         for start in range(0, len(order), 4):  # several batches, so rescaling happens between them too
             await s.append(order[start : start + 4])
         results.append(await s.trending(10))
-        await s.close()
     for top in results:
         assert [item for item, _ in top[:2]] == ["hot", "warm"]
         assert dict(top)["hot"] == pytest.approx(1.5)
@@ -192,12 +195,11 @@ async def test_trending_is_exact_from_1997_to_now_in_any_arrival_order(redis_url
         assert dict(top).get("ml", 0.0) < 1e-9  # decayed to nothing, not overflowed
 
     # a clock far in the future counts as "now" (+1 h at most): it cannot erase the real trend
-    s = HistoryStore(connect(redis_url, timeout_s=1.0), prefix="t0:", trending_half_life_s=DAY)
+    s = HistoryStore(conn, prefix="t0:", trending_half_life_s=DAY)
     await s.append([("z", ev("skewed", 4_102_444_800.0))])  # year 2100
     top = dict(await s.trending(10))
     assert top["hot"] / top["warm"] == pytest.approx(1.5 / 0.125)
     assert top["skewed"] == pytest.approx(1.0) and top["hot"] > 1.4
-    await s.close()
 
 
 # --- forget ----------------------------------------------------------------------------------------------
@@ -218,7 +220,8 @@ async def test_forget_removes_history_seen_set_and_event_ids(store: HistoryStore
 async def test_redis_down_fails_fast_and_the_client_recovers_after_restart(
     redis_url: str, redis_server
 ) -> None:
-    s = HistoryStore(connect(redis_url, timeout_s=0.05), timeout_s=0.05)
+    c = RedisConnection.connect(redis_url, timeout_s=0.05)
+    s = HistoryStore(c)
     await s.append([("u", ev("a", T0))])  # the pool now holds a connection that the restart will kill
     errors = metric("clickrank_redis_errors_total", "history")
     redis_server.stop()
@@ -226,7 +229,7 @@ async def test_redis_down_fails_fast_and_the_client_recovers_after_restart(
         for call in (
             lambda: s.history("u", 10, with_seen=True),
             lambda: s.append([("u", ev("b", T0))]),
-            s.ping,
+            c.ping,
         ):
             start = time.perf_counter()
             with pytest.raises(StoreUnavailable):
@@ -235,20 +238,21 @@ async def test_redis_down_fails_fast_and_the_client_recovers_after_restart(
         assert metric("clickrank_redis_errors_total", "history") == errors + 1
     finally:
         redis_server.start()
-    await s.ping()  # same client, no manual reconnect
+    await c.ping()  # same client, no manual reconnect
     assert await s.append([("u", ev("c", T0, eid="x"))]) == (1, 0)
     assert [e.item_id for e in (await s.history("u", 10))[0]] == ["c"]  # the server lost its data
 
     redis_server.stop()  # a restart between two calls leaves a dead connection in the pool
     redis_server.start()
     assert await s.history("u", 10) == ([], None)  # retried on a fresh connection, no error
-    await s.close()
+    await c.close()
 
 
 async def test_a_slow_redis_answers_within_the_deadline(redis_url: str) -> None:
     """A real busy server (a 400 ms Lua loop from another client) must not hold a 50 ms call."""
-    s = HistoryStore(connect(redis_url, timeout_s=0.05), timeout_s=0.05)
-    await s.ping()
+    c = RedisConnection.connect(redis_url, timeout_s=0.05)
+    s = HistoryStore(c)
+    await c.ping()
     busy = (
         "local t0 = redis.call('TIME') local s = t0[1] * 1e6 + t0[2] "
         "repeat local t = redis.call('TIME') until t[1] * 1e6 + t[2] - s > 400000 return 1"
@@ -263,7 +267,7 @@ async def test_a_slow_redis_answers_within_the_deadline(redis_url: str) -> None:
         assert time.perf_counter() - start < 0.2
         thread.join()
     assert await s.history("u", 10) == ([], None)  # the timed-out connection was replaced
-    await s.close()
+    await c.close()
 
 
 async def test_latency_is_recorded_by_operation(store: HistoryStore) -> None:
@@ -314,11 +318,8 @@ async def test_covisitation_weights_what_followed_what_by_recency_and_distance(
     assert len(lists.trending) == 2
 
 
-async def test_covisitation_window_and_bound(redis_url: str) -> None:
-    s = HistoryStore(
-        connect(redis_url, timeout_s=1.0), timeout_s=1.0, trending_half_life_s=DAY, covisit_window=2,
-        covisit_size=3,
-    )  # fmt: skip
+async def test_covisitation_window_and_bound(conn: RedisConnection, redis_url: str) -> None:
+    s = HistoryStore(conn, trending_half_life_s=DAY, covisit_window=2, covisit_size=3)
     await s.append([("u", ev(f"w{i}", T0 + i)) for i in range(4)])
     assert set(covisit(redis_url, "w0")) == {"w1", "w2"}  # only the next W = 2 events follow w0
 
@@ -332,7 +333,6 @@ async def test_covisitation_window_and_bound(redis_url: str) -> None:
         with redis.Redis.from_url(redis_url) as client:
             assert client.zcard("cr:cv:hub") <= 3
     assert set(covisit(redis_url, "hub")) == {"x0", "x1", "x2"}
-    await s.close()
 
 
 async def test_covisitation_counts_a_retried_batch_once(store: HistoryStore, redis_url: str) -> None:
@@ -361,9 +361,9 @@ async def test_an_invalid_batch_changes_no_covisitation_or_fresh_key(
 
 
 async def test_fresh_items_are_first_events_and_new_catalog_items_bounded_to_the_newest(
-    redis_url: str,
+    conn: RedisConnection, redis_url: str
 ) -> None:
-    s = HistoryStore(connect(redis_url, timeout_s=1.0), timeout_s=1.0, fresh_size=3)
+    s = HistoryStore(conn, fresh_size=3)
     await s.append([("u", ev("a", T0)), ("u", ev("b", T0 + 1)), ("v", ev("a", T0 + 5))])
 
     def fresh() -> dict[str, float]:
@@ -379,7 +379,6 @@ async def test_fresh_items_are_first_events_and_new_catalog_items_bounded_to_the
     assert (await s.candidate_lists([], trending=0)).fresh == ["new1", "c", "b"]
     await s.append([("w", ev("a", T0 + 100))])  # "a" had an event before: it is not new again
     assert "a" not in fresh()
-    await s.close()
 
 
 async def test_forget_leaves_the_anonymous_aggregates(store: HistoryStore, redis_url: str) -> None:

@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ServicesDep
 from service.errors import documented, error_response, request_id_of
+from service.redis_conn import StoreUnavailable
 from service.schemas.ops import ErrorDetail, Status
-from service.store import StoreUnavailable
 
 router = APIRouter(tags=["operations"])
 
@@ -29,7 +29,7 @@ async def readyz(request: Request, services: ServicesDep) -> Status | JSONRespon
             ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
         )
     try:
-        await services.store.ping()
+        await services.redis.ping()
     except StoreUnavailable as exc:
         problems.append(ErrorDetail(field="redis", message=str(exc), type="store_unavailable"))
     if problems:

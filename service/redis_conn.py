@@ -1,0 +1,123 @@
+"""The Redis connection that the history store and the catalog sharing borrow; the only owner of the client.
+
+Every call goes through one ``RedisConnection`` method, named by an ``op`` (``append``, ``catalog_sync``,
+...): it runs under the connection's deadline (``CLICKRANK_REDIS_TIMEOUT_MS`` unless a bulk tool sets a
+longer one), its latency goes to ``REDIS_LATENCY`` by op; a connection error, a timeout or a Redis error
+is counted in ``REDIS_ERRORS``, logged (one line per op every few seconds) and raised as
+``StoreUnavailable``. Lua scripts are registered once per connection; redis-py loads one into the server
+(SCRIPT LOAD) the first time EVALSHA answers NOSCRIPT, so a flushed script cache heals by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from service.logs import ThrottledLog
+from service.lua_scripts import LuaScript, ScriptArg
+from service.metrics import REDIS_ERRORS, REDIS_LATENCY
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """Redis unreachable or past its deadline."""
+
+
+class RedisConnection:
+    """A pooled client plus the per-call deadline ``timeout_s``; see the module docstring."""
+
+    def __init__(self, client: Redis, *, timeout_s: float) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        self._client = client
+        self.timeout_s = timeout_s
+        self._scripts: dict[LuaScript, AsyncScript] = {}  # by identity
+        self._failures = ThrottledLog(log)
+
+    @classmethod
+    def connect(cls, url: str, *, timeout_s: float, max_connections: int = 64) -> RedisConnection:
+        """A pooled client that reconnects by itself: a dead pooled connection (Redis restarted) is
+        replaced and the command retried twice with a short backoff, all within the call's deadline."""
+        socket_timeout = max(timeout_s, 1.0)
+        pool = BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout,  # wait for a free pooled connection (the call's deadline cuts it shorter)
+            socket_timeout=socket_timeout,
+            socket_connect_timeout=socket_timeout,
+            socket_keepalive=True,
+            health_check_interval=30,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2),
+        )
+        return cls(Redis.from_pool(pool), timeout_s=timeout_s)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, timeout_s: float | None = None, max_connections: int = 64
+    ) -> RedisConnection:
+        """The connection the settings describe; ``timeout_s`` overrides ``redis_timeout_ms`` (bulk loads)."""
+        timeout_s = settings.redis_timeout_ms / 1000.0 if timeout_s is None else timeout_s
+        return cls.connect(settings.redis_url, timeout_s=timeout_s, max_connections=max_connections)
+
+    async def call(self, op: str, command: Callable[[Redis], Awaitable[T]]) -> T:
+        """One command, e.g. ``call("forget", lambda r: r.delete(*keys))``."""
+        return await self._timed(op, command(self._client))
+
+    async def pipeline(self, op: str, queue: Callable[[Pipeline], object], *, transaction: bool) -> list:
+        """The replies of the commands ``queue`` adds to a pipeline: one round trip (MULTI/EXEC if
+        ``transaction``)."""
+
+        async def run() -> list:
+            async with self._client.pipeline(transaction=transaction) as pipe:
+                queue(pipe)
+                return await pipe.execute()
+
+        return await self._timed(op, run())
+
+    async def run_script(
+        self, op: str, script: LuaScript, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
+    ) -> object:
+        """EVALSHA ``script`` (registered on first use)."""
+        registered = self._scripts.get(script)
+        if registered is None:
+            registered = self._scripts[script] = self._client.register_script(script.source)
+        return await self._timed(op, registered(keys=keys, args=args))
+
+    async def ping(self) -> None:
+        """Raises StoreUnavailable unless Redis answers within the deadline."""
+        await self._timed("ping", self._client.ping())
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    async def _timed(self, op: str, awaitable: Awaitable[T]) -> T:
+        start = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(awaitable, self.timeout_s)
+        except (RedisError, OSError) as exc:  # OSError covers TimeoutError (the deadline) and socket errors
+            REDIS_ERRORS.labels(op).inc()
+            if isinstance(exc, TimeoutError):
+                reason = f"no answer within {self.timeout_s * 1000:.0f} ms"
+            else:
+                reason = f"{type(exc).__name__}: {exc}"
+            elapsed_ms = (time.perf_counter() - start) * 1000
+            message = "redis %s failed after %.1f ms: %s"
+            self._failures.log(logging.WARNING, op, message, op, elapsed_ms, reason)
+            raise StoreUnavailable(f"redis {op}: {reason}") from exc
+        REDIS_LATENCY.labels(op).observe(time.perf_counter() - start)
+        return result

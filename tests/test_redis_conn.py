@@ -1,0 +1,105 @@
+"""RedisConnection (errors, metrics, the throttled failure log) and the named KEYS/ARGV slots of the Lua
+scripts, against a real redis-server."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator
+from importlib.resources import files
+
+import pytest
+from prometheus_client import REGISTRY
+
+from models.redis_process import free_port
+from service.catalog_sync import PUBLISH
+from service.lua_scripts import Layout, LuaScript
+from service.redis_conn import RedisConnection, StoreUnavailable
+from service.store import APPEND
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture()
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture()
+async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
+    c = RedisConnection.connect(redis_url, timeout_s=1.0)
+    yield c
+    await c.close()
+
+
+def errors(op: str) -> float:
+    return REGISTRY.get_sample_value("clickrank_redis_errors_total", {"op": op}) or 0.0
+
+
+async def test_failures_are_counted_by_op_and_logged_once_per_op(caplog: pytest.LogCaptureFixture) -> None:
+    conn = RedisConnection.connect(f"redis://127.0.0.1:{free_port()}/0", timeout_s=0.5)  # nobody listens
+    before = errors("ping"), errors("forget")
+    with caplog.at_level(logging.WARNING, logger="service.redis_conn"):
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable, match="redis ping: ConnectionError"):
+                await conn.ping()
+        with pytest.raises(StoreUnavailable, match="redis forget"):
+            await conn.call("forget", lambda r: r.delete("k"))
+    await conn.close()
+    assert (errors("ping"), errors("forget")) == (before[0] + 3, before[1] + 1)
+    lines = [r.getMessage() for r in caplog.records if r.name == "service.redis_conn"]
+    assert len(lines) == 2  # the 2nd and 3rd ping failures are held back
+    assert lines[0].startswith("redis ping failed after") and lines[1].startswith("redis forget failed")
+
+
+LAYOUT_KEYS = Layout(head=("one", "two"), group_name="pair", group=("left", "right"))
+LAYOUT_ARGS = Layout(head=("n",), group_name="row", group=("a", "b", "c"))
+
+
+def script(body: str) -> LuaScript:
+    return LuaScript("probe", "#!lua flags=no-writes\n" + body, keys=LAYOUT_KEYS, args=LAYOUT_ARGS)
+
+
+async def test_a_script_reads_its_slots_by_name(conn: RedisConnection) -> None:
+    probe = script(
+        "return {KEYS[KEY.two], PAIRS, pair_key(2, PAIR.left), ARGV[ARG.n], ROWS, row_arg(1, ROW.c)}"
+    )
+    keys = LAYOUT_KEYS.build(
+        {"two": "k2", "one": "k1"}, [{"left": "l1", "right": "r1"}, {"right": "r2", "left": "l2"}]
+    )
+    args = LAYOUT_ARGS.build({"n": 7}, [{"a": "a1", "b": "b1", "c": "c1"}])
+    assert keys == ["k1", "k2", "l1", "r1", "l2", "r2"]
+    assert await conn.run_script("probe", probe, keys, args) == [b"k2", 2, b"l2", b"7", 1, b"c1"]
+
+
+async def test_a_misspelt_slot_fails_the_call(conn: RedisConnection) -> None:
+    probe = script("return KEYS[KEY.three]")
+    with pytest.raises(StoreUnavailable, match="KEYS has no slot three"):
+        await conn.run_script("probe", probe, ["k1", "k2"], [1])
+
+
+def test_build_takes_exactly_the_layouts_slots() -> None:
+    with pytest.raises(ValueError, match="head slots"):
+        LAYOUT_KEYS.build({"one": "k1"})
+    with pytest.raises(ValueError, match="pair slots"):
+        LAYOUT_KEYS.build({"one": "k1", "two": "k2"}, [{"left": "l", "right": "r", "extra": "x"}])
+    with pytest.raises(ValueError, match="identifiers"):
+        Layout(head=("end",))  # a Lua keyword
+    with pytest.raises(ValueError, match="shebang"):
+        LuaScript("bad", "return 1\n", keys=LAYOUT_KEYS, args=LAYOUT_ARGS)
+
+
+@pytest.mark.parametrize("packaged", [APPEND, PUBLISH], ids=lambda s: s.name)
+def test_a_packaged_script_reads_exactly_its_layouts_slots_and_no_bare_index(packaged: LuaScript) -> None:
+    """Every slot the .lua file names is in the Python layout and every layout slot is read; positions
+    are never written as numbers."""
+    text = files("service").joinpath("lua", f"{packaged.name}.lua").read_text(encoding="utf-8")
+    code = "\n".join(line.split("--", 1)[0] for line in text.splitlines()[1:])  # without comments
+    tables = {"KEY": packaged.keys.head, "ARG": packaged.args.head}
+    for layout in (packaged.keys, packaged.args):
+        if layout.group:
+            tables[layout.group_name.upper()] = layout.group
+    for table, slots in tables.items():
+        used = set(re.findall(rf"\b{table}\.(\w+)", code))
+        assert used == set(slots), table
+    assert not re.search(r"\b(KEYS|ARGV)\[\s*[\d(]", code)
