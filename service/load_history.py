@@ -18,8 +18,9 @@ from tqdm import tqdm
 
 from models.data import Ratings, load_dataset
 from service.redis_conn import RedisConnection, StoreUnavailable
+from service.schemas.events import ContextEvent
 from service.settings import Settings
-from service.store import HistoryStore, StoredEvent
+from service.store import HistoryStore
 
 CHUNK = 1000
 """Events per ``append`` call (one Lua script each)."""
@@ -43,11 +44,20 @@ class LoadSummary:
         )
 
 
-def rating_events(ratings: Ratings, limit: int | None = None) -> list[tuple[str, StoredEvent]]:
+def rating_events(ratings: Ratings, limit: int | None = None) -> list[tuple[str, ContextEvent]]:
     """The first ``limit`` ratings (by time) as (user_id, event) pairs."""
     n = len(ratings) if limit is None else min(limit, len(ratings))
     return [
-        (user, StoredEvent(item, "rate", float(ts), float(rating), f"ml:{user}:{item}:{ts}"))
+        (
+            user,
+            ContextEvent(
+                item_id=item,
+                type="rate",
+                timestamp=float(ts),
+                value=float(rating),
+                event_id=f"ml:{user}:{item}:{ts}",
+            ),
+        )
         for user, item, rating, ts in zip(
             ratings.user_ids[:n].tolist(),
             ratings.item_ids[:n].tolist(),
@@ -67,7 +77,7 @@ def _redacted(url: str) -> str:
 
 
 async def load_events(
-    store: HistoryStore, events: list[tuple[str, StoredEvent]], *, chunk: int = CHUNK
+    store: HistoryStore, events: list[tuple[str, ContextEvent]], *, chunk: int = CHUNK
 ) -> tuple[int, int]:
     """Append ``events`` in order, ``chunk`` per atomic call; returns (accepted, duplicates)."""
     accepted = duplicates = 0
@@ -80,7 +90,7 @@ async def load_events(
     return accepted, duplicates
 
 
-async def _run(settings: Settings, events: list[tuple[str, StoredEvent]]) -> tuple[int, int]:
+async def _run(settings: Settings, events: list[tuple[str, ContextEvent]]) -> tuple[int, int]:
     target = _redacted(settings.redis_url)
     redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
     store = HistoryStore.from_settings(settings, redis)

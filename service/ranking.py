@@ -36,7 +36,7 @@ from service.schemas.ranking import (
     RecommendRequest,
     RecommendResponse,
 )
-from service.store import HistoryStore, StoredEvent
+from service.store import HistoryStore
 from service.window import Window, build_window, merge_events
 
 log = logging.getLogger("clickrank.ranking")
@@ -253,7 +253,7 @@ class Ranker:
 
     async def _history(
         self, user_id: str, context: Sequence[ContextEvent], route: str, *, with_seen: bool
-    ) -> tuple[list[StoredEvent], Window, set[str] | None, bool]:
+    ) -> tuple[list[ContextEvent], Window, set[str] | None, bool]:
         """(stored + context events, their window, seen-set, degraded); an unreachable store gives the
         context alone, no seen-set, and degraded."""
         try:

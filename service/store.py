@@ -61,9 +61,9 @@ from typing import TYPE_CHECKING
 
 from redis.asyncio.client import Pipeline
 
-from models.features import EVENT_TYPE_IDS
 from service.lua_scripts import Layout, LuaScript
 from service.redis_conn import RedisConnection
+from service.schemas.events import ContextEvent
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -115,38 +115,12 @@ APPEND = LuaScript.packaged(
 
 
 @dataclass(frozen=True, slots=True)
-class StoredEvent:
-    item_id: str
-    type: str
-    timestamp: float
-    value: float | None = None
-    event_id: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
 class SourceLists:
     """What ``HistoryStore.candidate_lists`` read for one recommend request."""
 
     covisit: list[list[tuple[str, float]]]  # per source item, best first; scores comparable within a list
     fresh: list[str]  # newest first
     trending: list[str]  # best first
-
-
-def _check_event(user_id: str, event: StoredEvent) -> None:
-    if not isinstance(user_id, str) or not user_id:
-        raise ValueError("user_id must be a non-empty string")
-    if not isinstance(event.item_id, str) or not event.item_id:
-        raise ValueError("item_id must be a non-empty string")
-    if event.type not in EVENT_TYPE_IDS:
-        raise ValueError(f"unknown event type {event.type!r}")
-    if not isinstance(event.timestamp, int | float) or not math.isfinite(event.timestamp):
-        raise ValueError("timestamp must be a finite number")
-    if event.value is not None and (
-        not isinstance(event.value, int | float) or not math.isfinite(event.value)
-    ):
-        raise ValueError("value must be a finite number or null")
-    if event.event_id is not None and (not isinstance(event.event_id, str) or not event.event_id):
-        raise ValueError("event_id must be a non-empty string or null")
 
 
 class HistoryStore:
@@ -194,12 +168,12 @@ class HistoryStore:
         """``p kind`` or ``p kind:name`` (``name`` a user or item id; ``""`` gives the bare ``p kind:``)."""
         return f"{self._prefix}{kind}" if name is None else f"{self._prefix}{kind}:{name}"
 
-    async def append(self, events: Sequence[tuple[str, StoredEvent]]) -> tuple[int, int]:
+    async def append(self, events: Sequence[tuple[str, ContextEvent]]) -> tuple[int, int]:
         """(accepted, duplicates). All or nothing, atomic in Redis (one Lua script); an event_id already
         stored for the user is acknowledged as duplicate, not stored twice, also within the batch. Also adds
         to the user's seen-set, the recency-weighted trending counts, the co-visitation sets and the fresh
-        items (duplicates count nowhere). Raises ValueError on an invalid event (nothing is written) and
-        StoreUnavailable.
+        items (duplicates count nowhere). The events are validated records (``ContextEvent``); the script
+        still refuses a non-finite timestamp before its first write. Raises StoreUnavailable.
 
         Each call carries a random token under which its result is cached for a few seconds past the
         deadline, so the client's transparent retry after a lost reply cannot store the batch twice.
@@ -208,11 +182,7 @@ class HistoryStore:
             return 0, 0
         users: dict[str, int] = {}
         per_event: list[dict[str, str | int]] = []
-        for i, (user_id, event) in enumerate(events):
-            try:
-                _check_event(user_id, event)
-            except ValueError as exc:
-                raise ValueError(f"event {i}: {exc}") from None
+        for user_id, event in events:
             value = None if event.value is None else float(event.value)
             payload = json.dumps([event.item_id, event.type, value, event.event_id], separators=(",", ":"))
             per_event.append(
@@ -259,7 +229,7 @@ class HistoryStore:
 
     async def history(
         self, user_id: str, n: int, *, with_seen: bool = False
-    ) -> tuple[list[StoredEvent], set[str] | None]:
+    ) -> tuple[list[ContextEvent], set[str] | None]:
         """Last n events by timestamp, newest last, plus the seen-set if asked; one pipelined round trip."""
         n = max(int(n), 0)
         if n == 0 and not with_seen:
@@ -272,12 +242,14 @@ class HistoryStore:
                 pipe.smembers(self._key(_KIND.SEEN, user_id))
 
         replies = await self._redis.pipeline("history", queue, transaction=False)
-        events: list[StoredEvent] = []
+        events: list[ContextEvent] = []
         if n and replies[0]:
             # One JSON parse for all members, not one per member (a third of this method's time).
             fields = json.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in replies[0]) + b"]")
             events = [
-                StoredEvent(item_id, kind, float(score), value, event_id)
+                ContextEvent(
+                    item_id=item_id, type=kind, timestamp=float(score), value=value, event_id=event_id
+                )
                 for (item_id, kind, value, event_id), (_, score) in zip(fields, replies[0], strict=True)
             ]
         seen = {m.decode() for m in replies[-1]} if with_seen else None

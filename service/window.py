@@ -12,21 +12,16 @@ from models.features import event_type_id, gap_buckets, value_bucket
 from service.catalog import ItemCatalog
 from service.runtime import History, RankRequest
 from service.schemas.events import ContextEvent
-from service.store import StoredEvent
 
 
-def merge_events(stored: Sequence[StoredEvent], context: Sequence[ContextEvent]) -> list[StoredEvent]:
+def merge_events(stored: Sequence[ContextEvent], context: Sequence[ContextEvent]) -> list[ContextEvent]:
     """Stored events plus the request's context events, ordered by timestamp, newest last.
 
     A context event whose ``event_id`` is already stored is the same event sent twice and is skipped.
     The sort is stable: at equal timestamps stored events come before context events.
     """
     stored_ids = {e.event_id for e in stored if e.event_id is not None}
-    extra = [
-        StoredEvent(item_id=c.item_id, type=c.type, timestamp=c.timestamp, value=c.value, event_id=c.event_id)
-        for c in context
-        if c.event_id is None or c.event_id not in stored_ids
-    ]
+    extra = [c for c in context if c.event_id is None or c.event_id not in stored_ids]
     return sorted([*stored, *extra], key=lambda e: e.timestamp)
 
 
@@ -44,7 +39,7 @@ class Window:
         return RankRequest(self.history, np.ascontiguousarray(candidate_vectors, dtype=np.float32))
 
 
-def build_window(events: Sequence[StoredEvent], catalog: ItemCatalog, length: int) -> Window:
+def build_window(events: Sequence[ContextEvent], catalog: ItemCatalog, length: int) -> Window:
     """The last ``length`` events (time-ordered) whose item is in the catalog, as ranker features.
 
     Unknown items are dropped before the cut, so the ranker always gets up to ``length`` real events.

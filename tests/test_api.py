@@ -26,7 +26,6 @@ from service.ranking import influences, top_rows
 from service.schemas.events import ContextEvent
 from service.schemas.fields import EventType, parse_timestamp
 from service.settings import Settings
-from service.store import StoredEvent
 from service.window import merge_events
 
 pytestmark = pytest.mark.anyio
@@ -567,7 +566,8 @@ def test_bad_timestamps_are_refused(given: Any) -> None:
 
 
 def test_merge_orders_by_time_and_skips_context_already_stored() -> None:
-    stored = [StoredEvent("a", "click", 10.0, event_id="e1"), StoredEvent("b", "view", 30.0)]
+    stored = [ContextEvent(item_id="a", type="click", timestamp=10.0, event_id="e1"),
+              ContextEvent(item_id="b", type="view", timestamp=30.0)]  # fmt: skip
     context = [
         ContextEvent(item_id="a", type="click", timestamp=10.0, event_id="e1"),
         ContextEvent(item_id="c", type="view", timestamp=20.0),

@@ -10,8 +10,9 @@ import redis
 from pydantic import ValidationError
 
 from service.redis_conn import RedisConnection
+from service.schemas.events import ContextEvent
 from service.settings import Settings
-from service.store import HistoryStore, StoredEvent
+from service.store import HistoryStore
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +43,7 @@ async def test_store_from_settings_uses_the_environment(
     assert (settings.redis_url, settings.history_cap) == (redis_url, 60)
     conn = RedisConnection.from_settings(settings)
     s = HistoryStore.from_settings(settings, conn)
-    await s.append([("u", StoredEvent("a", "click", T0 + i, None, None)) for i in range(70)])
+    await s.append([("u", ContextEvent(item_id="a", type="click", timestamp=T0 + i)) for i in range(70)])
     assert len((await s.history("u", 100))[0]) == 60
     with redis.Redis.from_url(redis_url) as client:
         assert client.exists("env:h:u")

@@ -12,9 +12,11 @@ from collections.abc import AsyncIterator
 import pytest
 import redis
 from prometheus_client import REGISTRY
+from pydantic import ValidationError
 
 from service.redis_conn import RedisConnection, StoreUnavailable
-from service.store import HistoryStore, StoredEvent
+from service.schemas.events import ContextEvent
+from service.store import HistoryStore
 
 pytestmark = pytest.mark.anyio
 
@@ -41,8 +43,9 @@ def store(conn: RedisConnection) -> HistoryStore:
 
 def ev(
     item: str, ts: float, kind: str = "click", value: float | None = None, eid: str | None = None
-) -> StoredEvent:
-    return StoredEvent(item, kind, ts, value, eid)
+) -> ContextEvent:
+    """An event record as given, not validated: the store's own refusals are tested with it."""
+    return ContextEvent.model_construct(item_id=item, type=kind, timestamp=ts, value=value, event_id=eid)
 
 
 def metric(name: str, op: str) -> float:
@@ -66,8 +69,8 @@ async def test_history_is_time_ordered_newest_last_whatever_the_arrival_order(st
     events, seen = await store.history("u", 10)
     assert [e.item_id for e in events] == ["a", "b", "c", "d"]
     assert seen is None
-    assert events[2] == StoredEvent("c", "rate", T0 + 30, 4.0, "e3")
-    assert events[1] == StoredEvent("b", "add_to_cart", T0 + 20, None, "e2")
+    assert events[2] == ContextEvent(item_id="c", type="rate", timestamp=T0 + 30, value=4.0, event_id="e3")
+    assert events[1] == ContextEvent(item_id="b", type="add_to_cart", timestamp=T0 + 20, event_id="e2")
 
     last_two, seen = await store.history("u", 2, with_seen=True)
     assert [e.item_id for e in last_two] == ["c", "d"]
@@ -122,22 +125,30 @@ async def test_a_retried_batch_is_not_stored_twice(store: HistoryStore, redis_ur
 
 
 @pytest.mark.parametrize(
-    "bad",
+    "fields",
     [
-        ev("b", math.nan),
-        ev("b", math.inf),
-        ev("", T0),
-        ev("b", T0, kind="like"),
-        ev("b", T0, value=math.nan),
-        ev("b", T0, eid=""),
+        {"item_id": "b", "timestamp": math.nan},
+        {"item_id": "b", "timestamp": math.inf},
+        {"item_id": "", "timestamp": T0},
+        {"item_id": "b", "timestamp": T0, "type": "like"},
+        {"item_id": "b", "timestamp": T0, "value": math.nan},
+        {"item_id": "b", "timestamp": T0, "event_id": ""},
     ],
     ids=["nan-ts", "inf-ts", "empty-item", "unknown-type", "nan-value", "empty-event-id"],
 )
-async def test_an_invalid_event_rejects_the_whole_batch(
-    store: HistoryStore, redis_url: str, bad: StoredEvent
+def test_an_invalid_event_record_cannot_be_built(fields: dict) -> None:
+    """What the store stores is a validated ``ContextEvent``: no invalid one reaches it from the API or the
+    loaders."""
+    with pytest.raises(ValidationError):
+        ContextEvent(**{"type": "click", **fields})
+
+
+@pytest.mark.parametrize("ts", [math.nan, math.inf], ids=["nan-ts", "inf-ts"])
+async def test_a_non_finite_timestamp_rejects_the_whole_batch_in_the_script(
+    store: HistoryStore, redis_url: str, ts: float
 ) -> None:
-    with pytest.raises(ValueError, match="event 1"):
-        await store.append([("u", ev("a", T0, eid="ok")), ("u", bad)])
+    with pytest.raises(StoreUnavailable, match="event 1: timestamp is not a finite number"):
+        await store.append([("u", ev("a", T0, eid="ok")), ("u", ev("b", ts))])
     assert dbsize(redis_url) == 0
 
 
@@ -351,7 +362,7 @@ async def test_an_invalid_batch_changes_no_covisitation_or_fresh_key(
     with redis.Redis.from_url(redis_url) as client:
         client.set("cr:cv:c", "not a sorted set")  # a foreign key where the batch would write
     dump = redis_dump(redis_url)
-    with pytest.raises(ValueError, match="event 1"):
+    with pytest.raises(StoreUnavailable, match="event 1: timestamp is not a finite number"):
         await store.append([("u", ev("c", T0 + 2)), ("u", ev("d", math.nan))])
     assert redis_dump(redis_url) == dump
     # d follows c: the script finds the foreign key before its first write

@@ -6,7 +6,6 @@ from service.deps import ServicesDep, v1_router, within_deadline
 from service.errors import documented
 from service.metrics import EVENTS_INGESTED
 from service.schemas.events import EventsRequest, EventsResponse
-from service.store import StoredEvent
 
 router = v1_router()
 
@@ -16,11 +15,7 @@ async def post_events(body: EventsRequest, services: ServicesDep) -> EventsRespo
     """Store behaviour events, all or nothing; acknowledged only once Redis has them. A repeated
     ``event_id`` is acknowledged as a duplicate and not stored twice, so after a 503 or 504 (which may
     come after Redis applied the batch) the client can safely resend the same batch."""
-    events = [
-        (e.user_id, StoredEvent(item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value,
-                                event_id=e.event_id))
-        for e in body.events
-    ]  # fmt: skip
+    events = [(e.user_id, e) for e in body.events]
     accepted, duplicates = await within_deadline(services, services.store.append(events))
     EVENTS_INGESTED.labels(result="stored").inc(accepted)
     EVENTS_INGESTED.labels(result="duplicate").inc(duplicates)

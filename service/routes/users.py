@@ -8,7 +8,7 @@ from fastapi import Query
 
 from service.deps import ServicesDep, UserIdPath, v1_router, within_deadline
 from service.errors import documented
-from service.schemas.events import ForgetResponse, HistoryEvent, HistoryResponse
+from service.schemas.events import ForgetResponse, HistoryResponse
 
 router = v1_router()
 
@@ -27,15 +27,7 @@ async def get_history(
     """The user's most recent stored events, newest last."""
     n = min(limit or services.settings.history_cap, services.settings.history_cap)
     events, _ = await within_deadline(services, services.store.history(user_id, n))
-    return HistoryResponse(
-        user_id=user_id,
-        events=[
-            HistoryEvent(
-                item_id=e.item_id, type=e.type, timestamp=e.timestamp, value=e.value, event_id=e.event_id
-            )
-            for e in events
-        ],
-    )
+    return HistoryResponse(user_id=user_id, events=events)
 
 
 @router.delete("/users/{user_id}", response_model=ForgetResponse, responses=documented(503, 504))

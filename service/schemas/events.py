@@ -7,6 +7,8 @@ from pydantic import ConfigDict, Field
 from service.schemas.fields import MAX_EVENTS, ApiModel, EventType, ItemId, Timestamp, UserId
 
 
+# The one event record of the service: a request's context, what the store keeps and returns, what the
+# ranker's window is built from (``Event`` adds the user for ingestion; ``HistoryEvent`` documents it out).
 class ContextEvent(ApiModel):
     """An event of the user that the request carries itself (not stored, or not stored yet)."""
 
@@ -66,6 +68,8 @@ class EventsResponse(ApiModel):
 
 
 class HistoryEvent(ApiModel):
+    model_config = ConfigDict(from_attributes=True)  # built from the stored ``ContextEvent`` records
+
     item_id: str
     type: str
     timestamp: float
