@@ -1,47 +1,8 @@
 """Per-user event history, seen-sets, idempotency, trending counts, item-to-item co-visitation and fresh
 items in Redis (redis.asyncio).
 
-Key layout (``p`` is the prefix, ``u`` a user id; the kind segment comes first, so user ids that contain
-``:`` cannot collide across kinds):
-
-- ``p h:u``   sorted set, the user's last ``history_cap`` events: score = event timestamp, member =
-  16 hex digits of a global sequence number + compact JSON ``[item_id, type, value, event_id]``. The
-  sequence prefix makes identical events distinct and keeps arrival order among equal timestamps.
-- ``p s:u``   set of every item the user ever interacted with (uncapped; for ``exclude_seen``).
-- ``p e:u``   sorted set of the user's event ids → first ingestion time (server clock). Idempotency is
-  per user and lasts ``dedup_window_s`` (7 days) after an id is first stored: long enough for any retry
-  or replay of a day's backlog, bounded in memory. Keying it per user lets ``forget`` erase it.
-- ``p trend`` / ``p trend:meta``  recency-weighted popularity (see ``service/lua/append.lua``) and its
-  reference time.
-- ``p cv:i``  sorted set "what followed item i": member = an item that some user interacted with within
-  ``covisit_window`` (W) events after i, score = the sum over those pairs of a recency weight
-  2^((t - ref_i) / half_life) / distance (t the later event's time, forward decay with the trending
-  half-life, rescaled like trending), relative to the reference time ``ref_i`` kept in the hash
-  ``p cvref`` (field = i). Trimmed to the ``covisit_size`` (K) best members after every write, so it is
-  a bounded heavy-hitter list, not an exact count: a pair must gather weight faster than the K-th entry
-  decays to stay. An event that arrives after later events of its user counts as following its
-  predecessors only.
-- ``p fresh``  sorted set of the newest ``fresh_size`` (F) items → time first seen: an item's first
-  event ever (its timestamp, capped at now + 1 h) or its first ``POST /v1/items`` (server time),
-  whichever came first. ``p iseen`` is the set of every item that ever had an event (what "first"
-  means).
-- ``p seq``  the sequence counter; ``p batch:<token>`` the cached result of one ``append`` call.
-
-Co-visitation, fresh items and trending are anonymous aggregates over all users: ``forget`` leaves them
-alone (no key names a user, and no member does).
-
-Memory bound of the item keys: co-visitation holds at most items × K entries (K = 50 by default) plus
-one ``cvref`` field per source item. ``MEMORY USAGE`` on Redis 7.0 after ``load-history`` of MovieLens
-100K (1,634 sets, 64,723 entries): 21.6 bytes per entry in a full 50-entry set (1,080 bytes a set;
-23.8 on average with the smaller sets' fixed cost), ~58 bytes per ``cvref`` field. That is the listpack
-encoding, used up to ``zset-max-listpack-entries`` (128) members; ids of 12 and 36 characters measured
-37 and 63 bytes per entry, and a K above 128 switches to a skiplist at ~100 bytes per entry. So
-10⁵ items with short ids take at most ~110 MB at K = 50. ``fresh`` holds F entries (26 kB at 200);
-``iseen`` one member per item ever seen in an event (~42 bytes each).
-
-Redis Cluster: the key names live in ``_KIND`` and ``HistoryStore._key`` only. The append script builds
-``cv:<item>`` keys itself and writes keys of many users and items in one call, which works on a single
-Redis (or a primary with replicas) only, not on Redis Cluster yet.
+The key layout, what each key holds and its memory bound are in docs/architecture.md ("Redis keys");
+the key names live in ``_KIND`` and ``HistoryStore._key`` only.
 
 ``append`` is one Lua script (``service/lua/append.lua``); its KEYS and ARGV slots are named once, in
 ``APPEND`` (``service/lua_scripts.py`` explains how the script reads them). Every call goes through the
