@@ -70,25 +70,16 @@ def last_distinct(item_ids: Sequence[str], n: int) -> list[str]:
     return out
 
 
+@dataclass(frozen=True, kw_only=True)
 class CandidateSources:
     """Gathers the candidate rows of one recommend request (see the module docstring)."""
 
-    def __init__(
-        self,
-        catalog: ItemCatalog,
-        store: HistoryStore,
-        *,
-        covisit_sources: int = 3,
-        covisit_candidates: int = 100,
-        fresh_candidates: int = 20,
-        trending_candidates: int = 10,
-    ) -> None:
-        self.catalog = catalog
-        self.store = store
-        self.covisit_sources = covisit_sources
-        self.covisit_candidates = covisit_candidates
-        self.fresh_candidates = fresh_candidates
-        self.trending_candidates = trending_candidates
+    catalog: ItemCatalog
+    store: HistoryStore
+    covisit_sources: int = 3
+    covisit_candidates: int = 100
+    fresh_candidates: int = 20
+    trending_candidates: int = 10
 
     async def gather(
         self,

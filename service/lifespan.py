@@ -88,18 +88,18 @@ async def _load_model(services: Services) -> LoadedModel | None:
     )
     await batcher.start()
     sources = CandidateSources(
-        catalog,
-        store,
+        catalog=catalog,
+        store=store,
         covisit_sources=settings.covisit_sources,
         covisit_candidates=settings.covisit_candidates,
         fresh_candidates=settings.fresh_candidates,
         trending_candidates=settings.trending_candidates,
     )
     ranker = Ranker(
-        models,
-        catalog,
-        store,
-        batcher,
+        models=models,
+        catalog=catalog,
+        store=store,
+        batcher=batcher,
         history_length=min(settings.history_length, models.history_length),
         retrieval_size=settings.retrieval_size,
         sources=sources,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -97,30 +98,19 @@ def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
     return part[np.argsort(-scores[part], kind="stable")]
 
 
+@dataclass(kw_only=True)
 class Ranker:
-    """Serves predict and recommend from the store, the catalog and the batched ranker."""
+    """Serves predict and recommend from the store, the catalog and the batched ranker (all borrowed)."""
 
-    def __init__(
-        self,
-        models: OnnxModels,
-        catalog: ItemCatalog,
-        store: HistoryStore,
-        batcher: MicroBatcher,
-        *,
-        history_length: int,
-        retrieval_size: int,
-        sources: CandidateSources | None = None,
-        covisit_weight: float = 0.0,
-    ) -> None:
-        self.models = models
-        self.catalog = catalog
-        self.store = store
-        self.batcher = batcher
-        self.history_length = history_length
-        self.retrieval_size = retrieval_size
-        self.sources = sources or CandidateSources(catalog, store)
-        self.covisit_weight = covisit_weight
-        self._prior: tuple[np.ndarray, np.ndarray] | None = None
+    models: OnnxModels
+    catalog: ItemCatalog
+    store: HistoryStore
+    batcher: MicroBatcher
+    sources: CandidateSources
+    history_length: int
+    retrieval_size: int
+    covisit_weight: float = 0.0
+    _prior: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
         route = "/v1/predict"

@@ -10,7 +10,7 @@ from service.schemas.events import EventsRequest, EventsResponse
 router = v1_router()
 
 
-@router.post("/events", response_model=EventsResponse, responses=documented(503, 504))
+@router.post("/events", responses=documented(503, 504))
 async def post_events(body: EventsRequest, services: ServicesDep) -> EventsResponse:
     """Store behaviour events, all or nothing; acknowledged only once Redis has them. A repeated
     ``event_id`` is acknowledged as a duplicate and not stored twice, so after a 503 or 504 (which may

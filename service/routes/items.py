@@ -10,7 +10,7 @@ from service.schemas.items import ItemOut, ItemsRequest, ItemsResponse
 router = v1_router()
 
 
-@router.post("/items", response_model=ItemsResponse, responses=documented(503, 504))
+@router.post("/items", responses=documented(503, 504))
 async def post_items(body: ItemsRequest, services: ServicesDep, model: ModelDep) -> ItemsResponse:
     """Add or update items: the text is encoded by the BERT encoder, published to Redis, then applied
     locally: this replica ranks the item from the very next request, the others within
@@ -22,7 +22,7 @@ async def post_items(body: ItemsRequest, services: ServicesDep, model: ModelDep)
     return ItemsResponse(upserted=upserted)
 
 
-@router.get("/items/{item_id}", response_model=ItemOut, responses=documented(404, 503))
+@router.get("/items/{item_id}", responses=documented(404, 503))
 async def get_item(item_id: ItemIdPath, model: ModelDep) -> ItemOut:
     found = model.catalog.get(item_id)
     if found is None:

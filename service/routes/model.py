@@ -9,7 +9,7 @@ from service.schemas.ops import BatchingInfo, ModelInfo
 router = v1_router()
 
 
-@router.get("/model", response_model=ModelInfo, responses=documented(503))
+@router.get("/model", responses=documented(503))
 async def model_info(services: ServicesDep, model: ModelDep) -> ModelInfo:
     settings, models = services.settings, model.models
     return ModelInfo(

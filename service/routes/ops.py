@@ -14,7 +14,7 @@ from service.schemas.ops import ErrorDetail, Status
 router = APIRouter(tags=["operations"])
 
 
-@router.get("/healthz", response_model=Status)
+@router.get("/healthz")
 async def healthz() -> Status:
     """Liveness: the process answers."""
     return Status(status="ok")

@@ -9,12 +9,7 @@ from service.schemas.ranking import PredictRequest, PredictResponse, RecommendRe
 router = v1_router()
 
 
-@router.post(
-    "/predict",
-    response_model=PredictResponse,
-    response_model_exclude_none=True,
-    responses=documented(503, 504),
-)
+@router.post("/predict", response_model_exclude_none=True, responses=documented(503, 504))
 async def predict(body: PredictRequest, services: ServicesDep, model: ModelDep) -> PredictResponse:
     """Click probability of each candidate for the user, best first. Candidates unknown to the catalog
     are scored if given with ``text`` (encoded on the fly, not added to the catalog), else listed in
@@ -22,12 +17,7 @@ async def predict(body: PredictRequest, services: ServicesDep, model: ModelDep) 
     return await within_deadline(services, model.ranker.predict(body))
 
 
-@router.post(
-    "/recommend",
-    response_model=RecommendResponse,
-    response_model_exclude_none=True,
-    responses=documented(503, 504),
-)
+@router.post("/recommend", response_model_exclude_none=True, responses=documented(503, 504))
 async def recommend(body: RecommendRequest, services: ServicesDep, model: ModelDep) -> RecommendResponse:
     """The user's next items over the whole catalog: the union of vector retrieval, co-visitation of the
     user's latest items, fresh items and trending items, ordered by the ranker. A user without history

@@ -13,12 +13,7 @@ from service.schemas.events import ForgetResponse, HistoryResponse
 router = v1_router()
 
 
-@router.get(
-    "/users/{user_id}/history",
-    response_model=HistoryResponse,
-    response_model_exclude_none=True,
-    responses=documented(503, 504),
-)
+@router.get("/users/{user_id}/history", response_model_exclude_none=True, responses=documented(503, 504))
 async def get_history(
     user_id: UserIdPath,
     services: ServicesDep,
@@ -30,7 +25,7 @@ async def get_history(
     return HistoryResponse(user_id=user_id, events=events)
 
 
-@router.delete("/users/{user_id}", response_model=ForgetResponse, responses=documented(503, 504))
+@router.delete("/users/{user_id}", responses=documented(503, 504))
 async def forget_user(user_id: UserIdPath, services: ServicesDep) -> ForgetResponse:
     """Forget everything stored about the user (history, seen-set). Idempotent."""
     forgotten = await within_deadline(services, services.store.forget(user_id))

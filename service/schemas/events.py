@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import ConfigDict, Field
 
-from service.schemas.fields import MAX_EVENTS, ApiModel, EventType, ItemId, Timestamp, UserId
+from service.schemas.fields import MAX_EVENTS, ApiModel, EventType, ItemId, Timestamp, UserId, examples
 
 
 # The one event record of the service: a request's context, what the store keeps and returns, what the
@@ -12,10 +12,7 @@ from service.schemas.fields import MAX_EVENTS, ApiModel, EventType, ItemId, Time
 class ContextEvent(ApiModel):
     """An event of the user that the request carries itself (not stored, or not stored yet)."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"item_id": "50", "type": "click", "timestamp": 1714564800}]},
-    )
+    model_config = examples({"item_id": "50", "type": "click", "timestamp": 1714564800})
 
     item_id: ItemId
     type: EventType
@@ -27,41 +24,31 @@ class ContextEvent(ApiModel):
 
 
 class Event(ContextEvent):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {"user_id": "7", "item_id": "50", "type": "rate", "timestamp": 1714564800, "value": 4,
-                 "event_id": "e-0001"}
-            ]
-        },
+    model_config = examples(
+        {"user_id": "7", "item_id": "50", "type": "rate", "timestamp": 1714564800, "value": 4,
+         "event_id": "e-0001"}
     )  # fmt: skip
 
     user_id: UserId
 
 
 class EventsRequest(ApiModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "events": [
-                        {"user_id": "7", "item_id": "50", "type": "click", "timestamp": 1714564800,
-                         "event_id": "e-0001"},
-                        {"user_id": "7", "item_id": "181", "type": "rate",
-                         "timestamp": "2024-05-01T12:05:00Z", "value": 5, "event_id": "e-0002"},
-                    ]
-                }
+    model_config = examples(
+        {
+            "events": [
+                {"user_id": "7", "item_id": "50", "type": "click", "timestamp": 1714564800,
+                 "event_id": "e-0001"},
+                {"user_id": "7", "item_id": "181", "type": "rate",
+                 "timestamp": "2024-05-01T12:05:00Z", "value": 5, "event_id": "e-0002"},
             ]
-        },
+        }
     )  # fmt: skip
 
     events: list[Event] = Field(min_length=1, max_length=MAX_EVENTS)
 
 
 class EventsResponse(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"accepted": 2, "duplicates": 0}]})
+    model_config = examples({"accepted": 2, "duplicates": 0})
 
     accepted: int = Field(description="events stored by this request")
     duplicates: int = Field(description="events whose event_id was already stored: acknowledged, not stored")
@@ -78,12 +65,8 @@ class HistoryEvent(ApiModel):
 
 
 class HistoryResponse(ApiModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"user_id": "7", "events": [{"item_id": "50", "type": "click", "timestamp": 1714564800.0}]}
-            ]
-        }
+    model_config = examples(
+        {"user_id": "7", "events": [{"item_id": "50", "type": "click", "timestamp": 1714564800.0}]}
     )
 
     user_id: str
@@ -91,7 +74,7 @@ class HistoryResponse(ApiModel):
 
 
 class ForgetResponse(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"user_id": "7", "forgotten": True}]})
+    model_config = examples({"user_id": "7", "forgotten": True})
 
     user_id: str
     forgotten: bool = Field(description="false when nothing was stored for this user")

@@ -91,3 +91,9 @@ Timestamp = Annotated[
 
 class ApiModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def examples(*values: dict[str, Any]) -> ConfigDict:
+    """The ``model_config`` of a model documented with these example values (unknown fields stay forbidden:
+    pydantic merges it with ``ApiModel``'s)."""
+    return ConfigDict(json_schema_extra={"examples": list(values)})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
-from service.schemas.fields import ApiModel
+from service.schemas.fields import ApiModel, examples
 
 
 class BatchingInfo(ApiModel):
@@ -17,23 +17,19 @@ class BatchingInfo(ApiModel):
 
 
 class ModelInfo(ApiModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "version": "20261123T101500Z-3f2a9c1d",
-                    "created": "2026-11-23T10:15:00Z",
-                    "dim": 64,
-                    "history_length": 50,
-                    "catalog_size": 1682,
-                    "metrics": {"table": [{"model": "clickrank", "HR@10": 0.1}]},
-                    "calibration": {"slope": 0.88, "intercept": -0.31, "method": "platt-on-log-softmax",
-                                    "fitted_on": "validation: each user's second-last event", "cases": 866},
-                    "providers": ["CPUExecutionProvider"],
-                    "batching": {"max_batch_size": 64, "max_batch_delay_ms": 0.0, "max_queue": 512,
-                                 "queue_depth": 0},
-                }
-            ]
+    model_config = examples(
+        {
+            "version": "20261123T101500Z-3f2a9c1d",
+            "created": "2026-11-23T10:15:00Z",
+            "dim": 64,
+            "history_length": 50,
+            "catalog_size": 1682,
+            "metrics": {"table": [{"model": "clickrank", "HR@10": 0.1}]},
+            "calibration": {"slope": 0.88, "intercept": -0.31, "method": "platt-on-log-softmax",
+                            "fitted_on": "validation: each user's second-last event", "cases": 866},
+            "providers": ["CPUExecutionProvider"],
+            "batching": {"max_batch_size": 64, "max_batch_delay_ms": 0.0, "max_queue": 512,
+                         "queue_depth": 0},
         }
     )  # fmt: skip
 
@@ -51,7 +47,7 @@ class ModelInfo(ApiModel):
 
 
 class Status(ApiModel):
-    model_config = ConfigDict(json_schema_extra={"examples": [{"status": "ok"}]})
+    model_config = examples({"status": "ok"})
 
     status: str
 
@@ -70,22 +66,18 @@ class ErrorBody(ApiModel):
 
 
 class ErrorResponse(ApiModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "error": {
-                        "code": "validation_error",
-                        "message": "events[0].type: Input should be 'view', 'click', 'add_to_cart', "
-                        "'purchase' or 'rate'",
-                        "details": [
-                            {"field": "events[0].type", "message": "Input should be 'view', ...",
-                             "type": "literal_error"}
-                        ],
-                        "request_id": "5f0c2a4e9b1d4c7e",
-                    }
-                }
-            ]
+    model_config = examples(
+        {
+            "error": {
+                "code": "validation_error",
+                "message": "events[0].type: Input should be 'view', 'click', 'add_to_cart', "
+                "'purchase' or 'rate'",
+                "details": [
+                    {"field": "events[0].type", "message": "Input should be 'view', ...",
+                     "type": "literal_error"}
+                ],
+                "request_id": "5f0c2a4e9b1d4c7e",
+            }
         }
     )  # fmt: skip
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import ConfigDict, Discriminator, Field, Tag
+from pydantic import Discriminator, Field, Tag
 
 from service.schemas.events import ContextEvent
 from service.schemas.fields import (
@@ -16,6 +16,7 @@ from service.schemas.fields import (
     ItemId,
     ItemText,
     UserId,
+    examples,
 )
 
 
@@ -44,19 +45,14 @@ Candidate = Annotated[
 
 
 class PredictRequest(ApiModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={
-            "examples": [
-                {
-                    "user_id": "7",
-                    "candidates": ["50", "181", {"item_id": "new-1", "text": "Space Heist (2026) | Sci-Fi"}],
-                    "context": [{"item_id": "172", "type": "view", "timestamp": 1714564900}],
-                    "top_k": 10,
-                    "explain": True,
-                }
-            ]
-        },
+    model_config = examples(
+        {
+            "user_id": "7",
+            "candidates": ["50", "181", {"item_id": "new-1", "text": "Space Heist (2026) | Sci-Fi"}],
+            "context": [{"item_id": "172", "type": "view", "timestamp": 1714564900}],
+            "top_k": 10,
+            "explain": True,
+        }
     )
 
     user_id: UserId
@@ -89,24 +85,22 @@ class RankedAnswer(ApiModel):
     )
 
 
+_ANSWERED = {"user_id": "7", "model_version": "20261123T101500Z-3f2a9c1d", "history_length": 12,
+             "degraded": False}  # fmt: skip
+"""The ``RankedAnswer`` part of the answer examples."""
+
+
 class PredictResponse(RankedAnswer):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "user_id": "7",
-                    "model_version": "20261123T101500Z-3f2a9c1d",
-                    "history_length": 12,
-                    "degraded": False,
-                    "predictions": [
-                        {"item_id": "181", "click_probability": 0.91, "rank": 1,
-                         "influences": [{"item_id": "172", "weight": 0.41}]},
-                        {"item_id": "50", "click_probability": 0.62, "rank": 2,
-                         "influences": [{"item_id": "172", "weight": 0.38}]},
-                    ],
-                    "unknown_items": ["gone-1"],
-                }
-            ]
+    model_config = examples(
+        {
+            **_ANSWERED,
+            "predictions": [
+                {"item_id": "181", "click_probability": 0.91, "rank": 1,
+                 "influences": [{"item_id": "172", "weight": 0.41}]},
+                {"item_id": "50", "click_probability": 0.62, "rank": 2,
+                 "influences": [{"item_id": "172", "weight": 0.38}]},
+            ],
+            "unknown_items": ["gone-1"],
         }
     )  # fmt: skip
 
@@ -115,10 +109,7 @@ class PredictResponse(RankedAnswer):
 
 
 class RecommendRequest(ApiModel):
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"user_id": "7", "top_k": 10, "exclude_seen": True}]},
-    )
+    model_config = examples({"user_id": "7", "top_k": 10, "exclude_seen": True})
 
     user_id: UserId
     top_k: int = Field(default=10, ge=1, le=MAX_RECOMMEND_TOP_K)
@@ -128,18 +119,6 @@ class RecommendRequest(ApiModel):
 
 
 class RecommendResponse(RankedAnswer):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "user_id": "7",
-                    "model_version": "20261123T101500Z-3f2a9c1d",
-                    "history_length": 12,
-                    "degraded": False,
-                    "items": [{"item_id": "98", "click_probability": 0.87, "rank": 1}],
-                }
-            ]
-        }
-    )
+    model_config = examples({**_ANSWERED, "items": [{"item_id": "98", "click_probability": 0.87, "rank": 1}]})
 
     items: list[Prediction]
