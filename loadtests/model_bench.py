@@ -62,7 +62,7 @@ def build_ranker(shape: Shape, model_dir: Path | None, seed: int, workdir: Path)
     import torch
 
     from models.export import export_ranker
-    from models.ranker import SequenceRanker, load_ranker
+    from models.ranker import RankerConfig, SequenceRanker, load_ranker
 
     weights = model_dir / "ranker.pt" if model_dir else None
     if model_dir is not None and weights is not None and weights.is_file():
@@ -72,7 +72,9 @@ def build_ranker(shape: Shape, model_dir: Path | None, seed: int, workdir: Path)
             f"trained weights: {weights} and its ranker.onnx",
         )
     torch.manual_seed(seed)
-    ranker = SequenceRanker(shape.dim, shape.history_length, heads=shape.heads, layers=shape.layers)
+    ranker = SequenceRanker(
+        RankerConfig(shape.dim, shape.history_length, heads=shape.heads, layers=shape.layers)
+    )
     for emb in (ranker.type_embedding, ranker.value_embedding, ranker.gap_embedding):
         torch.nn.init.normal_(emb.weight, std=0.02)  # zero-initialised for training; random here
     ranker.eval()

@@ -66,7 +66,7 @@ def _export(module: torch.nn.Module, args: tuple, path: Path, names: tuple, outp
 
 def export_ranker(ranker: SequenceRanker, path: Path) -> None:
     ranker.eval()
-    args = random_ranker_inputs(3, 7, 5, ranker.dim, torch.Generator().manual_seed(0))
+    args = random_ranker_inputs(3, 7, 5, ranker.config.dim, torch.Generator().manual_seed(0))
     b, length, c = Dim("batch"), Dim("history"), Dim("candidates")
     dynamic = (
         {0: b, 1: length},
@@ -103,7 +103,9 @@ def ranker_parity(ranker: SequenceRanker, path: Path, seed: int = 1) -> float:
     gen = torch.Generator().manual_seed(seed)
     worst = 0.0
     for batch, length, cands in ((1, 1, 1), (2, 9, 17), (5, 50, 100), (16, 33, 7), (4, 50, 300)):
-        args = random_ranker_inputs(batch, length, cands, ranker.dim, gen, empty_rows=1 if batch > 1 else 0)
+        args = random_ranker_inputs(
+            batch, length, cands, ranker.config.dim, gen, empty_rows=1 if batch > 1 else 0
+        )
         with torch.no_grad():
             expected = torch.sigmoid(ranker(*args)[0]).numpy()
         got = session.run(["logits"], {n: a.numpy() for n, a in zip(RANKER_INPUTS, args, strict=True)})[0]

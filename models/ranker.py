@@ -12,6 +12,8 @@ gets the history-free prior (the MLP on the candidate alone) either way.
 from __future__ import annotations
 
 import math
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -99,59 +101,65 @@ def _attend(
     return weights @ values, weights
 
 
+@dataclass(frozen=True)
+class RankerConfig:
+    """The shape of a ``SequenceRanker``: saved beside its weights, so a loaded ranker is built the same."""
+
+    dim: int
+    max_len: int
+    heads: int = 2
+    layers: int = 2
+    dropout: float = 0.2
+    rerank: bool = True
+    """False: a non-empty history's logit is the retrieval score ⟨user, item⟩ alone (the MLP then only
+    serves the history-free prior); chosen at training time on validation."""
+
+
+class HistoryTensors(NamedTuple):
+    """One batch of left-padded histories [B, L(, D)]: the first five inputs of the serving signature."""
+
+    vectors: torch.Tensor
+    types: torch.Tensor
+    values: torch.Tensor
+    gaps: torch.Tensor
+    mask: torch.Tensor
+
+
 class SequenceRanker(nn.Module):
     """History (left-padded, newest last) + candidates → click logits, attention, user vector."""
 
-    def __init__(
-        self,
-        dim: int,
-        max_len: int,
-        heads: int = 2,
-        layers: int = 2,
-        dropout: float = 0.2,
-        rerank: bool = True,
-    ) -> None:
+    def __init__(self, config: RankerConfig) -> None:
         super().__init__()
-        self.dim = dim
-        self.max_len = max_len
-        self.rerank = rerank
-        """False: a non-empty history's logit is the retrieval score ⟨user, item⟩ alone (the MLP then only
-        serves the history-free prior); chosen at training time on validation."""
+        self.config = config
+        dim, dropout = config.dim, config.dropout
         self.type_embedding = nn.Embedding(NUM_EVENT_TYPES, dim)
         self.value_embedding = nn.Embedding(NUM_VALUE_BUCKETS, dim)
         self.gap_embedding = nn.Embedding(NUM_GAP_BUCKETS, dim)
-        self.position_embedding = nn.Embedding(max_len, dim)
+        self.position_embedding = nn.Embedding(config.max_len, dim)
         for emb in (self.type_embedding, self.value_embedding, self.gap_embedding):
             # Zero-init: a feature value never seen in training (e.g. "purchase" on MovieLens) stays neutral.
             nn.init.zeros_(emb.weight)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.input_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(CausalBlock(dim, config.heads, dropout) for _ in range(config.layers))
         self.final_ln = nn.LayerNorm(dim)
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(5 * dim, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 1))
 
-    def encode(
-        self,
-        history_vectors: torch.Tensor,
-        history_types: torch.Tensor,
-        history_values: torch.Tensor,
-        history_gaps: torch.Tensor,
-        history_mask: torch.Tensor,
-    ) -> torch.Tensor:
+    def encode(self, history: HistoryTensors) -> torch.Tensor:
         """Causal states [B, L, D]; state t has read events 0..t."""
-        length = history_vectors.shape[1]
-        mask = history_mask > 0.5
-        positions = (torch.cumsum(history_mask, dim=1) - 1.0).clamp(0, self.max_len - 1).long()
+        length = history.vectors.shape[1]
+        mask = history.mask > 0.5
+        positions = (torch.cumsum(history.mask, dim=1) - 1.0).clamp(0, self.config.max_len - 1).long()
         x = (
-            history_vectors
-            + self.type_embedding(history_types)
-            + self.value_embedding(history_values)
-            + self.gap_embedding(history_gaps)
+            history.vectors
+            + self.type_embedding(history.types)
+            + self.value_embedding(history.values)
+            + self.gap_embedding(history.gaps)
             + self.position_embedding(positions)
         )
-        x = self.input_drop(x) * history_mask.unsqueeze(-1)
+        x = self.input_drop(x) * history.mask.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # A query attends to real keys up to itself; padding queries attend to themselves (finite, ignored).
         allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(
@@ -159,7 +167,7 @@ class SequenceRanker(nn.Module):
         )
         for block in self.blocks:
             x = block(x, allowed)
-        return self.final_ln(x) * history_mask.unsqueeze(-1)
+        return self.final_ln(x) * history.mask.unsqueeze(-1)
 
     def target_attention(
         self, states: torch.Tensor, key_mask: torch.Tensor, candidates: torch.Tensor
@@ -169,7 +177,9 @@ class SequenceRanker(nn.Module):
         ``states`` [B, L, D]; ``candidates`` [B, *, C, D]; ``key_mask`` broadcastable to [B, *, C, L].
         Weights are exactly 0 on masked keys and a row with no real key gives a zero context.
         """
-        return _attend(self.query(candidates), self.key(states), states, key_mask, 1.0 / math.sqrt(self.dim))
+        return _attend(
+            self.query(candidates), self.key(states), states, key_mask, 1.0 / math.sqrt(self.config.dim)
+        )
 
     def score(self, user: torch.Tensor, context: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
         """Logits from user state [..., 1|C, D], context [..., C, D] and candidates [..., C, D]."""
@@ -187,10 +197,12 @@ class SequenceRanker(nn.Module):
         candidate_vectors: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The serving signature: (logits [B, C], attention [B, C, L], user_vectors [B, D])."""
-        states = self.encode(history_vectors, history_types, history_values, history_gaps, history_mask)
+        states = self.encode(
+            HistoryTensors(history_vectors, history_types, history_values, history_gaps, history_mask)
+        )
         user = states[:, -1, :]  # newest slot; zero when the history is empty
         key_mask = history_mask.unsqueeze(1)
-        if self.rerank:
+        if self.config.rerank:
             context, weights = self.target_attention(states, key_mask, candidate_vectors)
             logits = self.score(user.unsqueeze(1), context, candidate_vectors)
         else:
@@ -236,18 +248,11 @@ class SequenceRanker(nn.Module):
 
 def save_ranker(ranker: SequenceRanker, path) -> None:
     """The PyTorch head beside its ONNX export (for parity tests and eager benchmarks)."""
-    config = {
-        "dim": ranker.dim,
-        "max_len": ranker.max_len,
-        "heads": ranker.blocks[0].heads,
-        "layers": len(ranker.blocks),
-        "rerank": ranker.rerank,
-    }
-    torch.save({"config": config, "state_dict": ranker.state_dict()}, path)
+    torch.save({"config": asdict(ranker.config), "state_dict": ranker.state_dict()}, path)
 
 
 def load_ranker(path) -> SequenceRanker:
     saved = torch.load(path, map_location="cpu", weights_only=True)
-    ranker = SequenceRanker(**saved["config"])
+    ranker = SequenceRanker(RankerConfig(**saved["config"]))
     ranker.load_state_dict(saved["state_dict"])
     return ranker.eval()

@@ -29,7 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.evaluate import Case, evaluate_cases
-from models.ranker import ItemTower, SequenceRanker
+from models.ranker import HistoryTensors, ItemTower, RankerConfig, SequenceRanker
 from models.sequences import UserSequence, Windows, history_arrays
 
 MASKED = -1e4
@@ -82,17 +82,17 @@ class RecModel(nn.Module):
         super().__init__()
         self.tower = ItemTower(num_items, cfg.dim, text_features, cfg.id_dropout)
         self.ranker = SequenceRanker(
-            cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout, rerank=cfg.rerank
+            RankerConfig(cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout, rerank=cfg.rerank)
         )
         self.history_length = cfg.history_length
         self.rerank_size = cfg.rerank_size if cfg.rerank else 0
 
-    def _inputs(self, histories: Sequence[UserSequence], vectors: torch.Tensor):
+    def _inputs(self, histories: Sequence[UserSequence], vectors: torch.Tensor) -> HistoryTensors:
         arrays = [history_arrays(h, self.history_length) for h in histories]
         items, types, values, gaps, mask = (
             torch.from_numpy(np.stack(col)) for col in zip(*arrays, strict=True)
         )
-        return vectors[items] * mask.unsqueeze(-1), types, values, gaps, mask
+        return HistoryTensors(vectors[items] * mask.unsqueeze(-1), types, values, gaps, mask)
 
     @torch.no_grad()
     def _scored(
@@ -101,14 +101,14 @@ class RecModel(nn.Module):
         """(served scores, retrieval scores, the re-ranked shortlist's columns or None), see ``scores``."""
         vectors = self.tower() if item_vectors is None else item_vectors
         k = self.rerank_size if rerank_size is None else rerank_size
-        hv, types, values, gaps, mask = self._inputs(histories, vectors)
-        states = self.ranker.encode(hv, types, values, gaps, mask)
+        history = self._inputs(histories, vectors)
+        states = self.ranker.encode(history)
         user = states[:, -1, :]
         retrieval = user @ vectors.T
         if k <= 0:
             return retrieval.numpy(), retrieval.numpy(), None
         top = retrieval.topk(min(k, retrieval.shape[1]), dim=1).indices
-        context, _ = self.ranker.target_attention(states, mask.unsqueeze(1), vectors[top])
+        context, _ = self.ranker.target_attention(states, history.mask.unsqueeze(1), vectors[top])
         full = self.ranker.score(user.unsqueeze(1), context, vectors[top])
         return retrieval.scatter(1, top, full).numpy(), retrieval.numpy(), top.numpy()
 
@@ -185,7 +185,7 @@ def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig,
     vectors = model.tower()
     mask = batch["mask"]
     hv = vectors[batch["items"]] * mask.unsqueeze(-1)
-    states = model.ranker.encode(hv, batch["types"], batch["values"], batch["gaps"], mask)
+    states = model.ranker.encode(HistoryTensors(hv, batch["types"], batch["values"], batch["gaps"], mask))
     targets = batch["targets"]
     valid = targets >= 0
     out = softmax.logits(states[valid], vectors, targets[valid])

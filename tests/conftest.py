@@ -1,15 +1,18 @@
-"""Shared fixtures: a real redis-server on a free port, and a real trained + exported tiny model."""
+"""Shared fixtures: a real redis-server on a free port, a connection to it, a real trained + exported tiny
+model and its catalog, and the anyio backend of the async tests."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR
+from models.model_dir import ModelDir
 from models.redis_process import RedisProcess
+from service.redis_conn import RedisConnection
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO / FALLBACK_DATA_DIR).resolve()
@@ -17,6 +20,12 @@ DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO / FALLBACK_DATA_DIR).resolv
 
 RedisServer = RedisProcess
 """A private redis-server in a temp dir; stop() and start() again on the same port."""
+
+
+@pytest.fixture(scope="module")
+def anyio_backend() -> str:
+    """Module scope, so that module-scoped async fixtures (one app per module) can run on it."""
+    return "asyncio"
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +49,14 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     yield redis_server.url
 
 
+@pytest.fixture()
+async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
+    """A RedisConnection to the empty database of ``redis_url``."""
+    c = RedisConnection.connect(redis_url, timeout_s=1.0)
+    yield c
+    await c.close()
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not (DATA_DIR / "u.data").is_file():
@@ -61,3 +78,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
     out = tmp_path_factory.mktemp("model")
     train_and_export(data_dir, out, TrainConfig.tiny(), id_only=True)
     return out
+
+
+@pytest.fixture(scope="module")
+def catalog(model_dir: Path) -> list[str]:
+    """The item ids of the tiny model, in catalog order."""
+    return ModelDir(model_dir).load().items.item_ids

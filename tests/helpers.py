@@ -1,9 +1,12 @@
-"""Helpers shared by the test modules: the app running in-process, and reading Prometheus metrics."""
+"""Helpers shared by the test modules: the app's settings and the app running in-process, and reading
+Prometheus metrics."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -16,6 +19,21 @@ from service.settings import Settings
 BASE_URL = "http://clickrank.test"
 
 Labels = tuple[tuple[str, str], ...]
+
+
+def app_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
+    """Settings of an app under test, on the CPU, with deadlines generous for the shared test machine
+    (2 s for Redis, 20 s for a request) unless ``overrides`` sets them: the fault tests do."""
+    return Settings(
+        **{
+            "redis_url": redis_url,
+            "model_dir": model_dir,
+            "device": "cpu",
+            "redis_timeout_ms": 2000.0,
+            "request_timeout_ms": 20000.0,
+            **overrides,
+        }
+    )
 
 
 @asynccontextmanager

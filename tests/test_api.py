@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
-from helpers import metric, metric_samples, running_app
+from helpers import app_settings, metric, metric_samples, running_app
 from oracle import ModelFiles
 
 from models.features import EVENT_TYPES
@@ -34,19 +34,11 @@ NOW = time.time()
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        model_dir=model_dir,
-        device="cpu",
+    settings = app_settings(
+        redis_server.url,
+        model_dir,
         max_batch_delay_ms=10.0,
-        redis_timeout_ms=2000.0,  # generous: the test machine is shared; faults are tested separately
-        request_timeout_ms=20000.0,
         retrieval_size=100,
         item_sync_interval_s=0.2,
         covisit_weight=0.0,  # the model alone, checked by hand below (the blend: test_candidates.py)

@@ -14,10 +14,9 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
-from helpers import running_app, scraped_metric
+from helpers import app_settings, running_app, scraped_metric
 from oracle import ModelFiles
 
-from models.model_dir import ModelDir
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -26,26 +25,11 @@ NOW = time.time()
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
-def catalog(model_dir: Path) -> list[str]:
-    return ModelDir(model_dir).load().items.item_ids
-
-
-@pytest.fixture(scope="module")
 async def resilient_app(
     redis_server: Any, model_dir: Path
 ) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        model_dir=model_dir,
-        device="cpu",
-        redis_timeout_ms=250.0,
-        request_timeout_ms=5000.0,
-        retrieval_size=50,
+    settings = app_settings(
+        redis_server.url, model_dir, redis_timeout_ms=250.0, request_timeout_ms=5000.0, retrieval_size=50
     )
     async with running_app(settings) as handle:
         yield handle
@@ -167,10 +151,9 @@ async def test_full_queue_is_503_with_retry_after_and_late_answers_are_504(
 ) -> None:
     """A batcher that waits 500 ms to fill a batch, a 2-slot queue and a 150 ms request deadline: a burst
     gets 503 (queue full) at once and 504 (deadline) for the queued requests, and nothing hangs."""
-    settings = Settings(
-        redis_url=redis_server.url,
-        model_dir=model_dir,
-        device="cpu",
+    settings = app_settings(
+        redis_server.url,
+        model_dir,
         max_batch_size=64,
         max_batch_delay_ms=500.0,
         max_queue=2,

@@ -16,11 +16,6 @@ from service.batcher import BatcherClosed, MicroBatcher, QueueFull
 pytestmark = pytest.mark.anyio
 
 
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def answer(request: int) -> tuple[int, int]:
     """What infer returns for one request: computed from the request alone, so a mix-up shows."""
     return request, request * request + 7

@@ -17,12 +17,10 @@ import numpy as np
 import pytest
 import redis
 from fastapi import FastAPI
-from helpers import running_app, scraped_metric
+from helpers import app_settings, running_app, scraped_metric
 from oracle import ModelFiles
 
-from models.model_dir import ModelDir
 from service.candidates import last_distinct, merge_covisit
-from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
@@ -30,18 +28,10 @@ NOW = time.time()
 
 
 @pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module")
 async def narrow(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    settings = Settings(
-        redis_url=redis_server.url,
-        model_dir=model_dir,
-        device="cpu",
-        redis_timeout_ms=2000.0,  # generous: the test machine is shared
-        request_timeout_ms=20000.0,
+    settings = app_settings(
+        redis_server.url,
+        model_dir,
         retrieval_size=1,
         trending_candidates=0,
         fresh_size=3,
@@ -54,11 +44,6 @@ async def narrow(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[http
 @pytest.fixture()
 def client(narrow: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.AsyncClient:
     return narrow[0]
-
-
-@pytest.fixture(scope="module")
-def catalog(model_dir: Path) -> list[str]:
-    return ModelDir(model_dir).load().items.item_ids
 
 
 def event(user: str, item: str, ts: float) -> dict[str, Any]:
@@ -197,14 +182,7 @@ async def test_covisitation_weight_boosts_the_probability_the_same_in_predict_an
     """With CLICKRANK_COVISIT_WEIGHT=β the probability is p·e^(β·cv) / (1 + Σ_linked p_j (e^(β·cv_j) − 1)),
     written out here from the ONNX oracle and the co-visitation set in Redis."""
     weight = 3.0
-    settings = Settings(
-        redis_url=redis_server.url,
-        model_dir=model_dir,
-        device="cpu",
-        redis_timeout_ms=2000.0,
-        request_timeout_ms=20000.0,
-        covisit_weight=weight,
-    )
+    settings = app_settings(redis_server.url, model_dir, covisit_weight=weight)
     async with running_app(settings) as (c, app):
         last, linked, other = catalog[300], catalog[301], catalog[302]
         # two users went from `last` to `linked`, one of them then to `other`

@@ -7,7 +7,6 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 
 import numpy as np
 import pytest
@@ -26,11 +25,6 @@ DIM = 8
 TRAINED = 3  # the first items have an ID-embedding offset, the others (cold at training) a zero one
 
 
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 def item_table(n: int = 5, seed: int = 0) -> ItemTable:
     """An item table as ``ModelDir.load`` hands it over (docs/architecture.md)."""
     rng = np.random.default_rng(seed)
@@ -44,13 +38,6 @@ def item_table(n: int = 5, seed: int = 0) -> ItemTable:
 @pytest.fixture()
 def table() -> ItemTable:
     return item_table()
-
-
-@pytest.fixture()
-async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
-    c = RedisConnection.connect(redis_url, timeout_s=1.0)
-    yield c
-    await c.close()
 
 
 def replica(conn: RedisConnection, table: ItemTable, version: str = "v1") -> CatalogSync:

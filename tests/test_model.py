@@ -33,7 +33,9 @@ def ranker_pair(model_dir: Path):
 def test_onnx_matches_pytorch(ranker_pair, batch: int, length: int, candidates: int) -> None:
     ranker, session = ranker_pair
     gen = torch.Generator().manual_seed(1000 + batch * length + candidates)
-    args = random_ranker_inputs(batch, length, candidates, ranker.dim, gen, empty_rows=min(1, batch - 1))
+    args = random_ranker_inputs(
+        batch, length, candidates, ranker.config.dim, gen, empty_rows=min(1, batch - 1)
+    )
     with torch.no_grad():
         logits, attention, user = (t.numpy() for t in ranker(*args))
     got = session.run(None, {name: a.numpy() for name, a in zip(RANKER_INPUTS, args, strict=True)})
@@ -51,7 +53,7 @@ def test_onnx_matches_pytorch(ranker_pair, batch: int, length: int, candidates: 
 def test_history_changes_the_prediction(ranker_pair) -> None:
     ranker, _ = ranker_pair
     gen = torch.Generator().manual_seed(7)
-    a = random_ranker_inputs(2, 10, 6, ranker.dim, gen)
+    a = random_ranker_inputs(2, 10, 6, ranker.config.dim, gen)
     b = (a[0].flip(0), *a[1:5], a[5])  # same candidates, swapped histories
     with torch.no_grad():
         assert not torch.allclose(ranker(*a)[0], ranker(*b)[0], atol=1e-4)

@@ -175,11 +175,6 @@ def test_runtime_and_catalog_are_built_from_the_one_verified_read(model_copy: Pa
     assert catalog.item_ids == served.items.item_ids and len(catalog) == len(expected)
 
 
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
 @pytest.mark.anyio
 async def test_the_service_reads_each_served_file_once_at_start(model_copy: Path, redis_url: str) -> None:
     app = create_app(Settings(redis_url=redis_url, model_dir=model_copy, device="cpu"))

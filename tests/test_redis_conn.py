@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 from importlib.resources import files
 
 import pytest
@@ -18,18 +17,6 @@ from service.redis_conn import RedisConnection, StoreUnavailable
 from service.store import APPEND
 
 pytestmark = pytest.mark.anyio
-
-
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture()
-async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
-    c = RedisConnection.connect(redis_url, timeout_s=1.0)
-    yield c
-    await c.close()
 
 
 def errors(op: str) -> float:

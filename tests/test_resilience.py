@@ -30,7 +30,6 @@ import pytest
 from conftest import RedisServer
 from helpers import metric, running_app
 
-from models.model_dir import ModelDir
 from models.redis_process import free_port
 from service.logs import JsonFormatter, mask_secrets
 from service.server import GRACEFUL_SHUTDOWN_S
@@ -135,11 +134,6 @@ def service(
             svc.stop()
         if redis_server.proc is None:
             redis_server.start()
-
-
-@pytest.fixture(scope="module")
-def catalog(model_dir: Path) -> list[str]:
-    return ModelDir(model_dir).load().items.item_ids
 
 
 def unbounded_client(url: str, timeout_s: float = 10.0) -> httpx.AsyncClient:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import schemathesis
 from fastapi.testclient import TestClient
+from helpers import app_settings
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
@@ -44,17 +45,7 @@ schemathesis.openapi.format(
 
 @pytest.fixture()
 def schema(redis_url: str, model_dir: Path) -> Iterator[schemathesis.BaseSchema]:
-    app = create_app(
-        Settings(
-            redis_url=redis_url,
-            model_dir=model_dir,
-            device="cpu",
-            api_keys=API_KEY,
-            redis_timeout_ms=2000.0,  # generous: the test machine is shared; faults are tested elsewhere
-            request_timeout_ms=20000.0,
-            retrieval_size=50,
-        )
-    )
+    app = create_app(app_settings(redis_url, model_dir, api_keys=API_KEY, retrieval_size=50))
     loaded = schemathesis.openapi.from_asgi("/openapi.json", app)  # starts the app's lifespan
     try:
         yield loaded

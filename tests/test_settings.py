@@ -20,11 +20,6 @@ T0 = 1_700_000_000.0
 
 
 @pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture()
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
     """No CLICKRANK_* variable from the caller's environment leaks into a settings test."""
     for key in [k for k in os.environ if k.startswith("CLICKRANK_")]:

@@ -7,7 +7,6 @@ import math
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -22,18 +21,6 @@ pytestmark = pytest.mark.anyio
 
 DAY = 86400.0
 T0 = 1_700_000_000.0
-
-
-@pytest.fixture()
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture()
-async def conn(redis_url: str) -> AsyncIterator[RedisConnection]:
-    c = RedisConnection.connect(redis_url, timeout_s=1.0)
-    yield c
-    await c.close()
 
 
 @pytest.fixture()
