@@ -1,0 +1,256 @@
+"""``python -m loadtests.floor``: the served routes beside their bare HTTP floor, measured with ``wrk``.
+
+On two cores a Python load generator takes a core from the server; ``wrk`` (C, Debian package) does not.
+This starts a private redis-server, stores the workload users' MovieLens histories, spawns
+``clickrank serve`` and the echo floor (``loadtests/echo_app.py``: same FastAPI, uvicorn and pydantic
+models, no model, no Redis), and runs ``wrk`` at rising connection counts, the two servers alternating at
+every step so that both see the same machine. Per route it reports the best rate with p99 within the bound,
+no error and no degraded answer, for each server, and their ratio; ``report.json`` and ``report.md`` are
+written to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from loadtests.common import log
+from loadtests.report import default_out_dir, machine_info, parse_metrics, utc_stamp
+from loadtests.server import REPO, SpawnedServer, Variant, free_port
+from loadtests.workload import ROUTES, Workload, load_histories
+from models.data import default_data_dir
+from models.redis_process import RedisProcess
+
+BODIES = 256
+"""Pre-serialised bodies per route, cycled by the wrk script."""
+_UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+
+
+@dataclass(frozen=True)
+class WrkRun:
+    """What one ``wrk --latency`` run printed."""
+
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    socket_errors: int
+
+
+def _latency_ms(text: str, percentile: str) -> float:
+    match = re.search(rf"^\s+{percentile}%\s+([\d.]+)(us|ms|s)\s*$", text, re.M)
+    if not match:
+        raise ValueError(f"no {percentile}% latency in the wrk output")
+    return float(match.group(1)) * _UNITS_MS[match.group(2)]
+
+
+def parse_wrk(text: str) -> WrkRun:
+    """The figures of ``wrk --latency`` output; ValueError if it is not one."""
+    requests = re.search(r"^\s+(\d+) requests in ", text, re.M)
+    rps = re.search(r"^Requests/sec:\s+([\d.]+)", text, re.M)
+    if not (requests and rps):
+        raise ValueError(f"not wrk --latency output: {text[:200]!r}")
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", text)
+    sockets = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text)
+    return WrkRun(
+        requests=int(requests.group(1)),
+        rps=float(rps.group(1)),
+        p50_ms=_latency_ms(text, "50"),
+        p99_ms=_latency_ms(text, "99"),
+        non_2xx=int(non_2xx.group(1)) if non_2xx else 0,
+        socket_errors=sum(int(g) for g in sockets.groups()) if sockets else 0,
+    )
+
+
+def wrk_script(bodies: list[bytes], path: str) -> str:
+    """A wrk Lua script that POSTs ``bodies`` to ``path`` in turn."""
+    quoted = ",\n".join("[==[" + body.decode() + "]==]" for body in bodies)
+    return (
+        f"local bodies = {{\n{quoted}\n}}\nlocal i = 0\n"
+        "request = function()\n  i = i % #bodies + 1\n"
+        f'  return wrk.format("POST", "{path}", {{["Content-Type"] = "application/json"}}, bodies[i])\n'
+        "end\n"
+    )
+
+
+def degraded_total(url: str) -> float:
+    """``clickrank_degraded_total`` over all routes, from the service's ``/metrics``."""
+    text = httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
+    return sum(v for (name, _), v in parse_metrics(text).items() if name == "clickrank_degraded_total")
+
+
+def run_wrk(wrk: str, url: str, script: Path, connections: int, duration_s: float) -> WrkRun:
+    command = [wrk, "-t1", f"-c{connections}", f"-d{duration_s:g}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(command, capture_output=True, text=True, check=True, timeout=duration_s + 60)
+    return parse_wrk(out.stdout)
+
+
+class EchoServer:
+    """The echo floor under uvicorn on a free loopback port."""
+
+    def __init__(self, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> EchoServer:
+        command = [sys.executable, "-m", "uvicorn", "loadtests.echo_app:app", "--port", str(self.port),
+                   "--log-level", "warning", "--no-access-log"]  # fmt: skip
+        with self.log_path.open("ab") as out:
+            self.proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+        for _ in range(300):
+            try:
+                if httpx.get(f"{self.url}/openapi.json", timeout=1.0, trust_env=False).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        self.__exit__()
+        raise ConnectionError(f"the echo app did not start; see {self.log_path}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+
+
+def best(steps: list[dict], server: str, bound_ms: float) -> dict | None:
+    """The step with the highest rate within the bound, without errors or degraded answers."""
+    fine = [
+        s for s in steps
+        if s["server"] == server and s["p99_ms"] <= bound_ms and s["non_2xx"] == 0
+        and s["socket_errors"] == 0 and s.get("degraded", 0) == 0
+    ]  # fmt: skip
+    return max(fine, key=lambda s: s["rps"], default=None)
+
+
+def summary(steps: list[dict], routes: list[str], bound_ms: float) -> list[dict]:
+    rows = []
+    for route in routes:
+        on_route = [s for s in steps if s["route"] == route]
+        service, echo = best(on_route, "service", bound_ms), best(on_route, "echo", bound_ms)
+        ratio = service["rps"] / echo["rps"] if service and echo else None
+        rows.append({"route": route, "service": service, "echo": echo, "ratio": ratio})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    bound = report["p99_bound_ms"]
+    lines = [f"# Served path against its HTTP floor ({report['created']})", "",
+             f"Best rate with p99 ≤ {bound:g} ms, no error, no degraded answer (`wrk -t1`, "
+             f"{report['duration_s']:g} s a step).", "",
+             "| route | service rps (conns, p99 ms) | echo rps (conns, p99 ms) | ratio |",
+             "| --- | --- | --- | --- |"]  # fmt: skip
+
+    def cell(step: dict | None) -> str:
+        return (
+            "none within the bound"
+            if step is None
+            else (f"{step['rps']:,.0f} ({step['connections']}, {step['p99_ms']:.1f})")
+        )
+
+    for row in report["summary"]:
+        ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}×"
+        lines.append(f"| {row['route']} | {cell(row['service'])} | {cell(row['echo'])} | {ratio} |")
+    lines += ["", "| route | server | conns | rps | p50 ms | p99 ms | non-2xx | socket errors | degraded |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for s in report["steps"]:
+        lines.append(f"| {s['route']} | {s['server']} | {s['connections']} | {s['rps']:,.0f} | "
+                     f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['non_2xx']} | {s['socket_errors']} | "
+                     f"{s.get('degraded', '')} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def measure(
+    wrk: str, urls: dict[str, str], scripts: dict[str, Path], connections: list[int], duration_s: float
+) -> list[dict]:
+    """Every route at every connection count, the servers alternating at each step."""
+    steps = []
+    for route, script in scripts.items():
+        for url in urls.values():  # warm both: the first requests pay for lazy imports
+            run_wrk(wrk, url, script, 2, 2)
+        for c in connections:
+            for server, url in urls.items():
+                before = degraded_total(url) if server == "service" else 0.0
+                result = run_wrk(wrk, url, script, c, duration_s)
+                step = {"route": route, "server": server, "connections": c, **asdict(result)}
+                if server == "service":
+                    step["degraded"] = int(degraded_total(url) - before)
+                steps.append(step)
+                log(f"floor {route} {server} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms")
+    return steps
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.floor", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--model-dir", type=Path, default=Path(os.environ.get("CLICKRANK_MODEL_DIR", "artifacts"))
+    )
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
+    parser.add_argument("--routes", default="predict,recommend", help="comma-separated: predict, recommend")
+    parser.add_argument("--connections", default="1,2,4,8,16", help="comma-separated wrk connection counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
+    parser.add_argument("--p99-ms", type=float, default=50.0)
+    parser.add_argument("--out", type=Path, default=None, help="default: reports/floor-<UTC time>")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("floor: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    routes = [r.strip() for r in args.routes.split(",") if r.strip()]
+    if not routes or any(r not in ("predict", "recommend") for r in routes):
+        print("floor: error: --routes takes predict and/or recommend", file=sys.stderr)
+        return 2
+    connections = [int(c) for c in args.connections.split(",")]
+    now = datetime.now(UTC)
+    out = args.out or default_out_dir("floor", now)
+    out.mkdir(parents=True, exist_ok=True)
+    workload = Workload(args.data_dir or default_data_dir(), "predict")
+    bodies = {"predict": workload.predict_body, "recommend": workload.recommend_body}
+    scripts = {}
+    for route in routes:
+        scripts[route] = out / f"{route}.lua"
+        scripts[route].write_text(wrk_script([bodies[route]() for _ in range(BODIES)], ROUTES[route]))
+    with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)).running() as redis:
+        load_histories(redis.url, workload)
+        service = SpawnedServer(
+            Variant("service"), model_dir=args.model_dir, redis_url=redis.url, log_path=out / "service.log"
+        )
+        with service, EchoServer(out / "echo.log") as echo:
+            urls = {"service": service.url, "echo": echo.url}
+            steps = measure(wrk, urls, scripts, connections, args.duration)
+    report = {
+        "created": utc_stamp(now),
+        "machine": machine_info(),
+        "p99_bound_ms": args.p99_ms,
+        "duration_s": args.duration,
+        "workload": workload.describe(),
+        "steps": steps,
+        "summary": summary(steps, routes, args.p99_ms),
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    text = markdown(report)
+    (out / "report.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from loadtests.echo_app import app
+from loadtests.floor import best, parse_wrk, wrk_script
+from service.schemas.ranking import PredictResponse, RecommendResponse
+
+WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     8.21ms    3.02ms  41.88ms   81.20%
+    Req/Sec   490.12     40.51   560.00     72.00%
+  Latency Distribution
+     50%    7.66ms
+     75%    9.12ms
+     90%   11.70ms
+     99%    1.02s
+  3921 requests in 8.00s, 5.81MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 7
+Requests/sec:    490.05
+Transfer/sec:    743.61KB
+"""
+
+
+def test_wrk_output_is_read_with_units_and_errors() -> None:
+    run = parse_wrk(WRK_OUTPUT)
+    assert (run.requests, run.rps, run.p50_ms, run.p99_ms) == (3921, 490.05, 7.66, 1020.0)
+    assert (run.non_2xx, run.socket_errors) == (7, 3)
+    clean = WRK_OUTPUT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "").replace(
+        "  Non-2xx or 3xx responses: 7\n", ""
+    )
+    assert (parse_wrk(clean).non_2xx, parse_wrk(clean).socket_errors) == (0, 0)
+    with pytest.raises(ValueError, match="not wrk"):
+        parse_wrk("wrk: command not found")
+
+
+def test_the_best_step_is_within_the_bound_and_clean() -> None:
+    steps = [
+        {"server": "service", "rps": 900.0, "p99_ms": 80.0, "non_2xx": 0, "socket_errors": 0, "degraded": 0},
+        {"server": "service", "rps": 700.0, "p99_ms": 30.0, "non_2xx": 0, "socket_errors": 0, "degraded": 2},
+        {"server": "service", "rps": 600.0, "p99_ms": 30.0, "non_2xx": 0, "socket_errors": 0, "degraded": 0},
+        {"server": "echo", "rps": 650.0, "p99_ms": 10.0, "non_2xx": 1, "socket_errors": 0},
+    ]
+    assert best(steps, "service", 50.0)["rps"] == 600.0
+    assert best(steps, "echo", 50.0) is None
+
+
+def test_the_wrk_script_cycles_the_bodies() -> None:
+    script = wrk_script([b'{"user_id": "1"}', b'{"user_id": "2"}'], "/v1/predict")
+    assert script.count("[==[") == 2 and '"/v1/predict"' in script and "i % #bodies + 1" in script
+
+
+@pytest.mark.anyio
+async def test_the_echo_floor_answers_the_served_shapes() -> None:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://echo.test") as client:
+        predicted = await client.post("/v1/predict", json={"user_id": "7", "candidates": ["1", "2", "3"]})
+        recommended = await client.post("/v1/recommend", json={"user_id": "7", "top_k": 5})
+        refused = await client.post("/v1/predict", json={"user_id": "7", "candidates": []})
+    answer = PredictResponse.model_validate(predicted.json())
+    assert [p.item_id for p in answer.predictions] == ["1", "2", "3"] and answer.predictions[0].rank == 1
+    assert len(RecommendResponse.model_validate(recommended.json()).items) == 5
+    assert refused.status_code == 422  # the same request validation as the service
