@@ -7,6 +7,8 @@ Run: ``python -m uvicorn loadtests.echo_app:app --no-access-log`` (``loadtests.f
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
 
 from service.schemas.ranking import (
@@ -30,26 +32,23 @@ def _predictions(item_ids: list[str]) -> list[Prediction]:
     ]
 
 
+def _answered(body: PredictRequest | RecommendRequest) -> dict[str, Any]:
+    """The ``RankedAnswer`` fields, as the service fills them for a user with no stored history."""
+    return {
+        "user_id": body.user_id,
+        "model_version": VERSION,
+        "history_length": len(body.context),
+        "degraded": False,
+    }
+
+
 @app.post("/v1/predict", response_model_exclude_none=True)
 async def predict(body: PredictRequest) -> PredictResponse:
     item_ids = [c if isinstance(c, str) else c.item_id for c in body.candidates][: body.top_k]
-    return PredictResponse(
-        user_id=body.user_id,
-        model_version=VERSION,
-        history_length=len(body.context),
-        degraded=False,
-        predictions=_predictions(item_ids),
-        unknown_items=[],
-    )
+    return PredictResponse(**_answered(body), predictions=_predictions(item_ids), unknown_items=[])
 
 
 @app.post("/v1/recommend", response_model_exclude_none=True)
 async def recommend(body: RecommendRequest) -> RecommendResponse:
     item_ids = [f"echo-{i}" for i in range(body.top_k)]
-    return RecommendResponse(
-        user_id=body.user_id,
-        model_version=VERSION,
-        history_length=len(body.context),
-        degraded=False,
-        items=_predictions(item_ids),
-    )
+    return RecommendResponse(**_answered(body), items=_predictions(item_ids))
