@@ -579,4 +579,4 @@ def test_top_rows_never_returns_excluded_rows() -> None:
 def test_influences_sum_repeated_items() -> None:
     weights = np.array([0.1, 0.25, 0.2, 0.45], dtype=np.float32)  # "a" alone never beats "b"; summed it does
     result = influences(weights, ["a", "b", "a", "c"], top=2)
-    assert [(i.item_id, i.weight) for i in result] == [("c", 0.45), ("a", 0.3)]
+    assert [(i["item_id"], i["weight"]) for i in result] == [("c", 0.45), ("a", 0.3)]
