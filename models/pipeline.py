@@ -20,7 +20,7 @@ from models.encoder import load_minilm, pooled_embeddings
 from models.evaluate import Case, evaluate_model, format_table, genre_features, make_split, popularity_scorer
 from models.export import PARITY_TOLERANCE, export_model, graph_shapes, item_table
 from models.model_dir import METRICS, TRAINING_CURVE, ModelDir
-from models.sequences import UserSequence, make_windows, user_sequences
+from models.sequences import UserSequence, user_sequences
 from models.train import FitConfig, FitResult, RecModel, fit
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
@@ -47,6 +47,7 @@ class TrainConfig:
             fit=FitConfig(
                 dim=32,
                 history_length=20,
+                stride=20,
                 dropout=0.2,
                 epochs=3,
                 batch_size=128,
@@ -99,7 +100,7 @@ def run_harness(
         )
     cfg = config.fit
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
-    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    windows = cfg.windows(split.train)
     fits = {}
     if id_only:
         fits["id-only"] = fit(
@@ -150,7 +151,7 @@ def refit_on_all_events(
     """``epochs`` of training on every event (no validation): the model that gets exported, warm-started
     from ``init`` (the harness's model) at a quarter of the learning rate, a gentle nudge, or from scratch.
     Only items with events are softmax targets: the others keep their text vectors untouched."""
-    windows = make_windows(sequences, cfg.history_length, cfg.stride)
+    windows = cfg.windows(sequences)
     refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
     rated = items_with_events(sequences)
     return fit(f"{name} (all data)", windows, [], rated, num_items, text_features, refit, init=init)

@@ -113,6 +113,9 @@ class RankerConfig:
     rerank: bool = True
     """False: a non-empty history's logit is the retrieval score ⟨user, item⟩ alone (the MLP then only
     serves the history-free prior); chosen at training time on validation."""
+    event_features: bool = True
+    """False: the events' type, value and time gap are not read (the ID-only SASRec baseline reads items
+    and positions only)."""
 
 
 class HistoryTensors(NamedTuple):
@@ -152,13 +155,14 @@ class SequenceRanker(nn.Module):
         length = history.vectors.shape[1]
         mask = history.mask > 0.5
         positions = (torch.cumsum(history.mask, dim=1) - 1.0).clamp(0, self.config.max_len - 1).long()
-        x = (
-            history.vectors
-            + self.type_embedding(history.types)
-            + self.value_embedding(history.values)
-            + self.gap_embedding(history.gaps)
-            + self.position_embedding(positions)
-        )
+        x = history.vectors + self.position_embedding(positions)
+        if self.config.event_features:
+            x = (
+                x
+                + self.type_embedding(history.types)
+                + self.value_embedding(history.values)
+                + self.gap_embedding(history.gaps)
+            )
         x = self.input_drop(x) * history.mask.unsqueeze(-1)
         causal = torch.ones(length, length, dtype=torch.bool, device=x.device).tril()
         # A query attends to real keys up to itself; padding queries attend to themselves (finite, ignored).

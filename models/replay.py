@@ -438,14 +438,14 @@ def _fit_id_only(pre: Dataset, config) -> tuple[object, np.ndarray]:
     Returns the model and the items it trained on (its candidates)."""
     from models.evaluate import make_split
     from models.pipeline import refit_on_all_events
-    from models.sequences import make_windows, user_sequences
+    from models.sequences import user_sequences
     from models.train import fit
 
     num_items = len(pre.items)
     sequences = user_sequences(pre)
     cfg = config.fit.baseline()  # the harness fits its ID-only row with this recipe too
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
-    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    windows = cfg.windows(split.train)
     result = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
     if config.refit_epochs <= 0:
         return result.model, split.train_items

@@ -72,8 +72,13 @@ def history_arrays(seq: UserSequence, length: int) -> tuple[np.ndarray, ...]:
     return items, types, values, gaps, mask
 
 
-def make_windows(sequences: list[UserSequence], length: int, stride: int) -> Windows:
-    """Windows of ``length + 1`` events ending every ``stride`` events from each sequence's end."""
+def make_windows(sequences: list[UserSequence], length: int, stride: int, min_context: int = 0) -> Windows:
+    """Windows of ``length + 1`` events ending every ``stride`` events from each sequence's end.
+
+    A target whose context inside its window is shorter than ``min_context`` events is not trained on
+    (target -1), unless the window starts the sequence (its context is then the user's whole past):
+    with ``min_context = length + 1 - stride`` every event is a target exactly once, read with at least
+    that many events before it, as the served user state reads the last ``length``."""
     rows: list[tuple[np.ndarray, ...]] = []
     for seq in sequences:
         n = len(seq)
@@ -91,6 +96,8 @@ def make_windows(sequences: list[UserSequence], length: int, stride: int) -> Win
             targets = np.full(length, -1, dtype=np.int64)
             k = end - 1 - start
             targets[length - k :] = seq.items[start + 1 : end]
+            if start > 0 and min_context > 1:
+                targets[: length - k + min_context - 1] = -1
             rows.append((items, types, values, gaps, mask, targets))
             if start == 0:
                 break

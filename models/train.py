@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from models.evaluate import Case, evaluate_cases
 from models.ranker import HistoryTensors, ItemTower, RankerConfig, SequenceRanker
-from models.sequences import UserSequence, Windows, history_arrays
+from models.sequences import UserSequence, Windows, history_arrays, make_windows
 
 MASKED = -1e4
 """Logit of an item that is not a valid answer (padding of the catalog, items without training data)."""
@@ -46,10 +46,17 @@ class FitConfig:
     id_dropout: float = 0.1
     epochs: int = 40
     batch_size: int = 64
-    stride: int = 25
+    stride: int = 10
+    min_context: int | None = None
+    """Train on a target only when its window holds at least this many events before it (the user's first
+    window excepted), see ``models.sequences.make_windows``. None: ``history_length + 1 - stride``, so each
+    event is a target once, read with at least 41 events before it at the defaults (as RecBole's SASRec
+    reads each target's last 50); 0: every slot of every window, an event in several windows."""
     full_softmax_max_items: int = 50_000
     """Whole-catalog softmax up to this many items; a sampled softmax with logQ correction above."""
     sampled_negatives: int = 4096
+    event_features: bool = True
+    """Read each event's type, value (rating) and time gap beside its item (False: items only, SASRec)."""
     rerank: bool = False
     """Train and use the target-attention re-ranker (False: retrieval scores only, SASRec)."""
     rerank_positions: int = 2
@@ -70,9 +77,14 @@ class FitConfig:
     valid_users: int = 1000
     seed: int = 0
 
+    def windows(self, sequences: list[UserSequence]) -> Windows:
+        """The training windows of ``sequences`` under this recipe."""
+        min_context = self.history_length + 1 - self.stride if self.min_context is None else self.min_context
+        return make_windows(sequences, self.history_length, self.stride, min_context)
+
     def baseline(self) -> FitConfig:
-        """The ID-only baseline's recipe: the same training, retrieval scores only (SASRec)."""
-        return dataclasses.replace(self, rerank=False)
+        """The ID-only baseline's recipe: the same training on items alone, retrieval scores only (SASRec)."""
+        return dataclasses.replace(self, rerank=False, event_features=False)
 
 
 class RecModel(nn.Module):
@@ -82,7 +94,15 @@ class RecModel(nn.Module):
         super().__init__()
         self.tower = ItemTower(num_items, cfg.dim, text_features, cfg.id_dropout)
         self.ranker = SequenceRanker(
-            RankerConfig(cfg.dim, cfg.history_length, cfg.heads, cfg.layers, cfg.dropout, rerank=cfg.rerank)
+            RankerConfig(
+                cfg.dim,
+                cfg.history_length,
+                cfg.heads,
+                cfg.layers,
+                cfg.dropout,
+                rerank=cfg.rerank,
+                event_features=cfg.event_features,
+            )
         )
         self.history_length = cfg.history_length
         self.rerank_size = cfg.rerank_size if cfg.rerank else 0

@@ -89,3 +89,18 @@ def test_windows_predict_the_next_event(data_dir: Path) -> None:
     short = make_windows([seq.slice(5)], length=20, stride=10)
     assert len(short) == 1
     assert short.mask[0].sum() == 4 and (short.targets[0] >= 0).sum() == 4
+
+
+def test_min_context_trains_every_event_once_with_a_long_context(data_dir: Path) -> None:
+    """``min_context = length + 1 - stride``: every event but the first is a target exactly once, and
+    outside the user's first window only with at least ``min_context`` events before it in its window."""
+    seq = max(user_sequences(load_dataset(data_dir)), key=len)
+    length, stride = 20, 5
+    windows = make_windows([seq], length=length, stride=stride, min_context=length + 1 - stride)
+    trained = windows.targets[windows.targets >= 0]
+    assert sorted(trained.tolist()) == sorted(seq.items[1:].tolist())
+    for row in range(len(windows) - 1):  # the last window starts the sequence
+        slots = np.flatnonzero(windows.targets[row] >= 0)
+        assert slots.min() == length - stride  # slot s is read with s + 1 events before it
+    everything = make_windows([seq], length=length, stride=stride)
+    assert (everything.targets >= 0).sum() > len(trained), "without it every slot of every window trains"

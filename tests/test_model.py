@@ -17,7 +17,7 @@ from models.evaluate import make_split, rank_metrics
 from models.export import RANKER_INPUTS, random_ranker_inputs
 from models.pipeline import RETRIEVAL_ONLY_ROW, TrainConfig, export_manifest, fit_exported_model
 from models.ranker import load_ranker
-from models.sequences import UserSequence, make_windows
+from models.sequences import UserSequence
 from models.train import FitConfig, fit
 
 SHAPES = [(1, 1, 1), (1, 50, 100), (3, 7, 5), (8, 20, 64), (32, 13, 300), (64, 50, 100)]
@@ -125,7 +125,7 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
         min_epochs=0,
         patience=6,
     )
-    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    windows = cfg.windows(split.train)
     result = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
     assert max(c["valid_hr10"] for c in result.curve) > 0.6  # chance is 10 / 40
     model = result.model
@@ -151,7 +151,7 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     )
     config = TrainConfig(fit=cfg, refit_epochs=1)
     split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
-    windows = make_windows(split.train, cfg.history_length, cfg.stride)
+    windows = cfg.windows(split.train)
     harness_fit = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
     harness = {"fit": harness_fit, "calibration": Calibration(slope=0.5), "rows": {}, "split": {},
                "fit_seconds": {}, "best_epoch": harness_fit.best_epoch, "test_calibration": {}}  # fmt: skip
