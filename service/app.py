@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from service import lifespan
 from service.errors import install_error_handlers
 from service.logs import install_request_id_factory
+from service.loop_lag import LoopLagMonitor
 from service.middleware import AdmissionControl, RequestContextMiddleware
 from service.redis_conn import RedisConnection
 from service.routes import ROUTERS
@@ -27,10 +28,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     install_request_id_factory()
 
+    loop_lag = LoopLagMonitor()  # read by the admission control, run by the services' lifespan
+
     @asynccontextmanager
     async def run(app: FastAPI) -> AsyncIterator[None]:
         redis = RedisConnection.from_settings(settings)
-        services = lifespan.Services(settings, redis, HistoryStore.from_settings(settings, redis))
+        store = HistoryStore.from_settings(settings, redis)
+        services = lifespan.Services(settings, redis, store, loop_lag=loop_lag)
         app.state.services = services
         try:
             await lifespan.start(services)
@@ -50,6 +54,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # The last added runs first: request id, metrics and the access line wrap admission control.
     # What the batcher can hold: a full queue, and the batch being inferred (never larger than the queue).
     capacity = settings.max_queue + min(settings.max_batch_size, settings.max_queue)
-    app.add_middleware(AdmissionControl, max_in_flight=capacity)
+    app.add_middleware(
+        AdmissionControl,
+        max_in_flight=capacity,
+        loop_lag=loop_lag,
+        max_loop_lag_s=settings.shed_loop_lag_ms / 1000.0,
+    )
     app.add_middleware(RequestContextMiddleware, max_body_bytes=settings.max_body_bytes)
     return app

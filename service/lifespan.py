@@ -19,6 +19,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.catalog_sync import CatalogSync
 from service.items import ItemWriter
+from service.loop_lag import LoopLagMonitor
 from service.ranking import Ranker
 from service.redis_conn import RedisConnection
 from service.runtime import OnnxModels
@@ -48,13 +49,16 @@ class Services:
     settings: Settings
     redis: RedisConnection
     store: HistoryStore
+    loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
     model: LoadedModel | None = None
     model_error: str | None = "model not loaded yet"
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
 
 async def start(services: Services) -> None:
-    """Load the model if there is one, and start the catalog sync that keeps it current."""
+    """Start watching the event loop's lag, load the model if there is one, and start the catalog sync
+    that keeps it current."""
+    services.loop_lag.start()
     services.model = await _load_model(services)
     if services.model is not None:
         failing = await _sync_catalog(services, failing=False)
@@ -148,4 +152,5 @@ async def stop(services: Services) -> None:
     for task in services.tasks:
         with suppress(asyncio.CancelledError):
             await task
+    await services.loop_lag.stop()
     await services.redis.close()

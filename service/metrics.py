@@ -37,6 +37,16 @@ QUEUE_WAIT = Histogram(
     "clickrank_queue_wait_seconds", "time from enqueue to batch start", buckets=_FAST_BUCKETS
 )
 QUEUE_REJECTED = Counter("clickrank_queue_rejected_total", "requests refused because the queue was full")
+SHED = Counter(
+    "clickrank_shed_total",
+    "model requests refused at admission (also in clickrank_queue_rejected_total)",
+    ["reason"],  # in_flight | loop_lag
+)
+LOOP_LAG = Histogram(
+    "clickrank_event_loop_lag_seconds",
+    "how much later than asked the event loop's heartbeat woke (service.loop_lag)",
+    buckets=_FAST_BUCKETS,
+)
 INFERENCE_SECONDS = Histogram(
     "clickrank_inference_seconds", "ONNX Runtime call duration", ["graph"], buckets=_FAST_BUCKETS
 )

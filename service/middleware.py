@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import RETRY_AFTER_S, error_response, fault_log
 from service.logs import REQUEST_ID
-from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS
+from service.loop_lag import LoopLagMonitor
+from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED
 from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
@@ -109,31 +110,52 @@ class AdmissionControl:
 
     The batcher's bounded queue refuses work only once a request has been parsed, validated and has read
     Redis; under a burst far past capacity that work alone saturates the event loop, and every answer,
-    refusals included, waits behind it. Counting requests in flight here bounds that work: at most
-    ``max_in_flight`` model requests (a full queue plus one batch) are admitted, the others get the same
-    503 ``overloaded`` with ``Retry-After`` at once, without their body being read.
+    refusals included, waits behind it. Two limits, checked before the body is read:
+
+    - ``max_in_flight`` model requests (a full queue plus one batch);
+    - the event loop's lag (``service.loop_lag``) above ``max_loop_lag_s``: the process is saturated, so
+      a new request would only make every admitted one later (0 turns this limit off).
+
+    Past either, the answer is 503 ``overloaded`` with ``Retry-After`` at once. Admitted requests keep
+    their full answer: being slow is the process's own load, never a reason to answer ``degraded``.
     """
 
-    def __init__(self, app: ASGIApp, *, max_in_flight: int) -> None:
+    def __init__(
+        self, app: ASGIApp, *, max_in_flight: int, loop_lag: LoopLagMonitor, max_loop_lag_s: float
+    ) -> None:
         self.app = app
         self.max_in_flight = max_in_flight
+        self.loop_lag = loop_lag
+        self.max_loop_lag_s = max_loop_lag_s
         self.in_flight = 0
+
+    def _refusal(self) -> tuple[str, str] | None:
+        """(reason, message) when a new model request must be shed, else None."""
+        if self.in_flight >= self.max_in_flight:
+            return "in_flight", f"the service is at capacity ({self.max_in_flight} requests in flight)"
+        lag = self.loop_lag.lag_s
+        if self.max_loop_lag_s > 0 and lag > self.max_loop_lag_s:
+            return "loop_lag", f"the service is saturated (event loop {lag * 1000:.0f} ms late)"
+        return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")
         if scope["type"] != "http" or scope["method"] != "POST" or path not in MODEL_ROUTES:
             await self.app(scope, receive, send)
             return
-        if self.in_flight >= self.max_in_flight:
+        refusal = self._refusal()
+        if refusal is not None:
+            reason, message = refusal
             QUEUE_REJECTED.inc()
+            SHED.labels(reason).inc()
             fault_log.log(
-                logging.WARNING, f"{path} shed", "POST %s → 503 shed: %d in flight", path, self.in_flight
-            )
+                logging.WARNING, f"{path} shed", "POST %s → 503 shed (%s): %d in flight", path, reason,
+                self.in_flight,
+            )  # fmt: skip
             scope["route"] = _RouteTemplate(path)  # the access line and the metrics name the route
-            message = f"the service is at capacity ({self.max_in_flight} requests in flight); retry later"
             request_id = scope.get("state", {}).get("request_id")
             headers = {"Retry-After": str(RETRY_AFTER_S)}
-            await error_response(503, "overloaded", message, request_id, headers=headers)(
+            await error_response(503, "overloaded", f"{message}; retry later", request_id, headers=headers)(
                 scope, receive, send
             )
             return

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from contextlib import suppress
 from typing import TYPE_CHECKING, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
@@ -32,6 +33,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+LATE_LOOP_EXTENSIONS = 3
+"""Fresh deadlines a call gets when the loop itself woke it late (``RedisConnection._within_deadline``)."""
 
 
 class StoreUnavailable(Exception):
@@ -108,7 +113,7 @@ class RedisConnection:
     async def _timed(self, op: str, awaitable: Awaitable[T]) -> T:
         start = time.perf_counter()
         try:
-            result = await asyncio.wait_for(awaitable, self.timeout_s)
+            result = await self._within_deadline(awaitable)
         except (RedisError, OSError) as exc:  # OSError covers TimeoutError (the deadline) and socket errors
             REDIS_ERRORS.labels(op).inc()
             if isinstance(exc, TimeoutError):
@@ -121,3 +126,31 @@ class RedisConnection:
             raise StoreUnavailable(f"redis {op}: {reason}") from exc
         REDIS_LATENCY.labels(op).observe(time.perf_counter() - start)
         return result
+
+    async def _within_deadline(self, awaitable: Awaitable[T]) -> T:
+        """``awaitable``'s result, or TimeoutError once Redis has had ``timeout_s`` to answer and did not.
+
+        A process saturated by its own requests runs every step of every task late: the command may not
+        even have been sent when its deadline passes, and Redis is not slow for it. So when the deadline's
+        wake-up itself comes late (by more than a quarter of ``timeout_s``: the loop was busy), the call
+        gets a fresh ``timeout_s``, up to ``LATE_LOOP_EXTENSIONS`` times; an idle loop wakes on time and a
+        slow Redis fails at its deadline as before (``service.loop_lag`` and the admission control shed
+        such load)."""
+        task = asyncio.ensure_future(awaitable)
+        deadline = time.perf_counter() + self.timeout_s
+        try:
+            for _ in range(LATE_LOOP_EXTENSIONS + 1):
+                done, _ = await asyncio.wait({task}, timeout=max(deadline - time.perf_counter(), 0.0))
+                now = time.perf_counter()
+                if done or now - deadline < self.timeout_s / 4:
+                    break
+                deadline = now + self.timeout_s
+        except asyncio.CancelledError:  # the caller gave up (request deadline, shutdown): so does the call
+            task.cancel()
+            raise
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+            raise TimeoutError
+        return task.result()

@@ -16,6 +16,9 @@ from service.redis_conn import RedisConnection
 
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get(DATA_DIR_ENV) or REPO / FALLBACK_DATA_DIR).resolve()
+# The shared test machine's loop lags on its own (other tests, training next door): no app under test
+# sheds on event-loop lag unless its test asks for it (test_api_faults tests the shedding).
+os.environ.setdefault("CLICKRANK_SHED_LOOP_LAG_MS", "0")
 
 
 RedisServer = RedisProcess

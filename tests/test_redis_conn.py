@@ -3,8 +3,10 @@ scripts, against a real redis-server."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import time
 from importlib.resources import files
 
 import pytest
@@ -37,6 +39,21 @@ async def test_failures_are_counted_by_op_and_logged_once_per_op(caplog: pytest.
     lines = [r.getMessage() for r in caplog.records if r.name == "service.redis_conn"]
     assert len(lines) == 2  # the 2nd and 3rd ping failures are held back
     assert lines[0].startswith("redis ping failed after") and lines[1].startswith("redis forget failed")
+
+
+async def test_a_loop_busy_past_the_deadline_is_not_a_slow_redis(redis_url: str) -> None:
+    """The reply is in the socket but the loop was blocked past the deadline by the process's own work: the
+    call still returns it (the deadline counts Redis's time, not the loop's)."""
+    fast = RedisConnection.connect(redis_url, timeout_s=0.02)
+    await fast.ping()  # a pooled connection, the handshake done
+    before = errors("ping")
+    for _ in range(3):
+        call = asyncio.ensure_future(fast.ping())
+        await asyncio.sleep(0)  # PING sent
+        time.sleep(0.1)  # five deadlines of the loop's own work
+        await call
+    assert errors("ping") == before
+    await fast.close()
 
 
 LAYOUT_KEYS = Layout(head=("one", "two"), group_name="pair", group=("left", "right"))

@@ -121,6 +121,7 @@ def service(
             "device": "cpu",
             "intra_op_threads": "1",
             "redis_timeout_ms": "250",  # the test machine is shared: a slow scheduler is not an outage
+            "shed_loop_lag_ms": "0",  # nor a reason to shed (test_api_faults tests the shedding)
         } | {k: str(v) for k, v in overrides.items()}
         svc = Service(tmp_path, settings)
         started.append(svc)
