@@ -52,8 +52,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     # The last added runs first: request id, metrics and the access line wrap admission control.
-    # What the batcher can hold: a full queue, and the batch being inferred (never larger than the queue).
-    capacity = settings.max_queue + min(settings.max_batch_size, settings.max_queue)
+    # At most max_in_flight, and never more than the batcher can hold: a full queue and the batch being
+    # inferred (never larger than the queue).
+    capacity = min(
+        settings.max_in_flight, settings.max_queue + min(settings.max_batch_size, settings.max_queue)
+    )
     app.add_middleware(
         AdmissionControl,
         max_in_flight=capacity,

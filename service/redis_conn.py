@@ -39,6 +39,10 @@ LATE_LOOP_EXTENSIONS = 3
 """Fresh deadlines a call gets when the loop itself woke it late (``RedisConnection._within_deadline``)."""
 
 
+SPARE_CONNECTIONS = 32
+"""Pooled Redis connections beyond one per admitted model request: ingestion, items, probes, the sync."""
+
+
 class StoreUnavailable(Exception):
     """Redis unreachable or past its deadline."""
 
@@ -73,10 +77,14 @@ class RedisConnection:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, timeout_s: float | None = None, max_connections: int = 64
+        cls, settings: Settings, *, timeout_s: float | None = None, max_connections: int | None = None
     ) -> RedisConnection:
-        """The connection the settings describe; ``timeout_s`` overrides ``redis_timeout_ms`` (bulk loads)."""
+        """The connection the settings describe; ``timeout_s`` overrides ``redis_timeout_ms`` (bulk loads).
+        The pool holds one connection per admitted model request (``max_in_flight``, each makes its round
+        trips one after another) plus ``SPARE_CONNECTIONS``, unless ``max_connections`` says otherwise."""
         timeout_s = settings.redis_timeout_ms / 1000.0 if timeout_s is None else timeout_s
+        if max_connections is None:
+            max_connections = settings.max_in_flight + SPARE_CONNECTIONS
         return cls.connect(settings.redis_url, timeout_s=timeout_s, max_connections=max_connections)
 
     async def call(self, op: str, command: Callable[[Redis], Awaitable[T]]) -> T:

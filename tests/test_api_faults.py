@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from helpers import app_settings, running_app, scraped_metric
 from oracle import ModelFiles
 
+from service.redis_conn import SPARE_CONNECTIONS
 from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
@@ -288,3 +289,26 @@ async def test_a_saturated_event_loop_sheds_model_requests_and_serves_the_rest(
             if answered.status_code != 503:
                 break
         assert answered.status_code == 200 and answered.json()["degraded"] is False
+
+
+async def test_model_requests_past_max_in_flight_are_shed_at_once(
+    redis_server: Any, model_dir: Path, catalog: list[str]
+) -> None:
+    """``max_in_flight`` bounds the admitted model requests even with a deep queue: the rest of a burst
+    gets 503 ``overloaded`` before any work; the admitted ones get full answers; the Redis pool holds one
+    connection per admitted request plus the spares."""
+    settings = app_settings(redis_server.url, model_dir, max_in_flight=3, max_batch_delay_ms=300.0)
+    async with running_app(settings) as (client, app):
+        pool = app.state.services.redis._client.connection_pool
+        assert pool.max_connections == 3 + SPARE_CONNECTIONS
+        shed_before = await scraped_metric(client, "clickrank_shed_total", reason="in_flight")
+        body = {"user_id": "burst", "candidates": catalog[:5]}
+        responses = await asyncio.gather(*(client.post("/v1/predict", json=body) for _ in range(8)))
+        statuses = sorted(r.status_code for r in responses)
+        assert statuses == [200] * 3 + [503] * 5, statuses
+        for r in responses:
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "overloaded" and "3 requests in flight" in r.text
+            else:
+                assert r.json()["degraded"] is False
+        assert await scraped_metric(client, "clickrank_shed_total", reason="in_flight") == shed_before + 5
