@@ -44,7 +44,7 @@ class FitConfig:
     layers: int = 2
     dropout: float = 0.5
     id_dropout: float = 0.1
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 64
     stride: int = 10
     min_context: int | None = None
@@ -72,7 +72,7 @@ class FitConfig:
     weight_decay: float = 0.0
     prior_weight: float = 0.1
     patience: int = 10
-    min_epochs: int = 40
+    min_epochs: int = 60
     """No early stop before this epoch (the default: none; the best validation epoch is kept)."""
     valid_users: int = 1000
     seed: int = 0
