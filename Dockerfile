@@ -60,7 +60,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
     CLICKRANK_MODEL_DIR=/models \
-    CLICKRANK_DEVICE=cpu
+    CLICKRANK_DEVICE=cpu \
+    CLICKRANK_WORKERS=2
 RUN groupadd --system --gid 10001 clickrank \
     && useradd --system --uid 10001 --gid clickrank --no-log-init --no-create-home \
        --home-dir /app --shell /usr/sbin/nologin clickrank \

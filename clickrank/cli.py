@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="run the HTTP service (uvicorn); config from CLICKRANK_* variables")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument(
+        "--workers", type=int, default=None, help="uvicorn workers (default: CLICKRANK_WORKERS, 1)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("load-history", help="bulk-load a data set's events into Redis (CLICKRANK_REDIS_URL)")

@@ -20,6 +20,7 @@ from service.catalog import ItemCatalog
 from service.catalog_sync import CatalogSync
 from service.items import ItemWriter
 from service.loop_lag import LoopLagMonitor
+from service.metrics import worker_exit
 from service.ranking import Ranker
 from service.redis_conn import RedisConnection
 from service.runtime import OnnxModels
@@ -154,3 +155,4 @@ async def stop(services: Services) -> None:
             await task
     await services.loop_lag.stop()
     await services.redis.close()
+    worker_exit()

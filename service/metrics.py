@@ -1,8 +1,18 @@
-"""Prometheus metrics of the service (process-wide, exposed at ``GET /metrics``)."""
+"""Prometheus metrics of the service, exposed at ``GET /metrics``.
+
+One worker: the process's own registry. Several uvicorn workers (``CLICKRANK_WORKERS`` > 1): prometheus
+client's multiprocess mode, set up by ``service.server`` before the workers start: each worker writes its
+samples to files in ``PROMETHEUS_MULTIPROC_DIR`` and a scrape, whichever worker answers it, sums them
+over every worker (gauges: ``multiprocess_mode`` below), so ``/metrics`` is whole.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -32,7 +42,9 @@ DEGRADED = Counter("clickrank_degraded_total", "answers computed without the sto
 BATCH_SIZE = Histogram(
     "clickrank_batch_size", "requests per ONNX Runtime call", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
 )
-QUEUE_DEPTH = Gauge("clickrank_queue_depth", "requests waiting in the micro-batcher")
+QUEUE_DEPTH = Gauge(
+    "clickrank_queue_depth", "requests waiting in the micro-batcher", multiprocess_mode="livesum"
+)
 QUEUE_WAIT = Histogram(
     "clickrank_queue_wait_seconds", "time from enqueue to batch start", buckets=_FAST_BUCKETS
 )
@@ -58,10 +70,27 @@ REDIS_ERRORS = Counter(
 
 EVENTS_INGESTED = Counter("clickrank_events_total", "events acknowledged", ["result"])  # stored | duplicate
 ITEMS_UPSERTED = Counter("clickrank_items_upserted_total", "items encoded and upserted")
-MODEL_INFO = Gauge("clickrank_model_info", "the loaded model (value 1)", ["version", "provider"])
+MODEL_INFO = Gauge(
+    "clickrank_model_info", "the loaded model (value 1)", ["version", "provider"], multiprocess_mode="livemax"
+)
 CANDIDATES = Histogram(
     "clickrank_candidates",
     "candidates per /v1/recommend request by source (after exclusions; 'union' = what the ranker scored)",
     ["source"],  # retrieval | covisit | fresh | trending | prior | union
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000),
 )
+
+
+def exposition() -> bytes:
+    """The text exposition of every metric: this process's, or every worker's in multiprocess mode."""
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+def worker_exit() -> None:
+    """In multiprocess mode, drop this worker's live gauges (its queue depth, its model) on shutdown."""
+    if os.environ.get(MULTIPROC_DIR_ENV):
+        multiprocess.mark_process_dead(os.getpid())

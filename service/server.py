@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import logging.config
+import os
 import signal
 import sys
+import tempfile
+from pathlib import Path
 
 import uvicorn
 from pydantic import ValidationError
 
 from models.model_dir import MANIFEST, ModelDir
 from service.logs import install_request_id_factory, log_config
+from service.metrics import MULTIPROC_DIR_ENV
 from service.settings import Settings
 
 GRACEFUL_SHUTDOWN_S = 30
@@ -30,10 +34,23 @@ def load_settings() -> Settings:
         raise ValueError(f"invalid settings: {'; '.join(problems)}") from None
 
 
-def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
-    """Serve the API. Invalid settings raise ValueError (the CLI prints one line); a missing model
-    directory is only a warning: the service starts, ``/readyz`` answers 503 and says why."""
+def share_metrics(settings: Settings) -> Path:
+    """Several workers: prometheus client's multiprocess mode in ``metrics_dir`` (else a new temp dir),
+    emptied first (files of an earlier run would be summed in), before any worker imports the client."""
+    directory = settings.metrics_dir or Path(tempfile.mkdtemp(prefix="clickrank-metrics-"))
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_DIR_ENV] = str(directory)
+    return directory
+
+
+def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None) -> None:
+    """Serve the API with ``workers`` processes (default ``CLICKRANK_WORKERS``). Invalid settings raise
+    ValueError (the CLI prints one line); a missing model directory is only a warning: the service
+    starts, ``/readyz`` answers 503 and says why."""
     settings = load_settings()
+    workers = workers or settings.workers
     logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.api_key_list())
     logging.config.dictConfig(logging_config)
     install_request_id_factory()
@@ -43,6 +60,9 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
             "is deployed and the service restarted (set CLICKRANK_MODEL_DIR)",
             settings.model_dir.resolve(),
         )
+    if workers > 1:
+        directory = share_metrics(settings)
+        logging.getLogger("clickrank.server").info("%d workers share their metrics in %s", workers, directory)
     # uvicorn answers SIGTERM by finishing open requests (up to GRACEFUL_SHUTDOWN_S) and draining the
     # batcher, then re-raises the signal under the handler it found: make that a clean exit 0.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

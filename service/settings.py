@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     redis_prefix: str = Field(default="cr:", min_length=1, max_length=64)
     model_dir: Path = Path("./artifacts")
     device: Literal["auto", "cuda", "cpu"] = "auto"
+    workers: int = Field(default=1, ge=1, le=64)  # uvicorn worker processes (`clickrank serve --workers`)
+    metrics_dir: Path | None = None  # several workers: where they share metrics (default: a new temp dir)
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=1000.0)  # 0: best on CPU (docs/benchmarks.md)
     max_queue: int = Field(default=512, ge=1)

@@ -435,6 +435,28 @@ def test_burst_far_past_capacity_is_shed_fast_and_memory_stays_bounded(
     assert rss_after - rss_before < 100
 
 
+def test_two_workers_share_one_whole_metrics_page(
+    service: Callable[..., Service], catalog: list[str], tmp_path: Path
+) -> None:
+    """``CLICKRANK_WORKERS=2``: both uvicorn workers serve, and every scrape, whichever worker answers it,
+    counts every request of both (prometheus client's multiprocess mode in ``CLICKRANK_METRICS_DIR``)."""
+    shared = tmp_path / "metrics"
+    shared.mkdir()
+    (shared / "counter_1.db").write_bytes(b"stale")  # an earlier run's file: removed before the workers start
+    svc = service(workers=2, metrics_dir=shared)
+    body = {"user_id": "two-workers", "candidates": catalog[:5]}
+    for _ in range(30):  # a new connection each: the kernel hands them to either worker
+        assert httpx.post(f"{svc.url}/v1/predict", json=body, timeout=10).status_code == 200
+    worker_pids = {int(f.stem.rsplit("_", 1)[1]) for f in shared.glob("*.db")}
+    assert len(worker_pids) == 2 and svc.pid not in worker_pids, "both workers write, the parent does not"
+    for _ in range(6):
+        page = httpx.get(f"{svc.url}/metrics", timeout=10).text
+        assert (
+            metric(page, "clickrank_requests_total", route="/v1/predict", method="POST", status="200") == 30
+        )
+        assert metric(page, "clickrank_model_info") == 1  # the one loaded version (max over the workers)
+
+
 # ------------------------------------------------------------------------------ d. API keys and logs
 
 KEYS = ("key-alpha-5f1c9e", "key-beta-0a7d33")

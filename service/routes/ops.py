@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import ServicesDep
 from service.errors import documented, error_response, request_id_of
+from service.metrics import exposition
 from service.redis_conn import StoreUnavailable
 from service.schemas.ops import ErrorDetail, Status
 
@@ -45,4 +46,4 @@ async def readyz(request: Request, services: ServicesDep) -> Status | JSONRespon
 )
 async def metrics() -> Response:
     """Prometheus metrics, text exposition format."""
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(), media_type=CONTENT_TYPE_LATEST)

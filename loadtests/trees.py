@@ -1,0 +1,162 @@
+"""``python -m loadtests.trees OLD NEW``: two checkouts of clickrank side by side under ``wrk``.
+
+What a change did to the served path, measured in one run on one machine: both trees' ``clickrank
+serve`` (each imports its own code: the tree is its working directory and ``PYTHONPATH``) share one
+private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
+drives ``POST /v1/predict`` at each connection count, the trees alternating at every step. Per step:
+rate, p50/p99, non-2xx answers, degraded answers and shed requests (from each server's ``/metrics``).
+Writes ``report.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+
+from loadtests.common import log
+from loadtests.floor import BODIES, degraded_total, run_wrk, wrk_script
+from loadtests.report import machine_info, parse_metrics, utc_stamp
+from loadtests.server import free_port
+from loadtests.workload import ROUTES, Workload, load_histories
+from models.data import default_data_dir
+from models.redis_process import RedisProcess
+
+SHED = "clickrank_queue_rejected_total"
+"""Requests refused with 503 by the queue or the admission control (every tree has this counter)."""
+
+
+def metric_total(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(v for (n, _), v in parse_metrics(text).items() if n == name)
+
+
+class TreeServer:
+    """``clickrank serve`` from one checkout, on a free loopback port, ready once ``/readyz`` says so."""
+
+    def __init__(self, tree: Path, model_dir: Path, redis_url: str, log_path: Path) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKRANK_")}
+        env |= {
+            "CLICKRANK_MODEL_DIR": str(model_dir.resolve()),
+            "CLICKRANK_REDIS_URL": redis_url,
+            "CLICKRANK_LOG_LEVEL": "WARNING",
+            "PYTHONPATH": str(tree.resolve()),
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "clickrank.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+        ]
+        with log_path.open("w") as out:
+            self.proc = subprocess.Popen(
+                command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 180
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{tree}: clickrank serve exited, see {log_path}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{tree}: not ready in 180 s, see {log_path}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def measure(
+    wrk: str, urls: dict[str, str], script: Path, connections: list[int], duration_s: float
+) -> list[dict]:
+    steps = []
+    for url in urls.values():  # warm both: the first requests pay for lazy imports
+        run_wrk(wrk, url, script, 2, 2)
+    for c in connections:
+        for tree, url in urls.items():
+            degraded, shed = degraded_total(url), metric_total(url, SHED)
+            result = run_wrk(wrk, url, script, c, duration_s)
+            step = {
+                "tree": tree,
+                "connections": c,
+                "rps": result.rps,
+                "p50_ms": result.p50_ms,
+                "p99_ms": result.p99_ms,
+                "requests": result.requests,
+                "non_2xx": result.non_2xx,
+                "socket_errors": result.socket_errors,
+                "degraded": int(degraded_total(url) - degraded),
+                "shed": int(metric_total(url, SHED) - shed),
+            }
+            steps.append(step)
+            log(f"trees {tree} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms, "
+                f"{step['degraded']} degraded, {step['shed']} shed")  # fmt: skip
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loadtests.trees", description=__doc__.split("\n")[0])
+    parser.add_argument("old", type=Path, help="a clickrank checkout (e.g. a git worktree of the base)")
+    parser.add_argument("new", type=Path, help="another checkout (e.g. this one: .)")
+    parser.add_argument("--model-dir", type=Path, required=True, help="an export both trees can serve")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
+    parser.add_argument("--connections", default="8,64,256", help="comma-separated wrk connection counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args(argv)
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("trees: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    workload = Workload(args.data_dir or default_data_dir(), "predict")
+    script = args.out / "predict.lua"
+    script.write_text(wrk_script([workload.predict_body() for _ in range(BODIES)], ROUTES["predict"]))
+    connections = [int(c) for c in args.connections.split(",")]
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisProcess(Path(tmp)).running() as redis,
+        ExitStack() as stack,
+    ):
+        load_histories(redis.url, workload)
+        urls = {}
+        for name, tree in (("old", args.old), ("new", args.new)):
+            server = TreeServer(tree, args.model_dir, redis.url, args.out / f"{name}.log")
+            stack.callback(server.stop)
+            urls[name] = server.url
+        steps = measure(wrk, urls, script, connections, args.duration)
+    report = {
+        "created": utc_stamp(datetime.now(UTC)),
+        "machine": machine_info(),
+        "trees": {"old": str(args.old), "new": str(args.new)},
+        "duration_s": args.duration,
+        "workload": workload.describe(),
+        "steps": steps,
+    }
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
