@@ -86,10 +86,15 @@ def wrk_script(bodies: list[bytes], path: str) -> str:
     )
 
 
-def degraded_total(url: str) -> float:
-    """``clickrank_degraded_total`` over all routes, from the service's ``/metrics``."""
+def metric_total(url: str, metric: str) -> float:
+    """Every sample of ``metric`` (all labels) summed, from the service's ``/metrics``."""
     text = httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
-    return sum(v for (name, _), v in parse_metrics(text).items() if name == "clickrank_degraded_total")
+    return sum(v for (name, _), v in parse_metrics(text).items() if name == metric)
+
+
+def degraded_total(url: str) -> float:
+    """``clickrank_degraded_total`` over all routes."""
+    return metric_total(url, "clickrank_degraded_total")
 
 
 def run_wrk(wrk: str, url: str, script: Path, connections: int, duration_s: float) -> WrkRun:

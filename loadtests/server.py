@@ -106,8 +106,11 @@ class SpawnedServer:
         redis_url: str,
         log_path: Path,
         ready_timeout_s: float = 180.0,
+        tree: Path = REPO,
     ) -> None:
+        """``tree``: the checkout whose code is served (its working directory and ``PYTHONPATH``)."""
         self.variant = variant
+        self.tree = tree
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {
@@ -115,6 +118,7 @@ class SpawnedServer:
             "CLICKRANK_MODEL_DIR": str(model_dir.resolve()),
             "CLICKRANK_REDIS_URL": redis_url,
             "CLICKRANK_LOG_LEVEL": "WARNING",  # no per-request access log in the measured path
+            **({} if tree == REPO else {"PYTHONPATH": str(tree.resolve())}),
             **variant.env,
         }
         self.log_path = log_path
@@ -146,7 +150,12 @@ class SpawnedServer:
         ]
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(
-                command, cwd=REPO, env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command,
+                cwd=self.tree,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         try:
             self._wait_ready()

@@ -1,7 +1,7 @@
 """``python -m loadtests.trees OLD NEW``: two checkouts of clickrank side by side under ``wrk``.
 
 What a change did to the served path, measured in one run on one machine: both trees' ``clickrank
-serve`` (each imports its own code: the tree is its working directory and ``PYTHONPATH``) share one
+serve`` (``loadtests.server.SpawnedServer``, each importing its own tree's code) share one
 private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
 drives ``POST /v1/predict`` at each connection count, the trees alternating at every step. Per step:
 rate, p50/p99, non-2xx answers, degraded answers and shed requests (from each server's ``/metrics``).
@@ -12,79 +12,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
-
 from loadtests.common import log
-from loadtests.floor import BODIES, degraded_total, run_wrk, wrk_script
-from loadtests.report import machine_info, parse_metrics, utc_stamp
-from loadtests.server import free_port
+from loadtests.floor import BODIES, degraded_total, metric_total, run_wrk, wrk_script
+from loadtests.report import machine_info, utc_stamp
+from loadtests.server import SpawnedServer, Variant
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
 
 SHED = "clickrank_queue_rejected_total"
 """Requests refused with 503 by the queue or the admission control (every tree has this counter)."""
-
-
-def metric_total(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=5).text
-    return sum(v for (n, _), v in parse_metrics(text).items() if n == name)
-
-
-class TreeServer:
-    """``clickrank serve`` from one checkout, on a free loopback port, ready once ``/readyz`` says so."""
-
-    def __init__(self, tree: Path, model_dir: Path, redis_url: str, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CLICKRANK_")}
-        env |= {
-            "CLICKRANK_MODEL_DIR": str(model_dir.resolve()),
-            "CLICKRANK_REDIS_URL": redis_url,
-            "CLICKRANK_LOG_LEVEL": "WARNING",
-            "PYTHONPATH": str(tree.resolve()),
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "clickrank.cli",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-        ]
-        with log_path.open("w") as out:
-            self.proc = subprocess.Popen(
-                command, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        deadline = time.monotonic() + 180
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{tree}: clickrank serve exited, see {log_path}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.proc.kill()
-                raise RuntimeError(f"{tree}: not ready in 180 s, see {log_path}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
 
 
 def measure(
@@ -142,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         load_histories(redis.url, workload)
         urls = {}
         for name, tree in (("old", args.old), ("new", args.new)):
-            server = TreeServer(tree, args.model_dir, redis.url, args.out / f"{name}.log")
-            stack.callback(server.stop)
-            urls[name] = server.url
+            server = SpawnedServer(
+                Variant(name), model_dir=args.model_dir, redis_url=redis.url,
+                log_path=args.out / f"{name}.log", tree=tree,
+            )  # fmt: skip
+            urls[name] = stack.enter_context(server).url
         steps = measure(wrk, urls, script, connections, args.duration)
     report = {
         "created": utc_stamp(datetime.now(UTC)),
