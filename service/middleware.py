@@ -112,7 +112,8 @@ class AdmissionControl:
     Redis; under a burst far past capacity that work alone saturates the event loop, and every answer,
     refusals included, waits behind it. Two limits, checked before the body is read:
 
-    - ``max_in_flight`` model requests (a full queue plus one batch);
+    - ``max_in_flight`` model requests (``CLICKRANK_MAX_IN_FLIGHT``, never more than a full queue plus one
+      batch: ``service.app`` passes the smaller);
     - the event loop's lag (``service.loop_lag``) above ``max_loop_lag_s``: the process is saturated, so
       a new request would only make every admitted one later (0 turns this limit off).
 

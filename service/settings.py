@@ -33,7 +33,7 @@ class Settings(BaseSettings):
     history_cap: int = Field(default=200, ge=1)
     redis_timeout_ms: float = Field(default=50.0, gt=0.0)
     # shed /v1/predict and /v1/recommend with 503 while the event loop runs this late (0: off)
-    shed_loop_lag_ms: float = Field(default=20.0, ge=0.0)
+    shed_loop_lag_ms: float = Field(default=30.0, ge=0.0)  # 20 shed at 4 connections (docs/benchmarks.md)
     request_timeout_ms: float = Field(default=2000.0, gt=0.0)
     retrieval_size: int = Field(default=300, ge=1)
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
