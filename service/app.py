@@ -14,7 +14,7 @@ from fastapi import FastAPI
 
 from service import lifespan
 from service.errors import install_error_handlers
-from service.logs import install_request_id_factory
+from service.logs import UserLogNames, install_request_id_factory
 from service.loop_lag import LoopLagMonitor
 from service.middleware import AdmissionControl, RequestContextMiddleware
 from service.redis_conn import RedisConnection
@@ -34,7 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def run(app: FastAPI) -> AsyncIterator[None]:
         redis = RedisConnection.from_settings(settings)
         store = HistoryStore.from_settings(settings, redis)
-        services = lifespan.Services(settings, redis, store, loop_lag=loop_lag)
+        user_log_names = UserLogNames(raw=settings.log_user_ids, key=settings.log_hash_key)
+        services = lifespan.Services(settings, redis, store, loop_lag=loop_lag, user_log_names=user_log_names)
         app.state.services = services
         try:
             await lifespan.start(services)

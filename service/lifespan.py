@@ -19,6 +19,7 @@ from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.catalog_sync import CatalogSync
 from service.items import ItemWriter
+from service.logs import UserLogNames
 from service.loop_lag import LoopLagMonitor
 from service.metrics import worker_exit
 from service.ranking import Ranker
@@ -51,6 +52,7 @@ class Services:
     redis: RedisConnection
     store: HistoryStore
     loop_lag: LoopLagMonitor = field(default_factory=LoopLagMonitor)
+    user_log_names: UserLogNames = field(default_factory=UserLogNames)
     model: LoadedModel | None = None
     model_error: str | None = "model not loaded yet"
     tasks: list[asyncio.Task[None]] = field(default_factory=list)

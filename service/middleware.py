@@ -76,7 +76,8 @@ class RequestContextMiddleware:
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except Exception:
-            log.exception("unhandled error in %s %s (request %s)", scope["method"], scope["path"], request_id)
+            route = getattr(scope.get("route"), "path", "unmatched")  # the raw path may hold a user id
+            log.exception("unhandled error in %s %s (request %s)", scope["method"], route, request_id)
             if not response_started:
                 await error_response(500, "internal", "internal error", request_id)(
                     scope, receive, send_with_id

@@ -51,7 +51,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None)
     starts, ``/readyz`` answers 503 and says why."""
     settings = load_settings()
     workers = workers or settings.workers
-    logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.api_key_list())
+    logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.log_secrets())
     logging.config.dictConfig(logging_config)
     install_request_id_factory()
     if not ModelDir(settings.model_dir).file(MANIFEST).is_file():

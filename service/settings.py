@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_in_flight: int = Field(default=64, ge=1)
     history_length: int = Field(default=50, ge=1)
     history_cap: int = Field(default=200, ge=1)
+    # a user's history, seen-set and event ids expire this long after their last stored event (0: kept)
+    history_ttl_days: float = Field(default=0.0, ge=0.0, le=36500.0)
     redis_timeout_ms: float = Field(default=50.0, gt=0.0)
     # shed /v1/predict and /v1/recommend with 503 while the event loop runs this late (0: off)
     shed_loop_lag_ms: float = Field(default=30.0, ge=0.0)  # 20 shed at 4 connections (docs/benchmarks.md)
@@ -50,6 +52,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
     intra_op_threads: int = Field(default=1, ge=0)  # 1: measured fastest on CPU (docs/benchmarks.md)
     item_sync_interval_s: float = Field(default=1.0, gt=0.0)
+    log_user_ids: bool = False  # false: a log line names a user by a keyed hash (UserLogNames), never raw
+    log_hash_key: str = ""  # that hash's key; empty: a random key per process (see docs/operations.md)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
 
@@ -83,6 +87,10 @@ class Settings(BaseSettings):
         if self.redis_timeout_ms >= self.request_timeout_ms:
             raise ValueError("redis_timeout_ms must be smaller than request_timeout_ms")
         return self
+
+    def log_secrets(self) -> list[str]:
+        """The strings a log line must never show (masked by the formatters)."""
+        return [*self.api_key_list(), self.log_hash_key]
 
     def api_key_list(self) -> list[str]:
         """The accepted API keys; an empty list means authentication is off."""

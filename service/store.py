@@ -59,6 +59,7 @@ APPEND = LuaScript.packaged(
     args=Layout(
         head=(
             "history_cap",
+            "history_ttl_ms",
             "half_life",
             "dedup_window",
             "batch_ttl",
@@ -93,6 +94,7 @@ class HistoryStore:
         *,
         prefix: str = "cr:",
         history_cap: int = 200,
+        history_ttl_s: float = 0.0,
         trending_half_life_s: float = 259200.0,
         dedup_window_s: int = DEDUP_WINDOW_S,
         covisit_window: int = 5,
@@ -101,11 +103,14 @@ class HistoryStore:
     ) -> None:
         if history_cap < 1 or trending_half_life_s <= 0 or dedup_window_s < 1:
             raise ValueError("history_cap, trending_half_life_s and dedup_window_s must be positive")
+        if history_ttl_s < 0:
+            raise ValueError("history_ttl_s must be >= 0 (0: kept)")
         if covisit_window < 0 or covisit_size < 1 or fresh_size < 1:
             raise ValueError("covisit_window must be >= 0, covisit_size and fresh_size positive")
         self._redis = redis
         self._prefix = prefix
         self._cap = history_cap
+        self._ttl_ms = round(history_ttl_s * 1000)
         self._half_life_s = trending_half_life_s
         self._dedup_window_s = dedup_window_s
         self._covisit_window = covisit_window
@@ -119,6 +124,7 @@ class HistoryStore:
             redis,
             prefix=settings.redis_prefix,
             history_cap=settings.history_cap,
+            history_ttl_s=settings.history_ttl_days * 86400.0,
             trending_half_life_s=settings.trending_half_life_s,
             covisit_window=settings.covisit_window,
             covisit_size=settings.covisit_size,
@@ -133,7 +139,8 @@ class HistoryStore:
         """(accepted, duplicates). All or nothing, atomic in Redis (one Lua script); an event_id already
         stored for the user is acknowledged as duplicate, not stored twice, also within the batch. Also adds
         to the user's seen-set, the recency-weighted trending counts, the co-visitation sets and the fresh
-        items (duplicates count nowhere). The events are validated records (``ContextEvent``); the script
+        items (duplicates count nowhere). With a TTL, a user's keys expire that long after the last call that
+        stored an event of theirs. The events are validated records (``ContextEvent``); the script
         still refuses a non-finite timestamp before its first write. Raises StoreUnavailable.
 
         Each call carries a random token under which its result is cached for a few seconds past the
@@ -174,6 +181,7 @@ class HistoryStore:
         ]
         params = {
             "history_cap": self._cap,
+            "history_ttl_ms": self._ttl_ms,
             "half_life": repr(self._half_life_s),
             "dedup_window": self._dedup_window_s,
             "batch_ttl": math.ceil(self._redis.timeout_s) + _BATCH_RESULT_GRACE_S,

@@ -101,6 +101,7 @@ async def test_redis_down_degrades_then_recovers_without_restart(
         ready = await client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["error"]["code"] == "not_ready" and "redis" in ready.json()["error"]["message"]
+        assert "127.0.0.1" not in ready.text and str(redis_server.port) not in ready.text, "an address"
         assert (await client.get("/healthz")).status_code == 200
 
         events = await client.post("/v1/events", json={"events": stored})

@@ -631,6 +631,8 @@ def test_docs_list_every_setting_with_its_default() -> None:
             assert documented == "unset", name
         elif isinstance(default, Path):
             assert Path(documented) == default, name
+        elif isinstance(default, bool):
+            assert documented == str(default).lower(), name
         elif isinstance(default, int | float):
             assert float(documented) == default, name
         else:

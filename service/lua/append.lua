@@ -43,6 +43,7 @@ for i = 1, n do
 end
 
 local cap = tonumber(ARGV[ARG.history_cap])
+local ttl_ms = tonumber(ARGV[ARG.history_ttl_ms])
 local half_life = tonumber(ARGV[ARG.half_life])
 local window = tonumber(ARGV[ARG.dedup_window])
 local max_exp = tonumber(ARGV[ARG.rescale_exponent])
@@ -221,11 +222,19 @@ end
 if fresh_added then
   redis.call('ZREMRANGEBYRANK', KEYS[KEY.fresh], 0, -(fresh_size + 1))
 end
+-- retention: a user's keys expire ttl_ms after their last stored event (0: kept); the event ids live at
+-- most the dedup window, and no longer than the history they deduplicate
 for j in pairs(touched) do
   redis.call('ZREMRANGEBYRANK', user_key(j, USER.history), 0, -(cap + 1))
+  if ttl_ms > 0 then
+    redis.call('PEXPIRE', user_key(j, USER.history), ttl_ms)
+    redis.call('PEXPIRE', user_key(j, USER.seen), ttl_ms)
+  end
 end
+local ids_ttl_ms = window * 1000
+if ttl_ms > 0 and ttl_ms < ids_ttl_ms then ids_ttl_ms = ttl_ms end
 for j in pairs(with_ids) do
-  redis.call('EXPIRE', user_key(j, USER.event_ids), window)
+  if touched[j] then redis.call('PEXPIRE', user_key(j, USER.event_ids), ids_ttl_ms) end
 end
 if ref ~= nil then
   redis.call('HSET', KEYS[KEY.trend_meta], 'ref', string.format('%.17g', ref), 'latest',

@@ -23,7 +23,8 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses=documented(503))
 async def readyz(request: Request, services: ServicesDep) -> Status | JSONResponse:
-    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline."""
+    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline. The body names no
+    address (the cause, with Redis's address, is in the log)."""
     problems = []
     if services.model is None:
         problems.append(
@@ -31,8 +32,9 @@ async def readyz(request: Request, services: ServicesDep) -> Status | JSONRespon
         )
     try:
         await services.redis.ping()
-    except StoreUnavailable as exc:
-        problems.append(ErrorDetail(field="redis", message=str(exc), type="store_unavailable"))
+    except StoreUnavailable:
+        message = "Redis did not answer PING within its deadline"
+        problems.append(ErrorDetail(field="redis", message=message, type="store_unavailable"))
     if problems:
         message = "not ready: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
         return error_response(503, "not_ready", message, request_id_of(request), details=problems)

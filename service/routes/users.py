@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated
 
 from fastapi import Query
@@ -11,6 +12,7 @@ from service.errors import documented
 from service.schemas.events import ForgetResponse, HistoryResponse
 
 router = v1_router()
+log = logging.getLogger("clickrank.api")
 
 
 @router.get("/users/{user_id}/history", response_model_exclude_none=True, responses=documented(503, 504))
@@ -27,6 +29,7 @@ async def get_history(
 
 @router.delete("/users/{user_id}", responses=documented(503, 504))
 async def forget_user(user_id: UserIdPath, services: ServicesDep) -> ForgetResponse:
-    """Forget everything stored about the user (history, seen-set). Idempotent."""
+    """Forget everything stored about the user (history, seen-set, event ids). Idempotent."""
     forgotten = await within_deadline(services, services.store.forget(user_id))
+    log.info("erased user %s (anything stored: %s)", services.user_log_names(user_id), forgotten)
     return ForgetResponse(user_id=user_id, forgotten=forgotten)
