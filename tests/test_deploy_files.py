@@ -27,11 +27,10 @@ import pytest
 import redis
 import yaml
 from conftest import RedisServer
-from fastapi import FastAPI
+from deploy_contract import PREFIX, is_get_route, setting_names, settings_from, tool
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
-from starlette.routing import Match
 
 from clickrank import cli
 from models.redis_process import free_port
@@ -43,7 +42,6 @@ REPO = Path(__file__).resolve().parent.parent
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 RUNTIME_TARGETS = {"cpu": "cpu", "gpu": "gpu", "cpu-bundled": "cpu", "gpu-bundled": "gpu"}
 SERVING_FORBIDDEN = {"torch", "transformers"}
-PREFIX = "CLICKRANK_"
 
 
 # ------------------------------------------------------------------------------------ Dockerfile model
@@ -204,19 +202,6 @@ def duration_s(text: str) -> float:
     parts = re.findall(r"(\d+(?:\.\d+)?)(ms|us|h|m|s)", text)
     assert parts and "".join(a + u for a, u in parts) == text, f"not a duration: {text!r}"
     return sum(float(amount) * units[unit] for amount, unit in parts)
-
-
-def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key in list(os.environ):
-        if key.startswith(PREFIX):
-            monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return Settings()
-
-
-def setting_names() -> set[str]:
-    return {PREFIX + name.upper() for name in Settings.model_fields}
 
 
 # ----------------------------------------------------------------------------- settings and the CLI
@@ -395,18 +380,6 @@ def test_bundled_model_lands_where_the_service_reads_it() -> None:
 # ----------------------------------------------------------------------------------------- compose
 
 
-def is_get_route(app: FastAPI, path: str) -> bool:
-    scope = {
-        "type": "http",
-        "path": path,
-        "method": "GET",
-        "root_path": "",
-        "headers": [],
-        "query_string": b"",
-    }
-    return any(route.matches(scope)[0] == Match.FULL for route in app.router.routes)
-
-
 def test_image_healthcheck_is_the_liveness_route() -> None:
     app = create_app(Settings())
     assert not is_get_route(app, "/no-such-path")
@@ -561,12 +534,6 @@ def test_health_checks_against_a_real_server(live_server: Any, redis_server: Red
 # ------------------------------------------------------------------------------------------ linters
 
 
-def tool(name: str) -> str | None:
-    return shutil.which(name) or next(
-        (str(p) for p in [Path(sys.executable).parent / name] if p.is_file() and os.access(p, os.X_OK)), None
-    )
-
-
 def test_hadolint_clean() -> None:
     hadolint = tool("hadolint")
     if hadolint is None:
@@ -597,6 +564,7 @@ def test_lint_script_fails_on_missing_tools_unless_skipped(tmp_path: Path) -> No
     done = subprocess.run(script, env={"PATH": str(bin_dir)}, capture_output=True, text=True)
     assert done.returncode != 0
     assert "hadolint not found" in done.stderr and "docker-compose not found" in done.stderr
+    assert "kubectl not found" in done.stderr
     skipped = {"PATH": str(bin_dir), "CLICKRANK_SKIP_DEPLOY_LINT": "1"}
     done = subprocess.run(script, env=skipped, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
