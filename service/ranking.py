@@ -51,40 +51,41 @@ class ModelOutputError(RuntimeError):
     """The ranker returned non-finite numbers: a broken export, never a valid answer."""
 
 
-def influences(
-    attention: np.ndarray, item_ids: Sequence[str], top: int = EXPLAIN_TOP
-) -> list[dict[str, Any]]:
-    """The history items a candidate attended to most; repeated events of one item are summed."""
-    totals: dict[str, float] = {}
-    for item_id, weight in zip(item_ids, attention.tolist(), strict=True):
-        totals[item_id] = totals.get(item_id, 0.0) + weight
-    best = sorted(totals.items(), key=lambda kv: kv[1], reverse=True)[:top]
-    return [{"item_id": item_id, "weight": round(weight, 4)} for item_id, weight in best]
+def influences(deltas: np.ndarray, item_ids: Sequence[str], top: int = EXPLAIN_TOP) -> list[dict[str, Any]]:
+    """The ``top`` history items with the largest effect on a candidate, largest first. ``deltas[i]`` is
+    the candidate's probability with the whole history minus its probability with every event of
+    ``item_ids[i]`` left out; weights are the deltas divided by the sum of their absolute values (signed:
+    a negative weight means the item made the candidate less likely)."""
+    total = float(np.abs(deltas).sum())
+    weights = deltas / total if total > 0 else np.zeros_like(deltas)
+    best = np.argsort(-np.abs(weights), kind="stable")[:top].tolist()
+    return [{"item_id": item_ids[i], "weight": round(float(weights[i]), 4)} for i in best]
+
+
+def shown(probabilities: np.ndarray, top_k: int | None) -> np.ndarray:
+    """Indices of the candidates answered, by click probability (ties keep request order), cut at top_k."""
+    return np.argsort(-probabilities, kind="stable")[: top_k or len(probabilities)]
 
 
 def rank_predictions(
     item_ids: Sequence[str],
     probabilities: np.ndarray,
-    result: RankResult,
-    window: Window,
-    top_k: int | None,
-    explain: bool,
+    order: np.ndarray,
+    explained: Sequence[list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
-    """Candidates sorted by click probability (ties keep request order), rank 1 first, cut at top_k, as
-    the ``Prediction`` fields.
+    """The candidates at ``order`` (``shown``), rank 1 first, as the ``Prediction`` fields, with the
+    influences of each (aligned with ``order``) when explained.
 
     Plain dicts, validated once with the whole answer (``model_validate``): for 100 predictions that is
     74 µs against 212 µs for 100 ``Prediction.model_construct`` calls (measured)."""
-    order = np.argsort(-probabilities, kind="stable")[: top_k or len(item_ids)].tolist()
-    ranked = enumerate(zip(order, probabilities[order].tolist(), strict=True), start=1)
-    if not explain:
+    rows = order.tolist()
+    ranked = enumerate(zip(rows, probabilities[rows].tolist(), strict=True), start=1)
+    if explained is None:
         return [{"item_id": item_ids[j], "click_probability": p, "rank": rank} for rank, (j, p) in ranked]
-    attention = result.attention
     return [
-        {"item_id": item_ids[j], "click_probability": p, "rank": rank,
-         "influences": influences(attention[j], window.item_ids)}
+        {"item_id": item_ids[j], "click_probability": p, "rank": rank, "influences": explained[rank - 1]}
         for rank, (j, p) in ranked
-    ]  # fmt: skip
+    ]
 
 
 def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
@@ -120,14 +121,20 @@ class Ranker:
         if item_ids:
             result = await self._rank(window, vectors)
             partition = await self._partition(window, result)
-            probabilities = self._probabilities(result, partition)
+            model_probabilities = probabilities = self._probabilities(result, partition)
             if self.covisit_weight > 0 and len(window) and not degraded:
                 try:
                     covisit = await self.sources.covisit_of([e.item_id for e in events])
                 except StoreUnavailable as exc:
                     covisit, degraded = {}, self._degraded(route, exc)
                 probabilities = self._with_covisit(item_ids, probabilities, covisit, partition)
-            predictions = rank_predictions(item_ids, probabilities, result, window, req.top_k, req.explain)
+            order = shown(probabilities, req.top_k)
+            explained = (
+                await self._explain(events, window, vectors[order], model_probabilities[order])
+                if req.explain
+                else None
+            )
+            predictions = rank_predictions(item_ids, probabilities, order, explained)
         answer = {**self._answered(req.user_id, window, degraded), "predictions": predictions}
         return PredictResponse.model_validate({**answer, "unknown_items": unknown})
 
@@ -166,13 +173,50 @@ class Ranker:
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
             result = await self._rank(window, vectors[rows])
-            probabilities = self._probabilities(result, await self._partition(window, result, partition))
+            model_probabilities = probabilities = self._probabilities(
+                result, await self._partition(window, result, partition)
+            )
             if len(window):
                 probabilities = self._with_covisit(ids, probabilities, found.covisit, partition)
-            items = rank_predictions(ids, probabilities, result, window, req.top_k, req.explain)
+            order = shown(probabilities, req.top_k)
+            explained = (
+                await self._explain(events, window, vectors[rows[order]], model_probabilities[order])
+                if req.explain
+                else None
+            )
+            items = rank_predictions(ids, probabilities, order, explained)
         return RecommendResponse.model_validate(
             {**self._answered(req.user_id, window, degraded), "items": items}
         )
+
+    async def _explain(
+        self,
+        events: Sequence[ContextEvent],
+        window: Window,
+        candidate_vectors: np.ndarray,
+        probabilities: np.ndarray,
+    ) -> list[list[dict[str, Any]]]:
+        """Each candidate's influences (``influences``): for every distinct item of the window, the
+        ranker's calibrated probability with all of that item's events left out (the window rebuilt as if
+        they had never happened, so an older event may slide in), against ``probabilities``, the
+        probabilities with the whole history. One ranker request per item, batched together; the
+        co-visitation blend is not attributed."""
+        distinct = list(dict.fromkeys(window.item_ids))
+        if not distinct:
+            return [[] for _ in range(len(candidate_vectors))]
+        variants = [
+            build_window([e for e in events if e.item_id != item], self.catalog, self.history_length)
+            for item in distinct
+        ]
+        results = await asyncio.gather(*(self._rank(v, candidate_vectors) for v in variants))
+        without = np.stack(
+            [
+                self._probabilities(r, await self._partition(v, r))
+                for v, r in zip(variants, results, strict=True)
+            ]
+        )  # [items, candidates]
+        deltas = probabilities[None, :] - without
+        return [influences(deltas[:, c], distinct) for c in range(len(candidate_vectors))]
 
     def _answered(self, user_id: str, window: Window, degraded: bool) -> dict[str, Any]:
         """The ``RankedAnswer`` fields of an answer."""

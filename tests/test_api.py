@@ -309,10 +309,44 @@ async def test_predict_context_top_k_and_explain(client: httpx.AsyncClient, file
     history_items = {e["item_id"] for e in merged}
     for prediction in body["predictions"]:
         influences = prediction["influences"]
-        assert 1 <= len(influences) <= 5
+        assert len(influences) == 5
         assert {i["item_id"] for i in influences} <= history_items
-        weights = [i["weight"] for i in influences]
-        assert weights == sorted(weights, reverse=True) and 0 <= sum(weights) <= 1.0001
+        weights = [abs(i["weight"]) for i in influences]
+        assert weights == sorted(weights, reverse=True) and sum(weights) <= 1.0001
+
+
+async def test_strongest_influence_is_the_item_whose_removal_moves_the_probability_most(
+    client: httpx.AsyncClient, files: ModelFiles
+) -> None:
+    """Influences are leave-one-out effects: checked against the oracle's probabilities with each history
+    item left out, for 40 candidates, and once through the API with the strongest item really absent."""
+    history_events = user_history(files, "loo", 12, seed=5)
+    await post_events(client, history_events)
+    candidates = files.item_ids[400:440]
+    request = {"user_id": "loo", "candidates": candidates, "explain": True}
+    body = (await client.post("/v1/predict", json=request)).json()
+    full = dict(zip(candidates, files.probabilities(history_events, candidates).tolist(), strict=True))
+    items = [e["item_id"] for e in history_events]
+    without = {
+        item: files.probabilities([e for e in history_events if e["item_id"] != item], candidates)
+        for item in items
+    }
+    for prediction in body["predictions"]:
+        c = candidates.index(prediction["item_id"])
+        deltas = np.array([full[candidates[c]] - without[item][c] for item in items])
+        strongest = prediction["influences"][0]
+        assert abs(deltas[items.index(strongest["item_id"])]) >= np.abs(deltas).max() * (1 - 1e-3)
+        for influence in prediction["influences"]:
+            expected = deltas[items.index(influence["item_id"])] / np.abs(deltas).sum()
+            assert influence["weight"] == pytest.approx(expected, abs=2e-3), influence
+
+    top = body["predictions"][0]
+    dropped = top["influences"][0]["item_id"]
+    await post_events(client, [{**e, "user_id": "loo-b"} for e in history_events if e["item_id"] != dropped])
+    request = {"user_id": "loo-b", "candidates": [top["item_id"]]}
+    again = (await client.post("/v1/predict", json=request)).json()
+    change = top["click_probability"] - again["predictions"][0]["click_probability"]
+    assert np.sign(change) == np.sign(top["influences"][0]["weight"]) and change != 0
 
 
 async def test_predict_unknown_candidates(client: httpx.AsyncClient, files: ModelFiles) -> None:
@@ -576,7 +610,8 @@ def test_top_rows_never_returns_excluded_rows() -> None:
     assert top_rows(scores, 2, np.arange(5)).tolist() == []
 
 
-def test_influences_sum_repeated_items() -> None:
-    weights = np.array([0.1, 0.25, 0.2, 0.45], dtype=np.float32)  # "a" alone never beats "b"; summed it does
-    result = influences(weights, ["a", "b", "a", "c"], top=2)
-    assert [(i["item_id"], i["weight"]) for i in result] == [("c", 0.45), ("a", 0.3)]
+def test_influences_are_signed_effects_normalised_by_their_absolute_sum() -> None:
+    deltas = np.array([0.02, -0.05, 0.0, 0.03])
+    result = influences(deltas, ["a", "b", "c", "d"], top=3)
+    assert [(i["item_id"], i["weight"]) for i in result] == [("b", -0.5), ("d", 0.3), ("a", 0.2)]
+    assert [i["weight"] for i in influences(np.zeros(2), ["a", "b"])] == [0.0, 0.0]

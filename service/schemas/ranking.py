@@ -64,7 +64,10 @@ class PredictRequest(ApiModel):
 
 class Influence(ApiModel):
     item_id: str
-    weight: float = Field(description="attention weight of this history item for the candidate (sums ≤ 1)")
+    weight: float = Field(
+        description="the candidate's probability change when this history item is left out, divided by the "
+        "sum of every item's absolute change (signed; absolute weights of all items sum to 1)"
+    )
 
 
 class Prediction(ApiModel):
