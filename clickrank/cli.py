@@ -7,11 +7,14 @@ image never needs torch.
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR, default_data_dir
+from models.model_dir import ModelLoadError
 
 DEFAULT_MODEL_DIR = "./artifacts"
 
@@ -63,13 +66,52 @@ def _missing_extra(exc: ModuleNotFoundError) -> CliError | None:
 def cmd_train(args: argparse.Namespace) -> None:
     import onnxruntime  # noqa: F401  the export's parity check needs it: fail now, not after training
 
+    from models.model_store import ModelStore
     from models.pipeline import TrainConfig, train_and_export
 
+    if args.events_only and args.events is None:
+        raise CliError("--events-only needs --events FILE")
     config = TrainConfig.tiny() if args.tiny else TrainConfig()
     config = config.replace(seed=args.seed, **({"epochs": args.epochs} if args.epochs else {}))
-    train_and_export(
-        args.data_dir, Path(args.model_dir), config, skip_eval=args.skip_eval, id_only=args.id_only
-    )
+    model_dir = Path(args.model_dir)
+    store = ModelStore(model_dir) if args.store or ModelStore.is_store(model_dir) else None
+    out = store.incoming() if store else model_dir
+    try:
+        manifest = train_and_export(
+            args.data_dir,
+            out,
+            config,
+            skip_eval=args.skip_eval,
+            id_only=args.id_only,
+            events=args.events,
+            events_only=args.events_only,
+        )
+    except BaseException:
+        if store:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if store:
+        path = store.add(out, manifest["version"])
+        if args.no_promote:
+            print(f"version {manifest['version']} added to {model_dir} as {path} (not promoted)")
+        else:
+            store.promote(manifest["version"])
+            print(f"version {manifest['version']} is now current in {model_dir}")
+
+
+def cmd_promote(args: argparse.Namespace) -> None:
+    from models.model_store import ModelStore
+
+    store = ModelStore(args.model_dir)
+    if not ModelStore.is_store(store.path) and not args.version:
+        raise CliError(f"{store.path} is not a model store (no `current` file)")
+    if not args.version:
+        current = store.current_version()
+        for version in store.versions():
+            print(f"{'*' if version == current else ' '} {version}")
+        return
+    store.promote(args.version)
+    print(f"version {args.version} is now current in {store.path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -121,6 +163,12 @@ def cmd_load_history(args: argparse.Namespace) -> None:
     load_history_command(args.data_dir, limit=args.limit)
 
 
+def cmd_export_events(args: argparse.Namespace) -> None:
+    from service.export_events import export_events_command
+
+    export_events_command(args.out)
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from loadtests.bench import run
 
@@ -147,7 +195,35 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also fit the ID-only baseline into the saved table (`clickrank evaluate` always does)",
     )
+    p.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        help="also train on this `clickrank export-events` file (event types included); the catalog stays "
+        "the data set's",
+    )
+    p.add_argument(
+        "--events-only", action="store_true", help="with --events: train on the file alone, not the ratings"
+    )
+    p.add_argument(
+        "--store",
+        action="store_true",
+        help="--model-dir is a model store (implied when it has a `current` file): add a version directory "
+        "and make it current",
+    )
+    p.add_argument("--no-promote", action="store_true", help="with a store: add the version, leave `current`")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "promote", help="make a version of a model store current (checksums verified); no VERSION: list them"
+    )
+    p.add_argument("version", nargs="?", default=None)
+    p.add_argument(
+        "--model-dir",
+        default=os.environ.get("CLICKRANK_MODEL_DIR", DEFAULT_MODEL_DIR),
+        help="the store (default: $CLICKRANK_MODEL_DIR, else ./artifacts)",
+    )
+    p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("evaluate", help="print the evaluation table (baselines, clickrank, cold items)")
     p.add_argument("--data-dir", type=Path, default=default_data_dir(), help=DATA_DIR_HELP)
@@ -212,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="load only the first N events (by time)")
     p.set_defaults(func=cmd_load_history)
 
+    p = sub.add_parser(
+        "export-events",
+        help="write every stored event from Redis (CLICKRANK_REDIS_URL) to a JSON-lines file, for training",
+    )
+    p.add_argument("--out", required=True, help="the file to write (JSON lines, one event each)")
+    p.set_defaults(func=cmd_export_events)
+
     # Options are parsed by loadtests.bench (`clickrank bench --help`): prefix_chars="+" hands every
     # argument, --help included, to it unparsed, so building this parser never imports the bench.
     p = sub.add_parser(
@@ -240,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         if error is None:
             raise
         return _fail(args.command, error)
-    except (CliError, FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
+    except (CliError, FileNotFoundError, ValueError, ConnectionError, OSError, ModelLoadError) as exc:
         return _fail(args.command, exc)
     return 0
 

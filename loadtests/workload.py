@@ -131,20 +131,16 @@ class Workload:
 
 def load_histories(redis_url: str, workload: Workload) -> tuple[int, int]:
     """Store the workload users' histories through the service's own store code; (accepted, duplicates)."""
-    from service.load_history import CALL_TIMEOUT_S, load_events
-    from service.redis_conn import RedisConnection
+    from service.bulk import bulk_store
+    from service.load_history import load_events
     from service.settings import Settings
-    from service.store import HistoryStore
 
     settings = Settings(redis_url=redis_url)
     events = workload.history_events()
 
     async def go() -> tuple[int, int]:
-        redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
-        try:
-            return await load_events(HistoryStore.from_settings(settings, redis), events)
-        finally:
-            await redis.close()
+        async with bulk_store(settings, "the load can be repeated") as store:
+            return await load_events(store, events)
 
     accepted, duplicates = asyncio.run(go())
     log(

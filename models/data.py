@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from models.features import event_type_id
+
 GENRES: tuple[str, ...] = (
     "unknown",
     "Action",
@@ -73,15 +75,23 @@ class Item:
 
 @dataclass(frozen=True)
 class Ratings:
-    """All ratings sorted by (timestamp, user): parallel arrays, ids as strings."""
+    """All events sorted by time: parallel arrays, ids as strings. A data set holds ratings only; events
+    exported from the service (``models.events_file``) carry their types and NaN where there is no value."""
 
     user_ids: np.ndarray  # object array of str
     item_ids: np.ndarray  # object array of str
-    ratings: np.ndarray  # float32
+    ratings: np.ndarray  # float32 value (the star rating), NaN for an event without one
     timestamps: np.ndarray  # int64 unix seconds
+    types: np.ndarray | None = None  # int64 event type ids; None: every event is a rating
 
     def __len__(self) -> int:
         return len(self.timestamps)
+
+    def event_types(self) -> np.ndarray:
+        """The event type id of every event."""
+        if self.types is None:
+            return np.full(len(self), event_type_id("rate"), dtype=np.int64)
+        return self.types
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ ITEMS = "items.json"
 ITEM_VECTORS = "item_vectors.npy"
 ITEM_ID_OFFSETS = "item_id_offsets.npy"
 RANKER_WEIGHTS = "ranker.pt"
+SEGMENTS = "segments.json"
 METRICS = "metrics.json"
 TRAINING_CURVE = "training_curve.png"
 
@@ -34,6 +35,8 @@ SERVED_FILES: tuple[str, ...] = (RANKER, ITEM_ENCODER, TOKENIZER, ITEMS, ITEM_VE
 """What the service reads, each verified against the manifest at load."""
 CHECKSUMMED_FILES: tuple[str, ...] = (*SERVED_FILES, RANKER_WEIGHTS)
 """What the manifest lists with its sha256 (the reports, metrics.json and the curve, are not listed)."""
+OPTIONAL_FILES: tuple[str, ...] = (SEGMENTS,)
+"""Served and checksummed when the export has them (user segments: exports before them lack the file)."""
 
 
 class ModelLoadError(Exception):
@@ -61,6 +64,7 @@ class ServedModel:
     item_encoder_onnx: bytes
     tokenizer_json: str
     items: ItemTable
+    segments: dict[str, Any] | None = None  # segments.json, when the export has it
 
 
 def sha256(path: Path) -> str:
@@ -91,7 +95,8 @@ class ModelDir:
 
     def write_manifest(self, manifest: dict[str, Any]) -> dict[str, Any]:
         """Write ``manifest`` with the sha256 of every checksummed file (all must exist); returns it."""
-        manifest = {**manifest, "files": {name: sha256(self.file(name)) for name in CHECKSUMMED_FILES}}
+        names = [*CHECKSUMMED_FILES, *(n for n in OPTIONAL_FILES if self.file(n).is_file())]
+        manifest = {**manifest, "files": {name: sha256(self.file(name)) for name in names}}
         self.file(MANIFEST).write_text(json.dumps(manifest, indent=2), encoding="utf-8")
         return manifest
 
@@ -128,7 +133,8 @@ class ModelDir:
     def load(self) -> ServedModel:
         """Read every served file once, verify it against the manifest, parse it."""
         manifest = self.read_manifest()
-        blobs = {name: self._read_verified(name, manifest["files"]) for name in SERVED_FILES}
+        served = [*SERVED_FILES, *(n for n in OPTIONAL_FILES if n in manifest["files"])]
+        blobs = {name: self._read_verified(name, manifest["files"]) for name in served}
         return ServedModel(
             source=self.path,
             manifest=manifest,
@@ -136,6 +142,7 @@ class ModelDir:
             item_encoder_onnx=blobs[ITEM_ENCODER],
             tokenizer_json=self._text(TOKENIZER, blobs[TOKENIZER]),
             items=self._item_table(blobs),
+            segments=self._json(SEGMENTS, blobs[SEGMENTS]) if SEGMENTS in blobs else None,
         )
 
     def _read_verified(self, name: str, digests: dict[str, Any]) -> bytes:
@@ -160,6 +167,12 @@ class ModelDir:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ModelLoadError(f"{name} in {self.path} is not UTF-8 text: {exc}") from None
+
+    def _json(self, name: str, data: bytes) -> Any:
+        try:
+            return json.loads(self._text(name, data))
+        except ValueError as exc:
+            raise ModelLoadError(f"{name} in {self.path} is not JSON: {exc}") from None
 
     def _item_table(self, blobs: dict[str, bytes]) -> ItemTable:
         """The parsed item files; their mutual consistency is ``ItemCatalog``'s to check."""

@@ -18,8 +18,11 @@ from models.calibration import Calibration, click_probabilities, fit_platt, log_
 from models.data import Dataset, load_dataset
 from models.encoder import load_minilm, pooled_embeddings
 from models.evaluate import Case, evaluate_model, format_table, genre_features, make_split, popularity_scorer
+from models.events_file import EventsReport, with_events
 from models.export import PARITY_TOLERANCE, export_model, graph_shapes, item_table
-from models.model_dir import METRICS, TRAINING_CURVE, ModelDir
+from models.features import EVENT_TYPE_IDS
+from models.model_dir import METRICS, RANKER, SEGMENTS, TRAINING_CURVE, ItemTable, ModelDir
+from models.segments import find_segments
 from models.sequences import UserSequence, user_sequences
 from models.train import FitConfig, FitResult, RecModel, fit
 
@@ -80,7 +83,8 @@ def _plot_curves(curves: dict[str, list[dict[str, float]]], path: Path) -> None:
     ax_ndcg.set(title="validation NDCG@10 (full ranking)", xlabel="epoch")
     for ax in (ax_loss, ax_ndcg):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:  # a fit on all data has no validation curve
+            ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -217,18 +221,35 @@ def calibration_on_cases(
 
 
 def train_and_export(
-    data_dir: Path, model_dir: Path, config: TrainConfig, skip_eval: bool = False, id_only: bool = False
+    data_dir: Path,
+    model_dir: Path,
+    config: TrainConfig,
+    skip_eval: bool = False,
+    id_only: bool = False,
+    events: Path | None = None,
+    events_only: bool = False,
 ) -> dict:
     """The ``train`` command. Returns the manifest it wrote.
 
     By default the harness fits clickrank on the split (early stopping, metrics against popularity and on
     cold items) and a warm-started refit on all data is exported; ``id_only`` also fits the ID-only
-    baseline (``clickrank evaluate`` always does); ``skip_eval`` fits on all data only."""
+    baseline (``clickrank evaluate`` always does); ``skip_eval`` fits on all data only. ``events`` (an
+    ``export-events`` file) is trained on beside the data set's ratings, or instead of them with
+    ``events_only``; the catalog is the data set's either way (``models.events_file``)."""
     started = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
     data = load_dataset(data_dir)
-    print(f"data: {len(data.ratings)} ratings, {len(data.items)} items, from {data_dir}")
+    events_report = None
+    if events is not None:
+        data, events_report = with_events(data, events, events_only=events_only)
+        report = events_report
+        print(
+            f"events: {report.used} of {report.lines} from {events} ({report.types}); "
+            f"{report.unknown_items} on items outside the catalog and {report.same_as_a_rating} equal to a "
+            "rating were dropped"
+        )
+    print(f"data: {len(data.ratings)} events, {len(data.items)} items, from {data_dir}")
     bert, tokenizer = load_minilm()
     text_features = pooled_embeddings(bert, tokenizer, [it.text for it in data.items], config.max_text_tokens)
     harness = None if skip_eval else evaluate_in_harness(data, config, text_features, id_only)
@@ -237,11 +258,43 @@ def train_and_export(
     out = ModelDir(model_dir)
     table = item_table(final.model, data.items, items_with_events(sequences))
     parity = export_model(out, final.model, table, bert, tokenizer, config.max_text_tokens)
+    write_segments(out, sequences, table, final.config.history_length, final.config.seed)
     write_reports(out, harness, final)
-    manifest = out.write_manifest(export_manifest(data, data_dir, config, harness, final, recipe, parity))
+    manifest = export_manifest(data, data_dir, config, harness, final, recipe, parity)
+    manifest["metrics"]["training_data"] = training_data(data, events_report, events_only)
+    manifest = out.write_manifest(manifest)
     print(f"exported model {manifest['version']} to {model_dir} (ONNX parity max |Δp| = {parity:.1e})")
     print(f"wall time: {time.perf_counter() - started:.1f} s")
     return manifest
+
+
+def write_segments(
+    out: ModelDir, sequences: list[UserSequence], table: ItemTable, length: int, seed: int
+) -> None:
+    """``segments.json``: the training users clustered by their served user vectors (``models.segments``)."""
+    histories = [(s.items, s.event_types(), s.values, s.timestamps) for s in sequences if len(s)]
+    segments = find_segments(
+        out.file(RANKER).read_bytes(), histories, table.vectors, table.texts, length, seed
+    )
+    out.file(SEGMENTS).write_text(json.dumps(segments.to_json()), encoding="utf-8")
+    sizes = ", ".join(
+        f"{n} ({'/'.join(a['attribute'] for a in top[:2])})"
+        for n, top in zip(segments.sizes, segments.top_attributes, strict=True)
+    )
+    print(f"segments: {len(segments.sizes)} clusters of users: {sizes}")
+
+
+def training_data(data: Dataset, events: EventsReport | None, events_only: bool) -> dict:
+    """What the exported model was trained on, for the manifest's ``metrics`` (``GET /v1/model``)."""
+    types = data.ratings.event_types()
+    counts = {name: int((types == i).sum()) for name, i in EVENT_TYPE_IDS.items() if (types == i).any()}
+    return {
+        "events": len(data.ratings),
+        "users": len(set(data.ratings.user_ids.tolist())),
+        "event_types": counts,
+        "data_set_ratings": not events_only,
+        "events_file": None if events is None else dataclasses.asdict(events),
+    }
 
 
 def evaluate_in_harness(

@@ -18,32 +18,44 @@ class UserSequence:
     items: np.ndarray  # int64 catalog rows, oldest first
     values: np.ndarray  # int64 value buckets
     timestamps: np.ndarray  # float64 seconds
+    types: np.ndarray | None = None  # int64 event type ids; None: every event is a rating
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def event_types(self) -> np.ndarray:
+        return np.full(len(self), RATE, dtype=np.int64) if self.types is None else self.types
+
+    def _take(self, index: slice | np.ndarray) -> UserSequence:
+        types = None if self.types is None else self.types[index]
+        return UserSequence(
+            self.user_id, self.items[index], self.values[index], self.timestamps[index], types
+        )
+
     def slice(self, stop: int) -> UserSequence:
-        return UserSequence(self.user_id, self.items[:stop], self.values[:stop], self.timestamps[:stop])
+        return self._take(slice(None, stop))
+
+    def window(self, start: int, stop: int) -> UserSequence:
+        return self._take(slice(start, stop))
 
     def without(self, excluded: np.ndarray) -> UserSequence:
-        keep = ~np.isin(self.items, excluded)
-        return UserSequence(self.user_id, self.items[keep], self.values[keep], self.timestamps[keep])
+        return self._take(~np.isin(self.items, excluded))
 
 
 def user_sequences(data: Dataset) -> list[UserSequence]:
-    """Every user's ratings as a sequence, ordered by time (ratings are already time-sorted)."""
+    """Every user's events as a sequence, ordered by time (the events are already time-sorted)."""
     row = {item_id: i for i, item_id in enumerate(data.item_ids)}
     r = data.ratings
     items = np.fromiter((row[i] for i in r.item_ids), dtype=np.int64, count=len(r))
     values = np.fromiter((value_bucket(float(v)) for v in r.ratings), dtype=np.int64, count=len(r))
+    types = r.event_types()
     users = r.user_ids
     order = np.argsort(users, kind="stable")  # group by user, keep time order inside
     bounds = np.flatnonzero(users[order][1:] != users[order][:-1]) + 1
     out = []
     for idx in np.split(order, bounds):
-        out.append(
-            UserSequence(str(users[idx[0]]), items[idx], values[idx], r.timestamps[idx].astype(np.float64))
-        )
+        stamps = r.timestamps[idx].astype(np.float64)
+        out.append(UserSequence(str(users[idx[0]]), items[idx], values[idx], stamps, types[idx]))
     return out
 
 
@@ -64,7 +76,7 @@ class Windows:
 
 def history_arrays(seq: UserSequence, length: int) -> tuple[np.ndarray, ...]:
     """The last ``length`` events of a sequence as left-padded (items, types, values, gaps, mask)."""
-    types, values, gaps, mask = encode_window([RATE] * len(seq), seq.values, seq.timestamps, length)
+    types, values, gaps, mask = encode_window(seq.event_types(), seq.values, seq.timestamps, length)
     items = np.zeros(length, dtype=np.int64)
     n = min(len(seq), length)
     if n:
@@ -86,12 +98,7 @@ def make_windows(sequences: list[UserSequence], length: int, stride: int, min_co
             continue
         for end in range(n, 1, -stride):
             start = max(0, end - length - 1)
-            inputs = UserSequence(
-                seq.user_id,
-                seq.items[start : end - 1],
-                seq.values[start : end - 1],
-                seq.timestamps[start : end - 1],
-            )
+            inputs = seq.window(start, end - 1)
             items, types, values, gaps, mask = history_arrays(inputs, length)
             targets = np.full(length, -1, dtype=np.int64)
             k = end - 1 - start

@@ -74,6 +74,16 @@ class CatalogSync:
         await self._redis.run_script("catalog_publish", PUBLISH, keys, args)
         self.catalog.upsert_local(items)
 
+    async def published_texts(self) -> dict[str, str]:
+        """Every item published for this model version: item id → text (what another version re-encodes)."""
+        blobs = await self._redis.call("catalog_sync", lambda r: r.hgetall(self._keys.items))
+        width = 4 * self.catalog.dim
+        return {
+            item_id.decode(): blob[width:].decode("utf-8")
+            for item_id, blob in blobs.items()
+            if len(blob) >= width
+        }
+
     async def sync(self) -> int:
         """Apply the items published by any replica since the last sync; returns how many changed here.
 

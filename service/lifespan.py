@@ -12,8 +12,10 @@ import asyncio
 import logging
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from models.model_dir import ModelDir, ModelLoadError
+from models.model_dir import ModelDir
+from models.segments import Segments
 from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
@@ -22,6 +24,8 @@ from service.items import ItemWriter
 from service.logs import UserLogNames
 from service.loop_lag import LoopLagMonitor
 from service.metrics import worker_exit
+from service.model_reload import ModelReloader
+from service.profiles import Profiles
 from service.ranking import Ranker
 from service.redis_conn import RedisConnection
 from service.runtime import OnnxModels
@@ -34,7 +38,7 @@ log = logging.getLogger("clickrank.api")
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     """One model version being served: its graphs, its catalog and the catalog's sharing with other
-    replicas, the batcher in front of the ranker graph, and the two request handlers built on them."""
+    replicas, the batcher in front of the ranker graph, and the request handlers built on them."""
 
     models: OnnxModels
     catalog: ItemCatalog
@@ -42,11 +46,13 @@ class LoadedModel:
     batcher: MicroBatcher
     ranker: Ranker
     items: ItemWriter
+    profiles: Profiles
 
 
 @dataclass
 class Services:
-    """Everything the routes use; reachable as ``app.state.services``."""
+    """Everything the routes use; reachable as ``app.state.services``. ``model`` is replaced only by
+    ``reloader`` (a new version swapped in live); a request keeps the one it started with."""
 
     settings: Settings
     redis: RedisConnection
@@ -55,38 +61,36 @@ class Services:
     user_log_names: UserLogNames = field(default_factory=UserLogNames)
     model: LoadedModel | None = None
     model_error: str | None = "model not loaded yet"
+    reloader: ModelReloader = field(init=False)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.reloader = ModelReloader(self, build_model)
 
 
 async def start(services: Services) -> None:
-    """Start watching the event loop's lag, load the model if there is one, and start the catalog sync
-    that keeps it current."""
+    """Start watching the event loop's lag, load the model if there is one (a model directory, or a
+    store's current version), start the catalog sync that keeps it current and the watch for new
+    versions (``CLICKRANK_MODEL_POLL_INTERVAL_S``)."""
     services.loop_lag.start()
-    services.model = await _load_model(services)
-    if services.model is not None:
-        failing = await _sync_catalog(services, failing=False)
-        services.tasks.append(
-            asyncio.create_task(_sync_catalog_forever(services, failing), name="catalog-sync")
-        )
+    await services.reloader.load_initial()
+    failing = await _sync_catalog(services, failing=False) if services.model is not None else False
+    services.tasks.append(asyncio.create_task(_sync_catalog_forever(services, failing), name="catalog-sync"))
+    if services.settings.model_poll_interval_s > 0:
+        services.tasks.append(asyncio.create_task(services.reloader.watch(), name="model-watch"))
 
 
-async def _load_model(services: Services) -> LoadedModel | None:
-    """The ONNX graphs and the catalog, loaded and warmed (every shape bucket), and the batcher started.
-
-    A failure leaves the app running without a model: ``/readyz`` says why and model routes answer 503.
-    """
+async def build_model(services: Services, model_dir: Path) -> LoadedModel:
+    """The model at ``model_dir`` ready to serve: its files verified against the manifest, the ONNX graphs
+    loaded and warmed over every shape bucket (a self-test, too), the batcher started, the catalog synced
+    with the items published for this version. Raises when any of it fails (nothing is left running)."""
     settings, store = services.settings, services.store
-    try:
-        served = await asyncio.to_thread(ModelDir(settings.model_dir).load)
-        models = await asyncio.to_thread(
-            OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
-        )
-        catalog = await asyncio.to_thread(ItemCatalog.from_table, served.items, models.version)
-        await asyncio.to_thread(models.warm_up)
-    except Exception as exc:  # ModelLoadError, or a graph ONNX Runtime refuses: report, keep serving
-        services.model_error = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
-        log.error("model not loaded from %s: %s", settings.model_dir, services.model_error)
-        return None
+    served = await asyncio.to_thread(ModelDir(model_dir).load)
+    models = await asyncio.to_thread(
+        OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
+    )
+    catalog = await asyncio.to_thread(ItemCatalog.from_table, served.items, models.version)
+    await asyncio.to_thread(models.warm_up)
     batcher = MicroBatcher(
         models.rank,
         max_batch_size=settings.max_batch_size,
@@ -112,16 +116,18 @@ async def _load_model(services: Services) -> LoadedModel | None:
         sources=sources,
         covisit_weight=settings.covisit_weight,
     )
-    services.model_error = None
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
     catalog_sync = CatalogSync(services.redis, catalog, prefix=settings.redis_prefix)
     items = ItemWriter(models, catalog_sync, store)
-    return LoadedModel(models, catalog, catalog_sync, batcher, ranker, items)
+    segments = Segments.from_json(served.segments) if served.segments else None
+    profiles = Profiles(store, catalog, ranker, segments, settings.history_cap)
+    return LoadedModel(models, catalog, catalog_sync, batcher, ranker, items, profiles)
 
 
 async def _sync_catalog(services: Services, *, failing: bool) -> bool:
     """One sync round; returns whether it failed. A failure is logged when it starts, and the recovery."""
-    assert services.model is not None
+    if services.model is None:
+        return failing
     try:
         applied = await services.model.catalog_sync.sync()
     except (
@@ -147,9 +153,10 @@ async def _sync_catalog_forever(services: Services, failing: bool) -> None:
 
 
 async def stop(services: Services) -> None:
-    """Stop taking work, finish queued requests, stop background tasks, close Redis."""
+    """Stop taking work, finish queued requests (of a version being retired too), stop background tasks."""
     if services.model is not None:
         await services.model.batcher.stop(drain=True)
+    await services.reloader.stop()
     for task in services.tasks:
         task.cancel()
     for task in services.tasks:

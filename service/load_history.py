@@ -12,20 +12,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from tqdm import tqdm
 
 from models.data import Ratings, load_dataset
-from service.redis_conn import RedisConnection, StoreUnavailable
+from service.bulk import bulk_store, redacted
 from service.schemas.events import ContextEvent
 from service.settings import Settings
 from service.store import HistoryStore
 
 CHUNK = 1000
 """Events per ``append`` call (one Lua script each)."""
-CALL_TIMEOUT_S = 30.0
-"""Deadline of one bulk call; the request path uses the much shorter ``redis_timeout_ms``."""
 
 
 @dataclass(frozen=True)
@@ -68,14 +65,6 @@ def rating_events(ratings: Ratings, limit: int | None = None) -> list[tuple[str,
     ]
 
 
-def _redacted(url: str) -> str:
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def load_events(
     store: HistoryStore, events: list[tuple[str, ContextEvent]], *, chunk: int = CHUNK
 ) -> tuple[int, int]:
@@ -91,22 +80,8 @@ async def load_events(
 
 
 async def _run(settings: Settings, events: list[tuple[str, ContextEvent]]) -> tuple[int, int]:
-    target = _redacted(settings.redis_url)
-    redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
-    store = HistoryStore.from_settings(settings, redis)
-    try:
-        try:
-            await asyncio.wait_for(redis.ping(), 5.0)
-        except (StoreUnavailable, TimeoutError) as exc:
-            raise ConnectionError(f"cannot reach Redis at {target} ({exc})") from None
-        try:
-            return await load_events(store, events)
-        except StoreUnavailable as exc:
-            raise ConnectionError(
-                f"Redis at {target} failed during the load ({exc}); re-running is safe (idempotent event ids)"
-            ) from None
-    finally:
-        await redis.close()
+    async with bulk_store(settings, "re-running is safe (idempotent event ids)") as store:
+        return await load_events(store, events)
 
 
 def load_history_command(
@@ -132,5 +107,5 @@ def load_history_command(
         duplicates=duplicates,
         seconds=time.perf_counter() - start,
     )
-    print(summary.line(_redacted(settings.redis_url)))
+    print(summary.line(redacted(settings.redis_url)))
     return summary

@@ -37,6 +37,9 @@ REQUESTS = Counter("clickrank_requests_total", "HTTP requests", ["route", "metho
 REQUEST_LATENCY = Histogram(
     "clickrank_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS
 )
+MODEL_RELOADS = Counter(
+    "clickrank_model_reloads_total", "new model versions swapped in or refused", ["outcome"]
+)
 DEGRADED = Counter("clickrank_degraded_total", "answers computed without the stored history", ["route"])
 
 BATCH_SIZE = Histogram(

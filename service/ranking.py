@@ -151,8 +151,7 @@ class Ranker:
         retrieved = partition = None
         if len(window):
             # Retrieval: the user vector's dot product with every item; the other sources join it below.
-            probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
-            partition = self.catalog.vectors @ probe.user_vector
+            partition = self.catalog.vectors @ await self._user_vector(window)
             retrieved = top_rows(partition, self.retrieval_size, excluded)
         found = await self.sources.gather(
             retrieved,
@@ -217,6 +216,15 @@ class Ranker:
         )  # [items, candidates]
         deltas = probabilities[None, :] - without
         return [influences(deltas[:, c], distinct) for c in range(len(candidate_vectors))]
+
+    async def user_vector(self, events: Sequence[ContextEvent]) -> np.ndarray | None:
+        """The user vector the ranker computes from these events (None: none of them is a catalog item)."""
+        window = build_window(events, self.catalog, self.history_length)
+        return await self._user_vector(window) if len(window) else None
+
+    async def _user_vector(self, window: Window) -> np.ndarray:
+        probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
+        return probe.user_vector
 
     def _answered(self, user_id: str, window: Window, degraded: bool) -> dict[str, Any]:
         """The ``RankedAnswer`` fields of an answer."""

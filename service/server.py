@@ -12,7 +12,8 @@ from pathlib import Path
 import uvicorn
 from pydantic import ValidationError
 
-from models.model_dir import MANIFEST, ModelDir
+from models.model_dir import MANIFEST
+from models.model_store import ModelStore
 from service.logs import install_request_id_factory, log_config
 from service.metrics import MULTIPROC_DIR_ENV
 from service.settings import Settings
@@ -54,10 +55,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000, workers: int | None = None)
     logging_config = log_config(settings.log_level, settings.log_format, secrets=settings.log_secrets())
     logging.config.dictConfig(logging_config)
     install_request_id_factory()
-    if not ModelDir(settings.model_dir).file(MANIFEST).is_file():
+    if not ModelStore.is_store(settings.model_dir) and not (settings.model_dir / MANIFEST).is_file():
         logging.getLogger("clickrank.server").warning(
             "no model at %s (manifest.json missing); starting anyway, /readyz will answer 503 until a model "
-            "is deployed and the service restarted (set CLICKRANK_MODEL_DIR)",
+            "is deployed there (looked for every CLICKRANK_MODEL_POLL_INTERVAL_S) or POST /v1/model/reload",
             settings.model_dir.resolve(),
         )
     if workers > 1:

@@ -19,7 +19,10 @@ class Settings(BaseSettings):
 
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field(default="cr:", min_length=1, max_length=64)
-    model_dir: Path = Path("./artifacts")
+    model_dir: Path = Path("./artifacts")  # a model directory, or a store of versions (models/model_store.py)
+    model_poll_interval_s: float = Field(
+        default=5.0, ge=0.0
+    )  # how often a new current version is looked for; 0: off
     device: Literal["auto", "cuda", "cpu"] = "auto"
     workers: int = Field(default=1, ge=1, le=64)  # uvicorn worker processes (`clickrank serve --workers`)
     metrics_dir: Path | None = None  # several workers: where they share metrics (default: a new temp dir)

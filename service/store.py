@@ -16,7 +16,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -37,6 +37,11 @@ _SEQ_DIGITS = 16
 _RESCALE_EXPONENT = 64.0
 _OVERFETCH_MAX = 500
 """At most this many extra trending entries are read to make up for excluded (seen) items."""
+
+
+def _glob_escape(text: str) -> str:
+    """``text`` matched literally by a Redis glob pattern."""
+    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
 
 
 class _KIND:
@@ -223,6 +228,18 @@ class HistoryStore:
             ]
         seen = {m.decode() for m in replies[-1]} if with_seen else None
         return events, seen
+
+    async def users(self, batch: int = 1000) -> AsyncIterator[list[str]]:
+        """Every user with a stored history, ``batch`` or so at a time (``SCAN``: a user stored or erased
+        meanwhile may be missed or listed; one listed twice is possible and left to the caller)."""
+        head = self._key(_KIND.HISTORY, "")
+        cursor: int | None = None
+        while cursor != 0:
+            cursor, keys = await self._redis.call(
+                "scan", lambda r, c=cursor or 0: r.scan(c, match=f"{_glob_escape(head)}*", count=batch)
+            )
+            if keys:
+                yield [key.decode()[len(head) :] for key in keys]
 
     async def forget(self, user_id: str) -> bool:
         """Delete the user's history, seen-set and event ids; True if there was anything.

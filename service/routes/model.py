@@ -1,10 +1,11 @@
-"""``GET /v1/model``: which model answers, how it was built and how requests are batched."""
+"""``GET /v1/model``: which model answers, how it was built and how requests are batched;
+``POST /v1/model/reload``: swap in the model store's current version now (``service/model_reload.py``)."""
 
 from __future__ import annotations
 
 from service.deps import ModelDep, ServicesDep, v1_router
-from service.errors import documented
-from service.schemas.ops import BatchingInfo, ModelInfo
+from service.errors import ApiError, documented
+from service.schemas.ops import BatchingInfo, ModelInfo, RefusedVersion, ReloadResponse
 
 router = v1_router()
 
@@ -27,4 +28,23 @@ async def model_info(services: ServicesDep, model: ModelDep) -> ModelInfo:
             max_queue=settings.max_queue,
             queue_depth=model.batcher.queue_depth,
         ),
+        last_refused=_refused(services),
     )
+
+
+@router.post("/model/reload", responses=documented(409))
+async def reload_model(services: ServicesDep) -> ReloadResponse:
+    """Look for a new current version now (the service also polls every ``MODEL_POLL_INTERVAL_S``) and
+    swap it in; files refused before are tried again. 409 ``model_refused`` says why a version was
+    refused: the serving one (if any) stays."""
+    done = await services.reloader.reload(force=True)
+    if done.outcome == "refused" or done.version is None:
+        reason = done.refusal.reason if done.refusal else "no model"
+        version = done.refusal.version if done.refusal else "?"
+        raise ApiError(409, "model_refused", f"model {version} refused: {reason}; serving {done.version}")
+    return ReloadResponse(outcome=done.outcome, version=done.version)
+
+
+def _refused(services: ServicesDep) -> RefusedVersion | None:
+    refusal = services.reloader.last_refused
+    return None if refusal is None else RefusedVersion(**refusal.as_dict())

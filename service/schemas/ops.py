@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -14,6 +14,19 @@ class BatchingInfo(ApiModel):
     max_batch_delay_ms: float
     max_queue: int
     queue_depth: int
+
+
+class RefusedVersion(ApiModel):
+    version: str = Field(description="the refused version's name ('?' when its manifest could not be read)")
+    reason: str
+    at: str = Field(description="when it was refused (ISO 8601, UTC)")
+
+
+class ReloadResponse(ApiModel):
+    model_config = examples({"outcome": "swapped", "version": "20261203T070000Z-4f1c2a9e"})
+
+    outcome: Literal["swapped", "unchanged"]
+    version: str = Field(description="the version serving now")
 
 
 class ModelInfo(ApiModel):
@@ -44,6 +57,9 @@ class ModelInfo(ApiModel):
     )
     providers: list[str] = Field(description="ONNX Runtime execution providers actually in use")
     batching: BatchingInfo
+    last_refused: RefusedVersion | None = Field(
+        default=None, description="the last version that was not swapped in, and why (none: null)"
+    )
 
 
 class Status(ApiModel):
