@@ -28,6 +28,7 @@ from service.model_reload import ModelReloader
 from service.profiles import Profiles
 from service.ranking import Ranker
 from service.redis_conn import RedisConnection
+from service.retrieval import Retrieval
 from service.runtime import OnnxModels
 from service.settings import Settings
 from service.store import HistoryStore
@@ -106,9 +107,13 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
         fresh_candidates=settings.fresh_candidates,
         trending_candidates=settings.trending_candidates,
     )
+    retrieval = await asyncio.to_thread(
+        Retrieval, catalog, ann_min_items=settings.ann_min_items, nprobe=settings.ann_nprobe
+    )
     ranker = Ranker(
         models=models,
         catalog=catalog,
+        retrieval=retrieval,
         store=store,
         batcher=batcher,
         history_length=min(settings.history_length, models.history_length),

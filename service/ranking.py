@@ -19,13 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from models.calibration import click_probabilities, log_softmax_scores
+from models.calibration import click_probabilities, logsumexp
 from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
 from service.redis_conn import StoreUnavailable
+from service.retrieval import Retrieval, UserScores, top_rows
 from service.runtime import OnnxModels, RankResult, encode_off_loop
 from service.schemas.events import ContextEvent
 from service.schemas.ranking import (
@@ -88,23 +89,13 @@ def rank_predictions(
     ]
 
 
-def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
-    """Rows of the ``k`` highest scores, best first, never one of ``excluded`` (argpartition: O(N))."""
-    scores = np.array(scores, dtype=np.float32)
-    scores[excluded] = -np.inf
-    k = min(k, len(scores) - len(np.unique(excluded)))
-    if k <= 0:
-        return np.empty(0, dtype=np.int64)
-    part = np.argpartition(-scores, k - 1)[:k]
-    return part[np.argsort(-scores[part], kind="stable")]
-
-
 @dataclass(kw_only=True)
 class Ranker:
     """Serves predict and recommend from the store, the catalog and the batched ranker (all borrowed)."""
 
     models: OnnxModels
     catalog: ItemCatalog
+    retrieval: Retrieval
     store: HistoryStore
     batcher: MicroBatcher
     sources: CandidateSources
@@ -120,14 +111,14 @@ class Ranker:
         predictions: list[dict[str, Any]] = []
         if item_ids:
             result = await self._rank(window, vectors)
-            partition = await self._partition(window, result)
-            model_probabilities = probabilities = self._probabilities(result, partition)
+            scores = await self._scores(window, result)
+            model_probabilities = probabilities = self._probabilities(result, scores)
             if self.covisit_weight > 0 and len(window) and not degraded:
                 try:
                     covisit = await self.sources.covisit_of([e.item_id for e in events])
                 except StoreUnavailable as exc:
                     covisit, degraded = {}, self._degraded(route, exc)
-                probabilities = self._with_covisit(item_ids, probabilities, covisit, partition)
+                probabilities = self._with_covisit(item_ids, probabilities, covisit, scores)
             order = shown(probabilities, req.top_k)
             explained = (
                 await self._explain(events, window, vectors[order], model_probabilities[order])
@@ -148,11 +139,11 @@ class Ranker:
 
         excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
         excluded = excluded[excluded >= 0]
-        retrieved = partition = None
+        retrieved = scores = None
         if len(window):
-            # Retrieval: the user vector's dot product with every item; the other sources join it below.
-            partition = self.catalog.vectors @ await self._user_vector(window)
-            retrieved = top_rows(partition, self.retrieval_size, excluded)
+            # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.
+            scores = self.retrieval.scores(await self._user_vector(window))
+            retrieved = self.retrieval.top(scores, self.retrieval_size, excluded)
         found = await self.sources.gather(
             retrieved,
             recent=[e.item_id for e in events],
@@ -172,11 +163,10 @@ class Ranker:
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
             result = await self._rank(window, vectors[rows])
-            model_probabilities = probabilities = self._probabilities(
-                result, await self._partition(window, result, partition)
-            )
+            scores = scores or await self._scores(window, result)
+            model_probabilities = probabilities = self._probabilities(result, scores)
             if len(window):
-                probabilities = self._with_covisit(ids, probabilities, found.covisit, partition)
+                probabilities = self._with_covisit(ids, probabilities, found.covisit, scores)
             order = shown(probabilities, req.top_k)
             explained = (
                 await self._explain(events, window, vectors[rows[order]], model_probabilities[order])
@@ -209,10 +199,7 @@ class Ranker:
         ]
         results = await asyncio.gather(*(self._rank(v, candidate_vectors) for v in variants))
         without = np.stack(
-            [
-                self._probabilities(r, await self._partition(v, r))
-                for v, r in zip(variants, results, strict=True)
-            ]
+            [self._probabilities(r, await self._scores(v, r)) for v, r in zip(variants, results, strict=True)]
         )  # [items, candidates]
         deltas = probabilities[None, :] - without
         return [influences(deltas[:, c], distinct) for c in range(len(candidate_vectors))]
@@ -239,26 +226,26 @@ class Ranker:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
         return top_rows(await self._prior_logits(), k, excluded)
 
-    async def _partition(
-        self, window: Window, result: RankResult, retrieval: np.ndarray | None = None
-    ) -> np.ndarray:
-        """The logits the probabilities are normalised over: the whole catalog's retrieval logits
-        (``retrieval`` where the caller has them already), the history-free prior's without a history."""
-        if not len(window):
-            return await self._prior_logits()
-        return self.catalog.vectors @ result.user_vector if retrieval is None else retrieval
+    async def _scores(self, window: Window, result: RankResult) -> UserScores:
+        """What the probabilities are normalised over: the catalog's retrieval logits under the user
+        vector, or the history-free prior's logits without a history."""
+        if len(window):
+            return self.retrieval.scores(result.user_vector)
+        prior = await self._prior_logits()
+        return UserScores(result.user_vector, self.catalog.vectors, float(logsumexp(prior)), prior)
 
-    def _probabilities(self, result: RankResult, partition: np.ndarray) -> np.ndarray:
+    def _probabilities(self, result: RankResult, scores: UserScores) -> np.ndarray:
         """Calibrated click probabilities of the ranked candidates (``models.calibration``): each logit's
-        log-softmax against ``partition``, through the model's fitted Platt scaling."""
-        return click_probabilities(log_softmax_scores(result.logits, partition), self.models.calibration)
+        log-softmax against the catalog (``scores``), through the model's fitted Platt scaling."""
+        z = np.asarray(result.logits, dtype=np.float64) - scores.log_partition
+        return click_probabilities(z, self.models.calibration)
 
     def _with_covisit(
         self,
         item_ids: Sequence[str],
         probabilities: np.ndarray,
         covisit: dict[str, float],
-        partition: np.ndarray,
+        scores: UserScores,
     ) -> np.ndarray:
         """The model's distribution times exp(β · co-visitation score), renormalised over the catalog.
 
@@ -268,12 +255,12 @@ class Ranker:
             return probabilities
         linked = list(covisit)
         rows = self.catalog.index_of(linked)
-        known = (rows >= 0) & (rows < len(partition))  # an item added since ``partition`` was read: skip
-        scores = np.array([covisit[i] for i in linked])[known]
+        known = (rows >= 0) & (rows < scores.size)  # an item added since ``scores`` were read: skip
+        linked_cv = np.array([covisit[i] for i in linked])[known]
         linked_p = click_probabilities(
-            log_softmax_scores(partition[rows[known]], partition), self.models.calibration
+            scores.logits(rows[known]) - scores.log_partition, self.models.calibration
         )
-        norm = 1.0 + float((linked_p * np.expm1(self.covisit_weight * scores)).sum())
+        norm = 1.0 + float((linked_p * np.expm1(self.covisit_weight * linked_cv)).sum())
         boost = np.exp(self.covisit_weight * np.array([covisit.get(i, 0.0) for i in item_ids]))
         return np.minimum(probabilities * boost / norm, 1.0)
 

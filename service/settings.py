@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     shed_loop_lag_ms: float = Field(default=30.0, ge=0.0)  # 20 shed at 4 connections (docs/benchmarks.md)
     request_timeout_ms: float = Field(default=2000.0, gt=0.0)
     retrieval_size: int = Field(default=300, ge=1)
+    # from this many catalog items on: ANN retrieval (faiss IVF) and an estimated partition
+    ann_min_items: int = Field(default=200_000, ge=1)
+    ann_nprobe: int = Field(default=128, ge=1)  # inverted lists scanned per query: recall against latency
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
     trending_candidates: int = Field(default=10, ge=0)  # with history; without it trending fills top_k
     covisit_window: int = Field(default=5, ge=0, le=50)  # 0 turns co-visitation updates off

@@ -22,7 +22,8 @@ from helpers import app_settings, metric, metric_samples, running_app
 from oracle import ModelFiles
 
 from models.features import EVENT_TYPES
-from service.ranking import influences, top_rows
+from service.ranking import influences
+from service.retrieval import top_rows
 from service.schemas.events import ContextEvent
 from service.schemas.fields import EventType, parse_timestamp
 from service.settings import Settings

@@ -1,0 +1,103 @@
+"""Retrieval over the catalog, exact and approximate (faiss HNSW on augmented vectors): recall of the top
+300 against exact search, exclusions, items added after the index was built, the estimated partition,
+and the service answering the same through HTTP with the index on as with it off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import app_settings, running_app
+
+from models.calibration import logsumexp
+from models.model_dir import ModelDir
+from service.catalog import ItemCatalog
+from service.retrieval import Retrieval, top_rows
+
+
+@pytest.fixture(scope="module")
+def real_vectors(model_dir: Path) -> np.ndarray:
+    return ModelDir(model_dir).load().items.vectors
+
+
+@pytest.fixture(scope="module")
+def big_catalog(real_vectors: np.ndarray) -> ItemCatalog:
+    """30,000 items drawn like the exported model's item vectors (their mean and covariance)."""
+    rng = np.random.default_rng(0)
+    mean, cov = real_vectors.mean(axis=0), np.cov(real_vectors, rowvar=False)
+    vectors = rng.multivariate_normal(mean, cov, size=30_000).astype(np.float32)
+    ids = [f"i{k}" for k in range(len(vectors))]
+    return ItemCatalog(ids, ids, vectors, np.zeros_like(vectors), "test")
+
+
+@pytest.fixture(scope="module")
+def approximate(big_catalog: ItemCatalog) -> Retrieval:
+    retrieval = Retrieval(big_catalog, ann_min_items=10_000)
+    assert retrieval.approximate and not Retrieval(big_catalog, ann_min_items=10**9).approximate
+    return retrieval
+
+
+def queries(vectors: np.ndarray, n: int) -> np.ndarray:
+    """User-like queries: sums of a few random items' vectors (a user vector lives in the item space)."""
+    rng = np.random.default_rng(1)
+    return np.stack([vectors[rng.choice(len(vectors), 5)].mean(axis=0) for _ in range(n)]).astype(np.float32)
+
+
+def test_ann_top_300_recalls_the_exact_one_and_never_returns_an_excluded_row(
+    big_catalog: ItemCatalog, approximate: Retrieval
+) -> None:
+    catalog = big_catalog
+    recalls = []
+    for q in queries(catalog.vectors, 30):
+        excluded = np.random.default_rng(2).choice(len(catalog), 50, replace=False)
+        exact = top_rows(catalog.vectors @ q, 300, excluded)
+        scores = approximate.scores(q)
+        found = approximate.top(scores, 300, excluded)
+        assert len(found) == 300 and not np.isin(found, excluded).any()
+        logits = catalog.vectors[found] @ q
+        assert np.all(np.diff(logits) <= 1e-6), "best first, by the current vectors"
+        recalls.append(len(set(found.tolist()) & set(exact.tolist())) / 300)
+        true_log_z = float(logsumexp(catalog.vectors @ q))
+        assert abs(scores.log_partition - true_log_z) < 0.05, "the estimated partition is within 5%"
+    assert np.mean(recalls) >= 0.95, np.mean(recalls)
+
+
+def test_items_added_after_the_index_are_found(big_catalog: ItemCatalog) -> None:
+    vectors = big_catalog.vectors
+    local = ItemCatalog(big_catalog.item_ids, big_catalog.item_ids, vectors, np.zeros_like(vectors), "t")
+    retrieval = Retrieval(local, ann_min_items=10_000)
+    q = queries(vectors, 1)[0]
+    local.upsert_local([("brand-new", "brand new", (q * 50).astype(np.float32))])
+    scores = retrieval.scores(q)
+    found = retrieval.top(scores, 10, np.empty(0, dtype=np.int64))
+    assert local.item_ids[found[0]] == "brand-new"
+    assert scores.size == len(local) and scores.log_partition >= float(scores.logits(found[:1])[0])
+
+
+@pytest.mark.anyio
+async def test_the_service_answers_the_same_with_the_index_on(
+    redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    """With ``ann_min_items=1`` the tiny catalog is searched through the IVF index, every list probed (so
+    the search is exhaustive and the partition's sample covers every row): recommend and predict answer
+    as with exact retrieval, through the same plumbing the approximate search uses."""
+    events = [
+        {"user_id": "r", "item_id": catalog[i], "type": "click", "timestamp": 1.7e9 + i, "event_id": f"r{i}"}
+        for i in range(8)
+    ]  # posted to both apps: the second time all duplicates, so both rank the same stored state
+    answers = []
+    for ann_min_items in (10**9, 1):
+        settings = app_settings(
+            redis_url, model_dir, ann_min_items=ann_min_items, ann_nprobe=10_000, covisit_weight=0.0
+        )
+        async with running_app(settings) as (client, app):
+            assert app.state.services.model.ranker.retrieval.approximate is (ann_min_items == 1)
+            await client.post("/v1/events", json={"events": events})
+            rec = (await client.post("/v1/recommend", json={"user_id": "r", "top_k": 10})).json()
+            pred = await client.post("/v1/predict", json={"user_id": "r", "candidates": catalog[100:120]})
+            answers.append((rec["items"], pred.json()["predictions"]))
+    (exact_rec, exact_pred), (ann_rec, ann_pred) = answers
+    assert [i["item_id"] for i in ann_rec] == [i["item_id"] for i in exact_rec]
+    for a, b in zip(ann_pred + ann_rec, exact_pred + exact_rec, strict=True):
+        assert a["click_probability"] == pytest.approx(b["click_probability"], rel=1e-4)
