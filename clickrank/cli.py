@@ -163,6 +163,12 @@ def cmd_load_history(args: argparse.Namespace) -> None:
     load_history_command(args.data_dir, limit=args.limit)
 
 
+def cmd_load_items(args: argparse.Namespace) -> None:
+    from service.load_items import load_items_command
+
+    load_items_command(args.file)
+
+
 def cmd_export_events(args: argparse.Namespace) -> None:
     from service.export_events import export_events_command
 
@@ -287,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, default=default_data_dir(), help=DATA_DIR_HELP)
     p.add_argument("--limit", type=int, default=None, help="load only the first N events (by time)")
     p.set_defaults(func=cmd_load_history)
+
+    p = sub.add_parser(
+        "load-items",
+        help="add or update catalog items in bulk (JSON lines or id<TAB>text) for the model at "
+        "CLICKRANK_MODEL_DIR, through CLICKRANK_REDIS_URL; resumable",
+    )
+    p.add_argument("file", help='one item per line: {"item_id", "text"} or item_id<TAB>text')
+    p.set_defaults(func=cmd_load_items)
 
     p = sub.add_parser(
         "export-events",

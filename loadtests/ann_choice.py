@@ -63,24 +63,30 @@ def faiss_hnsw(data: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
     return lambda q: index.search(q[None], K)[1][0]
 
 
-def faiss_ivf(data: np.ndarray) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
-    """One IVF-Flat index (inner product, 4096 lists), searched with several ``nprobe``."""
+def faiss_ivf(data: np.ndarray, augment: bool = False) -> dict[str, Callable[[np.ndarray], np.ndarray]]:
+    """One IVF-Flat index (4·√N lists) on the inner product, or on L2 over augmented vectors (the
+    service's choice, ``service/retrieval.py``), searched with several ``nprobe``."""
     import faiss
 
-    nlist = 4096
-    quantizer = faiss.IndexFlatIP(data.shape[1])
-    index = faiss.IndexIVFFlat(quantizer, data.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
-    index.train(data[np.random.default_rng(0).choice(len(data), min(len(data), 64 * nlist), replace=False)])
-    index.add(data)
+    nlist = int(4 * np.sqrt(len(data)))
+    base = augmented(data) if augment else data
+    dim = base.shape[1]
+    if augment:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim), dim, nlist)
+    else:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.train(base[np.random.default_rng(0).choice(len(base), min(len(base), 64 * nlist), replace=False)])
+    index.add(base)
 
     def searcher(nprobe: int) -> Callable[[np.ndarray], np.ndarray]:
         def search(q: np.ndarray) -> np.ndarray:
             index.nprobe = nprobe
-            return index.search(q[None], K)[1][0]
+            query = np.append(q, np.float32(0.0)).astype(np.float32) if augment else q
+            return index.search(query[None], K)[1][0]
 
         return search
 
-    return {f"nprobe={n}": searcher(n) for n in (64, 128, 256, 512)}
+    return {f"nprobe={n}": searcher(n) for n in (32, 64, 128, 256)}
 
 
 def hnswlib_index(data: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
@@ -151,9 +157,10 @@ def usearch_l2(data: np.ndarray, _: str) -> Callable[[np.ndarray], np.ndarray]:
 
 CANDIDATES = {
     "faiss HNSW32 ip": faiss_hnsw,
-    "faiss IVF4096 ip": faiss_ivf,
+    "faiss IVF ip": faiss_ivf,
     "hnswlib M16 ip": hnswlib_index,
     "usearch M16 ip": usearch_index,
+    "faiss IVF l2+aug": lambda data: faiss_ivf(data, augment=True),
     "faiss HNSW32 l2+aug": on_augmented(faiss_hnsw_l2),
     "hnswlib M16 l2+aug": on_augmented(hnswlib_l2),
     "usearch M16 l2+aug": on_augmented(usearch_l2),

@@ -26,9 +26,9 @@ def redacted(url: str) -> str:
 
 
 @asynccontextmanager
-async def bulk_store(settings: Settings, retry_hint: str) -> AsyncIterator[HistoryStore]:
-    """The settings' store, once Redis answers PING; a StoreUnavailable inside the block becomes a
-    ConnectionError naming the (redacted) address and ``retry_hint``."""
+async def bulk_connection(settings: Settings, retry_hint: str) -> AsyncIterator[RedisConnection]:
+    """A connection to the settings' Redis, once it answers PING; a StoreUnavailable inside the block
+    becomes a ConnectionError naming the (redacted) address and ``retry_hint``."""
     target = redacted(settings.redis_url)
     redis = RedisConnection.from_settings(settings, timeout_s=CALL_TIMEOUT_S, max_connections=2)
     try:
@@ -37,8 +37,15 @@ async def bulk_store(settings: Settings, retry_hint: str) -> AsyncIterator[Histo
         except (StoreUnavailable, TimeoutError) as exc:
             raise ConnectionError(f"cannot reach Redis at {target} ({exc})") from None
         try:
-            yield HistoryStore.from_settings(settings, redis)
+            yield redis
         except StoreUnavailable as exc:
             raise ConnectionError(f"Redis at {target} failed ({exc}); {retry_hint}") from None
     finally:
         await redis.close()
+
+
+@asynccontextmanager
+async def bulk_store(settings: Settings, retry_hint: str) -> AsyncIterator[HistoryStore]:
+    """The settings' store on a ``bulk_connection``."""
+    async with bulk_connection(settings, retry_hint) as redis:
+        yield HistoryStore.from_settings(settings, redis)

@@ -77,12 +77,16 @@ class CatalogSync:
     async def published_texts(self) -> dict[str, str]:
         """Every item published for this model version: item id → text (what another version re-encodes)."""
         blobs = await self._redis.call("catalog_sync", lambda r: r.hgetall(self._keys.items))
+        return self._texts({item_id.decode(): blob for item_id, blob in blobs.items()})
+
+    async def published_texts_of(self, item_ids: Sequence[str]) -> dict[str, str]:
+        """The published text of each of ``item_ids`` that has one."""
+        blobs = await self._redis.call("catalog_sync", lambda r: r.hmget(self._keys.items, list(item_ids)))
+        return self._texts(dict(zip(item_ids, blobs, strict=True)))
+
+    def _texts(self, blobs: dict[str, bytes | None]) -> dict[str, str]:
         width = 4 * self.catalog.dim
-        return {
-            item_id.decode(): blob[width:].decode("utf-8")
-            for item_id, blob in blobs.items()
-            if len(blob) >= width
-        }
+        return {i: blob[width:].decode("utf-8") for i, blob in blobs.items() if blob and len(blob) >= width}
 
     async def sync(self) -> int:
         """Apply the items published by any replica since the last sync; returns how many changed here.
