@@ -130,7 +130,7 @@ def ort_session(path: Path, threads: int, spinning: bool):
 
 
 def backends(
-    ranker: Any, onnx_path: Path, model_dir: Path | None, threads: int, no_spin: bool
+    ranker: Any, onnx_path: Path, model_dir: Path | None, threads: int, no_spin: bool, device: str = "cpu"
 ) -> dict[str, Callable[[dict[str, np.ndarray]], Callable[[], object]]]:
     """Backend name → (inputs → a no-argument call that scores them)."""
     import torch
@@ -160,7 +160,7 @@ def backends(
         from models.model_dir import ModelDir
         from service.runtime import History, OnnxModels, RankRequest
 
-        models = OnnxModels(ModelDir(model_dir).load(), device="cpu", intra_op_threads=threads)
+        models = OnnxModels(ModelDir(model_dir).load(), device=device, intra_op_threads=threads)
 
         def service_call(feeds: dict[str, np.ndarray]) -> Callable[[], object]:
             requests = [
@@ -203,6 +203,7 @@ def run_bench(
     min_time_s: float,
     seed: int,
     no_spin: bool,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
@@ -216,7 +217,7 @@ def run_bench(
         max_diff = parity(ranker, onnx_path, shape, candidates)
         rows = []
         for n_threads in threads:
-            calls = backends(ranker, onnx_path, model_dir, n_threads, no_spin)
+            calls = backends(ranker, onnx_path, model_dir, n_threads, no_spin, device)
             for batch in batch_sizes:
                 feeds = make_inputs(batch, shape, candidates, rng)
                 prepared = {name: make(feeds) for name, make in calls.items()}
@@ -375,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=0.3, help="seconds per repeat")
     parser.add_argument("--ort-no-spin", action="store_true", help="also ORT with allow_spinning=0")
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="the service backend's device"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="default reports/model-bench-<timestamp>")
     return parser
@@ -398,6 +402,7 @@ def run(argv: Sequence[str]) -> Path:
         min_time_s=args.min_time,
         seed=args.seed,
         no_spin=args.ort_no_spin,
+        device=args.device,
     )
     result["meta"]["command"] = "python -m loadtests.model_bench " + " ".join(argv)
     out = args.out or default_out_dir("model-bench", datetime.now(UTC))

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from threadpoolctl import threadpool_limits
 
 from service import lifespan
 from service.errors import install_error_handlers
@@ -27,6 +28,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The application; ``settings`` default to the ``CLICKRANK_*`` environment."""
     settings = settings or Settings()
     install_request_id_factory()
+    # numpy's BLAS on one thread: a request's products are small, and idle OpenBLAS workers spin on the
+    # cores the ranker and the event loop need (a million-item catalog: 27 ms CPU per recommend with the
+    # default threads, 6.8 ms with one; docs/benchmarks.md).
+    threadpool_limits(limits=1, user_api="blas")
 
     loop_lag = LoopLagMonitor()  # read by the admission control, run by the services' lifespan
 

@@ -3,6 +3,7 @@ Prometheus metrics."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -21,14 +22,18 @@ BASE_URL = "http://clickrank.test"
 Labels = tuple[tuple[str, str], ...]
 
 
+TEST_DEVICE = os.environ.get("CLICKRANK_TEST_DEVICE", "cpu")
+"""The device of the apps under test: ``cuda`` when scripts/gpu-check.sh runs the API tests on a GPU."""
+
+
 def app_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
-    """Settings of an app under test, on the CPU, with deadlines generous for the shared test machine
-    (2 s for Redis, 20 s for a request) unless ``overrides`` sets them: the fault tests do."""
+    """Settings of an app under test, on ``TEST_DEVICE`` (the CPU), with deadlines generous for the shared
+    test machine (2 s for Redis, 20 s for a request) unless ``overrides`` sets them: the fault tests do."""
     return Settings(
         **{
             "redis_url": redis_url,
             "model_dir": model_dir,
-            "device": "cpu",
+            "device": TEST_DEVICE,
             "redis_timeout_ms": 2000.0,
             "request_timeout_ms": 20000.0,
             **overrides,
