@@ -7,7 +7,8 @@
 #      CLICKRANK_TEST_DEVICE=cuda (the apps under test load the model on CUDA);
 #   3. runs the model-stage benchmark (loadtests.model_bench --device cuda);
 #   4. serves the tiny model with CLICKRANK_DEVICE=cuda and runs a short end-to-end `clickrank bench`
-#      (predict, 1/8/32 connections, 10 s each), checking that /v1/model reports CUDAExecutionProvider;
+#      (predict, 1/8/32 connections, 10 s each); with device cuda a model that cannot start CUDA is not
+#      loaded, so steps 2 and 4 fail rather than fall back to the CPU;
 #   5. appends the figures to docs/benchmarks.md under "GPU check" (and keeps the reports in
 #      reports/gpu-check-<timestamp>/).
 # GPU_CHECK_DEVICE=cpu runs the same steps on the CPU (a dry run of the script itself, without nvidia-smi,
@@ -18,7 +19,7 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 device="${GPU_CHECK_DEVICE:-cuda}"
 stamp="$(date -u +%Y%m%dT%H%M%SZ)"
-out="reports/gpu-check-$stamp"
+out="$PWD/reports/gpu-check-$stamp"
 mkdir -p "$out"
 started=$SECONDS
 step() { echo "gpu-check [$((SECONDS - started)) s]: $*"; }
