@@ -110,7 +110,10 @@ class ModelReloader:
                 reason = str(exc) if isinstance(exc, ModelLoadError) else f"{type(exc).__name__}: {exc}"
                 return self._refuse(version, reason, files, serving_version, force)
             if serving is not None:
-                await self._rehome_items(serving, new)
+                try:
+                    await self._rehome_items(serving, new)
+                except Exception as exc:  # Redis down: the retirement tries again; the swap goes on
+                    log.warning("items added online to %s not moved yet: %s", serving_version, exc)
             services.model, services.model_error = new, None
             MODEL_RELOADS.labels(outcome="swapped").inc()
             log.info("now serving model %s (was %s)", version, serving_version)

@@ -136,7 +136,7 @@ def test_serve_ingest_export_train_promote_swap(
             assert await asyncio.to_thread(cli.main, [*train, "--events", str(exported)]) == 0
             new_version = ModelStore(store).current_version()
             swapped = await client.post("/v1/model/reload")
-            assert swapped.json() == {"outcome": "swapped", "version": new_version}
+            assert swapped.json() == {"version": new_version, "swapped": True}
             answer = await client.post(
                 "/v1/predict", json={"user_id": "api-user-3", "candidates": catalog[:5]}
             )

@@ -98,8 +98,8 @@ async def test_refused_versions_keep_the_old_one_serving_and_online_items_surviv
         for bad, why in ((corrupt, "checksum mismatch"), (failing, "non-finite")):
             ModelStore(store).point_to(bad.name)
             refused = await client.post("/v1/model/reload")
-            assert refused.status_code == 409 and refused.json()["error"]["code"] == "model_refused"
-            assert why in refused.json()["error"]["message"]
+            assert refused.status_code == 200 and refused.json()["swapped"] is False
+            assert refused.json()["version"] == V1 and why in refused.json()["reason"]
             info = (await client.get("/v1/model")).json()
             assert info["version"] == V1 and info["last_refused"]["version"] == bad.name
             assert why in info["last_refused"]["reason"]
@@ -110,9 +110,9 @@ async def test_refused_versions_keep_the_old_one_serving_and_online_items_surviv
 
         ModelStore(store).promote(V2)
         swapped = await client.post("/v1/model/reload")
-        assert swapped.status_code == 200 and swapped.json() == {"outcome": "swapped", "version": V2}
-        again = await client.post("/v1/model/reload")
-        assert again.json() == {"outcome": "unchanged", "version": V2}
+        assert swapped.status_code == 200 and swapped.json() == {"version": V2, "swapped": True}
+        again = (await client.post("/v1/model/reload")).json()
+        assert again["version"] == V2 and again["swapped"] is False and "serving already" in again["reason"]
         answer = (await client.post("/v1/predict", json=predict)).json()
         assert answer["model_version"] == V2 and answer["unknown_items"] == []
         assert {p["item_id"] for p in answer["predictions"]} == {catalog[0], item["item_id"]}

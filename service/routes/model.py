@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from service.deps import ModelDep, ServicesDep, v1_router
-from service.errors import ApiError, documented
+from service.errors import documented
 from service.schemas.ops import BatchingInfo, ModelInfo, RefusedVersion, ReloadResponse
 
 router = v1_router()
@@ -32,17 +32,19 @@ async def model_info(services: ServicesDep, model: ModelDep) -> ModelInfo:
     )
 
 
-@router.post("/model/reload", responses=documented(409))
+@router.post("/model/reload", response_model_exclude_none=True)
 async def reload_model(services: ServicesDep) -> ReloadResponse:
     """Look for a new current version now (the service also polls every ``MODEL_POLL_INTERVAL_S``) and
-    swap it in; files refused before are tried again. 409 ``model_refused`` says why a version was
-    refused: the serving one (if any) stays."""
+    swap it in; files refused before are tried again. A refused version leaves the serving one in place:
+    ``swapped`` is false and ``reason`` says why (also ``last_refused`` in ``GET /v1/model``)."""
     done = await services.reloader.reload(force=True)
-    if done.outcome == "refused" or done.version is None:
-        reason = done.refusal.reason if done.refusal else "no model"
-        version = done.refusal.version if done.refusal else "?"
-        raise ApiError(409, "model_refused", f"model {version} refused: {reason}; serving {done.version}")
-    return ReloadResponse(outcome=done.outcome, version=done.version)
+    if done.outcome == "swapped":
+        return ReloadResponse(version=done.version, swapped=True)
+    if done.outcome == "unchanged":
+        return ReloadResponse(version=done.version, swapped=False, reason="this version is serving already")
+    refusal = done.refusal
+    reason = f"version {refusal.version} refused: {refusal.reason}" if refusal else "refused"
+    return ReloadResponse(version=done.version, swapped=False, reason=reason)
 
 
 def _refused(services: ServicesDep) -> RefusedVersion | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -23,10 +23,14 @@ class RefusedVersion(ApiModel):
 
 
 class ReloadResponse(ApiModel):
-    model_config = examples({"outcome": "swapped", "version": "20261203T070000Z-4f1c2a9e"})
+    model_config = examples({"version": "20261203T070000Z-4f1c2a9e", "swapped": True})
 
-    outcome: Literal["swapped", "unchanged"]
-    version: str = Field(description="the version serving now")
+    version: str | None = Field(description="the version serving now (null: none could be loaded)")
+    swapped: bool = Field(description="whether this call swapped a new version in")
+    reason: str | None = Field(
+        default=None,
+        description="why not: the version serves already, or why the store's version was refused",
+    )
 
 
 class ModelInfo(ApiModel):
