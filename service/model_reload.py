@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from models.model_dir import MANIFEST, ModelDir, ModelLoadError
 from models.model_store import CURRENT, resolve
-from service.metrics import MODEL_RELOADS
+from service.metrics import MODEL_INFO, MODEL_RELOADS
 
 if TYPE_CHECKING:
     from service.lifespan import LoadedModel, Services
@@ -116,6 +116,8 @@ class ModelReloader:
                     log.warning("items added online to %s not moved yet: %s", serving_version, exc)
             services.model, services.model_error = new, None
             MODEL_RELOADS.labels(outcome="swapped").inc()
+            MODEL_INFO.clear()  # set here, not at load: a version refused in warm-up never shows
+            MODEL_INFO.labels(version=version, provider=new.models.providers[0]).set(1)
             log.info("now serving model %s (was %s)", version, serving_version)
             if serving is not None:
                 task = asyncio.create_task(self._retire(serving, new), name=f"retire-{serving_version}")

@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 from models.calibration import Calibration
 from models.features import ENCODER_INPUTS, ENCODER_OUTPUTS, RANKER_INPUTS, RANKER_OUTPUTS
 from models.model_dir import ITEM_ENCODER, RANKER, TOKENIZER, ModelLoadError, ServedModel
-from service.metrics import INFERENCE_SECONDS, MODEL_INFO
+from service.metrics import INFERENCE_SECONDS
 
 log = logging.getLogger("clickrank.runtime")
 
@@ -148,8 +148,6 @@ class OnnxModels:
         self._tokenizer.no_padding()  # encode_texts pads each length-sorted chunk itself
         self._tokenizer.enable_truncation(max_length=self.max_text_tokens)
 
-        MODEL_INFO.clear()
-        MODEL_INFO.labels(version=self.version, provider=self.providers[0]).set(1)
         log.info("loaded model %s from %s on %s", self.version, model.source, self.providers)
 
     def _session(

@@ -107,6 +107,8 @@ async def test_refused_versions_keep_the_old_one_serving_and_online_items_surviv
             assert answer.status_code == 200 and answer.json()["model_version"] == V1
         refused_after = await scraped_metric(client, "clickrank_model_reloads_total", outcome="refused")
         assert refused_after - refused_before == 2
+        assert await scraped_metric(client, "clickrank_model_info", version=V1) == 1
+        assert await scraped_metric(client, "clickrank_model_info", version=failing.name) == 0, "refused"
 
         ModelStore(store).promote(V2)
         swapped = await client.post("/v1/model/reload")
@@ -115,6 +117,8 @@ async def test_refused_versions_keep_the_old_one_serving_and_online_items_surviv
         assert again["version"] == V2 and again["swapped"] is False and "serving already" in again["reason"]
         answer = (await client.post("/v1/predict", json=predict)).json()
         assert answer["model_version"] == V2 and answer["unknown_items"] == []
+        assert await scraped_metric(client, "clickrank_model_info", version=V2) == 1
+        assert await scraped_metric(client, "clickrank_model_info", version=V1) == 0
         assert {p["item_id"] for p in answer["predictions"]} == {catalog[0], item["item_id"]}
 
 

@@ -77,7 +77,6 @@ def test_manifest_fields_and_providers(models: OnnxModels, served: ServedModel) 
     assert models.dim == manifest["config"]["dim"]
     assert models.history_length == manifest["config"]["history_length"]
     assert models.providers == ["CPUExecutionProvider"]
-    assert local_metric("clickrank_model_info", version=models.version, provider="CPUExecutionProvider") == 1
 
 
 def test_auto_device_uses_cuda_only_when_offered(served: ServedModel) -> None:
