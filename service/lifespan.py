@@ -121,6 +121,11 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
         sources=sources,
         covisit_weight=settings.covisit_weight,
     )
+    try:
+        await ranker.prior_logits()  # the prior of users without history, over the whole catalog: once, here
+    except BaseException:
+        await batcher.stop(drain=False)  # a refused version leaves nothing running
+        raise
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
     catalog_sync = CatalogSync(services.redis, catalog, prefix=settings.redis_prefix)
     items = ItemWriter(models, catalog_sync, store)

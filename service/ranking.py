@@ -46,6 +46,8 @@ EXPLAIN_TOP = 5
 """History items reported per candidate when ``explain`` is asked."""
 PRIOR_CHUNK = 1024
 """Candidates per ranker request when the history-free prior is computed over the whole catalog."""
+PRIOR_WAVE = 16
+"""Such requests queued at once: a million items are 977 requests, more than the batcher's queue holds."""
 
 
 class ModelOutputError(RuntimeError):
@@ -224,14 +226,14 @@ class Ranker:
 
     async def _prior_rows(self, k: int, excluded: np.ndarray) -> np.ndarray:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
-        return top_rows(await self._prior_logits(), k, excluded)
+        return top_rows(await self.prior_logits(), k, excluded)
 
     async def _scores(self, window: Window, result: RankResult) -> UserScores:
         """What the probabilities are normalised over: the catalog's retrieval logits under the user
         vector, or the history-free prior's logits without a history."""
         if len(window):
             return self.retrieval.scores(result.user_vector)
-        prior = await self._prior_logits()
+        prior = await self.prior_logits()
         return UserScores(result.user_vector, self.catalog.vectors, float(logsumexp(prior)), prior)
 
     def _probabilities(self, result: RankResult, scores: UserScores) -> np.ndarray:
@@ -264,16 +266,31 @@ class Ranker:
         boost = np.exp(self.covisit_weight * np.array([covisit.get(i, 0.0) for i in item_ids]))
         return np.minimum(probabilities * boost / norm, 1.0)
 
-    async def _prior_logits(self) -> np.ndarray:
-        """The ranker's logits for every catalog item with an empty history, cached per catalog snapshot
-        (rows are append-only, so the cached rows stay valid for later snapshots)."""
+    async def prior_logits(self) -> np.ndarray:
+        """The ranker's logits for every catalog item with an empty history (the prior of a user without
+        history). Cached per catalog snapshot; a new snapshot recomputes only the rows appended or changed
+        since the last one (the whole of a million-item catalog takes seconds: it is computed once, when
+        the model is built)."""
         vectors = self.catalog.vectors
-        if self._prior is None or self._prior[0] is not vectors:
-            empty = build_window([], self.catalog, 0)
-            chunks = range(0, len(vectors), PRIOR_CHUNK)
-            results = await asyncio.gather(*(self._rank(empty, vectors[i : i + PRIOR_CHUNK]) for i in chunks))
-            self._prior = (vectors, np.concatenate([r.logits for r in results]))
-        return self._prior[1]
+        if self._prior is not None and self._prior[0] is vectors:
+            return self._prior[1]
+        if self._prior is None:
+            rows, logits = np.arange(len(vectors)), np.zeros(len(vectors), dtype=np.float32)
+        else:
+            old_vectors, old_logits = self._prior
+            n = len(old_vectors)
+            changed = np.flatnonzero(np.any(vectors[:n] != old_vectors, axis=1))
+            rows = np.concatenate([changed, np.arange(n, len(vectors))])
+            logits = np.concatenate([old_logits, np.zeros(len(vectors) - n, dtype=np.float32)])
+        empty = build_window([], self.catalog, 0)
+        chunks = [rows[i : i + PRIOR_CHUNK] for i in range(0, len(rows), PRIOR_CHUNK)]
+        for wave in range(0, len(chunks), PRIOR_WAVE):  # a bounded number in the batcher's queue at once
+            batch = chunks[wave : wave + PRIOR_WAVE]
+            results = await asyncio.gather(*(self._rank(empty, vectors[chunk]) for chunk in batch))
+            for chunk, result in zip(batch, results, strict=True):
+                logits[chunk] = result.logits
+        self._prior = (vectors, logits)
+        return logits
 
     async def _rank(self, window: Window, candidate_vectors: np.ndarray) -> RankResult:
         result = await self.batcher.submit(window.request(candidate_vectors))

@@ -499,6 +499,43 @@ async def test_new_user_on_empty_store_gets_the_model_prior(
     assert [i["click_probability"] for i in shipped] == pytest.approx(expected, abs=1e-5)
 
 
+async def test_the_prior_is_extended_for_new_and_changed_items_only(
+    api: tuple[httpx.AsyncClient, FastAPI], files: ModelFiles, redis_url: str
+) -> None:
+    """Computed at model load; an item added or updated later gets its prior at the next use, the other
+    rows are kept (the whole catalog is not recomputed), and every row equals the graph run by hand."""
+    client, app = api
+    ranker = app.state.services.model.ranker
+    first = {"item_id": "prior-changed", "text": "Prior Movie (2030) | Horror"}
+    assert (await client.post("/v1/items", json={"items": [first]})).status_code == 200
+    before = (await ranker.prior_logits()).copy()
+    new = {"item_id": "prior-new", "text": "Another Prior Movie (2031) | Comedy"}
+    changed = {"item_id": "prior-changed", "text": "Prior Movie, recut (2030) | Western"}
+    assert (await client.post("/v1/items", json={"items": [new, changed]})).status_code == 200
+    calls = ranker.batcher  # the rows recomputed go through the batcher: count the candidates it scores
+    scored: list[int] = []
+    submit = calls.submit
+
+    async def counting(request: Any) -> Any:
+        scored.append(len(request.candidate_vectors))
+        return await submit(request)
+
+    calls.submit = counting  # type: ignore[method-assign]
+    try:
+        after = await ranker.prior_logits()
+    finally:
+        calls.submit = submit  # type: ignore[method-assign]
+    catalog = app.state.services.model.catalog
+    assert len(after) == len(catalog) and sum(scored) == 2, "only the new and the changed row"
+    vectors = np.asarray(catalog.vectors, dtype=np.float32)
+    for item_id in (new["item_id"], changed["item_id"]):
+        row = int(catalog.index_of([item_id])[0])
+        expected = files._run([], vectors[row : row + 1])[0][0]
+        assert after[row] == pytest.approx(expected, abs=1e-4)
+    untouched = [r for r in range(len(before)) if r != int(catalog.index_of([changed["item_id"]])[0])]
+    np.testing.assert_array_equal(after[untouched], before[untouched])
+
+
 # --------------------------------------------------------------------------------------------- concurrency
 
 
