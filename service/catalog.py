@@ -26,6 +26,16 @@ class _Snapshot:
     index: dict[str, int]
     vectors: np.ndarray  # [N, D] float32, read-only
     offsets: np.ndarray  # [N, D] float32, read-only
+    revision: int = 0  # upserts applied so far
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """What a caller that kept results per row must redo since the revision it last saw."""
+
+    vectors: np.ndarray  # the current snapshot's
+    revision: int
+    updated: np.ndarray  # rows that existed at the caller's revision and whose vector changed since
 
 
 def _frozen(array: np.ndarray) -> np.ndarray:
@@ -63,6 +73,7 @@ class ItemCatalog:
         vectors, id_offsets = np.array(vectors, np.float32), np.array(id_offsets, np.float32)  # own copies
         self._state = _Snapshot(list(item_ids), list(texts), index, _frozen(vectors), _frozen(id_offsets))
         self._write_lock = threading.Lock()
+        self._updated: list[tuple[int, np.ndarray]] = []  # (revision, rows whose vector it changed)
 
     @classmethod
     def from_table(cls, table: ItemTable, model_version: str) -> ItemCatalog:
@@ -150,14 +161,24 @@ class ItemCatalog:
             if not updates and not new_vectors:
                 return 0  # nothing changed (e.g. a replica re-reading its own publication)
             vectors, offsets = old.vectors, old.offsets
+            revision = old.revision + 1
             if updates:
                 vectors = vectors.copy()
                 rows = np.fromiter(updates, dtype=np.int64, count=len(updates))
                 vectors[rows] = np.stack(list(updates.values()))
+                self._updated.append((revision, rows))
             if new_vectors:
                 vectors = np.concatenate([vectors, np.stack(new_vectors)])
                 offsets = _frozen(
                     np.concatenate([offsets, np.zeros((len(new_vectors), self.dim), np.float32)])
                 )
-            self._state = _Snapshot(ids, texts, index, _frozen(vectors), offsets)
+            self._state = _Snapshot(ids, texts, index, _frozen(vectors), offsets, revision)
             return len(updates) + len(new_vectors)
+
+    def changes_since(self, revision: int) -> Changes:
+        """The current vectors and revision, and the rows updated after ``revision`` (rows appended since
+        are the ones past the caller's row count): read from one snapshot."""
+        state = self._state
+        rows = [r for rev, r in self._updated if revision < rev <= state.revision]
+        updated = np.unique(np.concatenate(rows)) if rows else np.empty(0, dtype=np.int64)
+        return Changes(state.vectors, state.revision, updated)

@@ -104,7 +104,7 @@ class Ranker:
     history_length: int
     retrieval_size: int
     covisit_weight: float = 0.0
-    _prior: tuple[np.ndarray, np.ndarray] | None = field(default=None, init=False, repr=False)
+    _prior: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)  # revision, logits
 
     async def predict(self, req: PredictRequest) -> PredictResponse:
         route = "/v1/predict"
@@ -268,20 +268,21 @@ class Ranker:
 
     async def prior_logits(self) -> np.ndarray:
         """The ranker's logits for every catalog item with an empty history (the prior of a user without
-        history). Cached per catalog snapshot; a new snapshot recomputes only the rows appended or changed
-        since the last one (the whole of a million-item catalog takes seconds: it is computed once, when
-        the model is built)."""
-        vectors = self.catalog.vectors
-        if self._prior is not None and self._prior[0] is vectors:
-            return self._prior[1]
+        history). Cached with the catalog revision it covers; a later revision recomputes only the rows
+        appended or updated since (``ItemCatalog.changes_since``: the whole of a million-item catalog
+        takes seconds, so it is computed once, when the model is built)."""
         if self._prior is None:
-            rows, logits = np.arange(len(vectors)), np.zeros(len(vectors), dtype=np.float32)
+            changes = self.catalog.changes_since(0)
+            rows, logits = np.arange(len(changes.vectors)), np.zeros(len(changes.vectors), dtype=np.float32)
         else:
-            old_vectors, old_logits = self._prior
-            n = len(old_vectors)
-            changed = np.flatnonzero(np.any(vectors[:n] != old_vectors, axis=1))
-            rows = np.concatenate([changed, np.arange(n, len(vectors))])
-            logits = np.concatenate([old_logits, np.zeros(len(vectors) - n, dtype=np.float32)])
+            revision, old_logits = self._prior
+            changes = self.catalog.changes_since(revision)
+            if changes.revision == revision:
+                return old_logits
+            n = len(old_logits)
+            rows = np.concatenate([changes.updated, np.arange(n, len(changes.vectors))])
+            logits = np.concatenate([old_logits, np.zeros(len(changes.vectors) - n, dtype=np.float32)])
+        vectors = changes.vectors
         empty = build_window([], self.catalog, 0)
         chunks = [rows[i : i + PRIOR_CHUNK] for i in range(0, len(rows), PRIOR_CHUNK)]
         for wave in range(0, len(chunks), PRIOR_WAVE):  # a bounded number in the batcher's queue at once
@@ -289,7 +290,7 @@ class Ranker:
             results = await asyncio.gather(*(self._rank(empty, vectors[chunk]) for chunk in batch))
             for chunk, result in zip(batch, results, strict=True):
                 logits[chunk] = result.logits
-        self._prior = (vectors, logits)
+        self._prior = (changes.revision, logits)
         return logits
 
     async def _rank(self, window: Window, candidate_vectors: np.ndarray) -> RankResult:
