@@ -108,6 +108,11 @@ class ItemCatalog:
         """[N, D] float32, read-only; replaced (never mutated) on upsert."""
         return self._state.vectors
 
+    def texts_of(self, item_ids: Sequence[str]) -> list[str | None]:
+        """Each item's text, None for an unknown id; read from one snapshot."""
+        state = self._state
+        return [None if (row := state.index.get(i)) is None else state.texts[row] for i in item_ids]
+
     def get(self, item_id: str) -> tuple[str, np.ndarray] | None:
         """(text, vector) or None."""
         state = self._state

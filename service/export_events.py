@@ -23,6 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from service.bulk import bulk_store
+from service.schemas.events import ContextEvent
 from service.settings import Settings
 from service.store import HistoryStore
 
@@ -41,9 +42,9 @@ class ExportSummary:
         )
 
 
-def event_line(user_id: str, event: object) -> str:
-    """One exported line (``event`` a stored ``ContextEvent``)."""
-    fields = {"user_id": user_id, **event.model_dump(exclude_none=True)}  # type: ignore[attr-defined]
+def event_line(user_id: str, event: ContextEvent) -> str:
+    """One exported line."""
+    fields = {"user_id": user_id, **event.model_dump(exclude_none=True)}
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 

@@ -65,12 +65,10 @@ class Profiles:
     def _interests(self, events: list[ContextEvent]) -> list[dict[str, Any]]:
         newest = events[-1].timestamp
         weights: Counter[str] = Counter()
-        for event in events:
-            known = self.catalog.get(event.item_id)
-            if known is None:
-                continue
+        texts = self.catalog.texts_of([e.item_id for e in events])
+        for event, text in zip(events, texts, strict=True):
             decay = 2.0 ** (-(newest - event.timestamp) / INTEREST_HALF_LIFE_S)
-            for attribute in item_attributes(known[0]):
+            for attribute in item_attributes(text or ""):  # an item outside the catalog has none
                 weights[attribute] += decay
         total = sum(weights.values())
         return [
@@ -87,13 +85,12 @@ class Profiles:
         known = [(i, int(r)) for i, r in zip(item_ids, rows.tolist(), strict=True) if r >= 0]
         if not known:
             return []
-        vectors = self.catalog.vectors
-        scores = vectors[[r for _, r in known]] @ user_vector
+        scores = self.catalog.vectors[[r for _, r in known]] @ user_vector
         best = np.argsort(-scores, kind="stable")[:TOP_ITEMS].tolist()
-        texts = {item_id: self.catalog.get(item_id) for item_id, _ in known}
+        texts = self.catalog.texts_of([known[b][0] for b in best])
         return [
-            {"item_id": known[b][0], "text": texts[known[b][0]][0], "score": round(float(scores[b]), 4)}  # type: ignore[index]
-            for b in best
+            {"item_id": known[b][0], "text": text, "score": round(float(scores[b]), 4)}
+            for b, text in zip(best, texts, strict=True)
         ]
 
 
