@@ -1,12 +1,13 @@
 """Sharing the item catalog's online upserts between replicas (and across restarts) through Redis.
 
 ``publish`` writes each item's *text* vector (float32 bytes) and text to the hash
-``{prefix}items:{model_version}`` and bumps the revision ``…:rev``; the log ``…:log`` maps each item id to
-the revision of its last publication (one atomic script, ``service/lua/catalog_publish.lua``). ``sync``
-pulls the ids logged after the last revision it saw. A random ``…:epoch`` is set with the first
-revision, so a replica notices when Redis lost the log (a restart without persistence, a flush) and
-re-reads it from the start instead of waiting for revisions it has already counted. The keys are never
-evicted by design: run Redis with ``maxmemory-policy noeviction``.
+``{prefix}items:{model_version}`` (on a Redis Cluster the version is a hash tag, so the four keys of a
+version share one slot: ``service/redis_keys.py``) and bumps the revision ``…:rev``; the log ``…:log`` maps
+each item id to the revision of its last publication (one atomic script,
+``service/lua/catalog_publish.lua``). ``sync`` pulls the ids logged after the last revision it saw. A random
+``…:epoch`` is set with the first revision, so a replica notices when Redis lost the log (a restart without
+persistence, a flush) and re-reads it from the start instead of waiting for revisions it has already
+counted. The keys are never evicted by design: run Redis with ``maxmemory-policy noeviction``.
 
 Every key carries the model version, so vectors of another model never mix in; each replica adds its
 own model's ID-embedding offset when it applies an item (``ItemCatalog.upsert_local``). Calls run under
@@ -26,6 +27,7 @@ from redis.asyncio.client import Pipeline
 from service.catalog import ItemCatalog
 from service.lua_scripts import Layout, LuaScript
 from service.redis_conn import RedisConnection
+from service.redis_keys import KeyLayout
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +56,7 @@ class CatalogSync:
     def __init__(self, redis: RedisConnection, catalog: ItemCatalog, *, prefix: str = "cr:") -> None:
         self.catalog = catalog
         self._redis = redis
-        base = f"{prefix}items:{catalog.model_version}"
+        base = KeyLayout(prefix, cluster=redis.cluster).catalog(catalog.model_version)
         self._keys = _Keys(base, f"{base}:rev", f"{base}:log", f"{base}:epoch")
         self._revision = 0  # last revision of the shared log applied by sync
         self._epoch: bytes | None = None  # identifies the shared log that _revision counts in

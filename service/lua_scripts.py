@@ -12,10 +12,14 @@ prelude defines
 
 and for ARGV the same with ``ARG`` and ``<group>_arg``. The slot tables raise on an unknown name, so a
 misspelt slot fails the call instead of reading nil.
+
+A script may also use libraries (``service/lua/lib_<name>.lua``: local functions shared by several
+scripts), inserted after the prelude.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -82,19 +86,27 @@ class Layout:
 
 
 class LuaScript:
-    """A script's ``text`` with the prelude of its ``keys`` and ``args`` layouts inserted after the shebang
-    (see the module docstring). ``RedisConnection.run_script`` registers it once per connection."""
+    """A script's ``text`` with the prelude of its ``keys`` and ``args`` layouts and the ``libraries``' text
+    inserted after the shebang (see the module docstring). ``RedisConnection`` registers it once per
+    connection."""
 
-    def __init__(self, name: str, text: str, *, keys: Layout, args: Layout) -> None:
+    def __init__(
+        self, name: str, text: str, *, keys: Layout, args: Layout, libraries: tuple[str, ...] = ()
+    ) -> None:
         shebang, newline, body = text.partition("\n")
         if not shebang.startswith("#!lua") or not newline:
             raise ValueError(f"script {name}: the first line must be the #!lua shebang")
         self.name, self.keys, self.args = name, keys, args
         prelude = _STRICT + keys.lua("KEYS", "KEY", "key") + args.lua("ARGV", "ARG", "arg")
+        prelude += "".join(_read(f"lib_{library}") for library in libraries)
         self.source = f"{shebang}\n{prelude}{body}"
+        self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     @classmethod
-    def packaged(cls, name: str, *, keys: Layout, args: Layout) -> LuaScript:
+    def packaged(cls, name: str, *, keys: Layout, args: Layout, libraries: tuple[str, ...] = ()) -> LuaScript:
         """The script in ``service/lua/<name>.lua`` (package data, read at import)."""
-        text = files("service").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
-        return cls(name, text, keys=keys, args=args)
+        return cls(name, _read(name), keys=keys, args=args, libraries=libraries)
+
+
+def _read(name: str) -> str:
+    return files("service").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")

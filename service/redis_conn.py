@@ -4,8 +4,12 @@ Every call goes through one ``RedisConnection`` method, named by an ``op`` (``ap
 ...): it runs under the connection's deadline (``CLICKRANK_REDIS_TIMEOUT_MS`` unless a bulk tool sets a
 longer one), its latency goes to ``REDIS_LATENCY`` by op; a connection error, a timeout or a Redis error
 is counted in ``REDIS_ERRORS``, logged (one line per op every few seconds) and raised as
-``StoreUnavailable``. Lua scripts are registered once per connection; redis-py loads one into the server
-(SCRIPT LOAD) the first time EVALSHA answers NOSCRIPT, so a flushed script cache heals by itself.
+``StoreUnavailable``. Lua scripts run by EVALSHA; one that a server answers NOSCRIPT for (a flushed cache,
+a new or failed-over cluster node) is loaded (SCRIPT LOAD, on every primary of a cluster) and sent again.
+
+``CLICKRANK_REDIS_MODE=cluster`` makes the client redis-py's cluster client (any node's URL; it learns
+the slots and follows MOVED and failovers). Pipelines then go to each node holding their keys, and a
+transaction's keys must share one slot: ``service.redis_keys`` tags them so.
 """
 
 from __future__ import annotations
@@ -13,16 +17,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, TypeVar
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from service.logs import ThrottledLog
 from service.lua_scripts import LuaScript, ScriptArg
@@ -47,22 +50,52 @@ class StoreUnavailable(Exception):
     """Redis unreachable or past its deadline."""
 
 
+class NotReplicated(RedisError):
+    """WAIT answered fewer replicas than ``CLICKRANK_REDIS_WAIT_REPLICAS`` within its timeout."""
+
+
+ScriptCall = tuple[LuaScript, Sequence[ScriptArg], Sequence[ScriptArg]]
+"""A script and its KEYS and ARGV."""
+
+
 class RedisConnection:
     """A pooled client plus the per-call deadline ``timeout_s``; see the module docstring."""
 
-    def __init__(self, client: Redis, *, timeout_s: float) -> None:
-        if timeout_s <= 0:
-            raise ValueError("timeout_s must be positive")
+    def __init__(self, client: Redis | RedisCluster, *, timeout_s: float, wait_replicas: int = 0) -> None:
+        if timeout_s <= 0 or wait_replicas < 0:
+            raise ValueError("timeout_s must be positive and wait_replicas >= 0")
         self._client = client
         self.timeout_s = timeout_s
-        self._scripts: dict[LuaScript, AsyncScript] = {}  # by identity
+        self.wait_replicas = wait_replicas
+        self.cluster = isinstance(client, RedisCluster)
         self._failures = ThrottledLog(log)
 
     @classmethod
-    def connect(cls, url: str, *, timeout_s: float, max_connections: int = 64) -> RedisConnection:
+    def connect(
+        cls,
+        url: str,
+        *,
+        timeout_s: float,
+        max_connections: int = 64,
+        cluster: bool = False,
+        wait_replicas: int = 0,
+    ) -> RedisConnection:
         """A pooled client that reconnects by itself: a dead pooled connection (Redis restarted) is
-        replaced and the command retried twice with a short backoff, all within the call's deadline."""
+        replaced and the command retried twice with a short backoff, all within the call's deadline.
+        With ``cluster`` a cluster client (``max_connections`` per node) that also re-reads the slots
+        after a failover."""
         socket_timeout = max(timeout_s, 1.0)
+        retry = Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2)
+        if cluster:
+            client = RedisCluster.from_url(
+                url,
+                max_connections=max_connections,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=socket_timeout,
+                socket_keepalive=True,
+                retry=retry,
+            )
+            return cls(client, timeout_s=timeout_s, wait_replicas=wait_replicas)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -71,9 +104,9 @@ class RedisConnection:
             socket_connect_timeout=socket_timeout,
             socket_keepalive=True,
             health_check_interval=30,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2),
+            retry=retry,
         )
-        return cls(Redis.from_pool(pool), timeout_s=timeout_s)
+        return cls(Redis.from_pool(pool), timeout_s=timeout_s, wait_replicas=wait_replicas)
 
     @classmethod
     def from_settings(
@@ -85,7 +118,13 @@ class RedisConnection:
         timeout_s = settings.redis_timeout_ms / 1000.0 if timeout_s is None else timeout_s
         if max_connections is None:
             max_connections = settings.max_in_flight + SPARE_CONNECTIONS
-        return cls.connect(settings.redis_url, timeout_s=timeout_s, max_connections=max_connections)
+        return cls.connect(
+            settings.redis_url,
+            timeout_s=timeout_s,
+            max_connections=max_connections,
+            cluster=settings.redis_mode == "cluster",
+            wait_replicas=settings.redis_wait_replicas,
+        )
 
     async def call(self, op: str, command: Callable[[Redis], Awaitable[T]]) -> T:
         """One command, e.g. ``call("forget", lambda r: r.delete(*keys))``."""
@@ -105,11 +144,87 @@ class RedisConnection:
     async def run_script(
         self, op: str, script: LuaScript, keys: Sequence[ScriptArg], args: Sequence[ScriptArg]
     ) -> object:
-        """EVALSHA ``script`` (registered on first use)."""
-        registered = self._scripts.get(script)
-        if registered is None:
-            registered = self._scripts[script] = self._client.register_script(script.source)
-        return await self._timed(op, registered(keys=keys, args=args))
+        """EVALSHA ``script`` (see ``run_scripts``)."""
+        return (await self.run_scripts(op, [(script, keys, args)]))[0]
+
+    async def run_scripts(self, op: str, calls: Sequence[ScriptCall], *, replicated: bool = False) -> list:
+        """The replies of ``calls``, sent as EVALSHAs in one pipeline (on a cluster, one per node). A call
+        the server answers NOSCRIPT (it ran nothing) is sent again after SCRIPT LOAD. With ``replicated``
+        and ``wait_replicas`` set, each node's part is followed by WAIT on the same connection, and
+        ``StoreUnavailable`` (from ``NotReplicated``) is raised unless that many replicas acknowledged it."""
+        wait = self.wait_replicas if replicated else 0
+
+        async def run() -> list:
+            results: list = [None] * len(calls)
+            pending = list(range(len(calls)))
+            for _ in range(2):
+                replies = await self._evalsha(calls, pending, wait)
+                missing = [
+                    i for i, reply in zip(pending, replies, strict=True) if isinstance(reply, NoScriptError)
+                ]
+                for i, reply in zip(pending, replies, strict=True):
+                    if isinstance(reply, Exception) and i not in missing:
+                        raise reply
+                    results[i] = reply
+                if not missing:
+                    return results
+                for script in {calls[i][0] for i in missing}:
+                    await self._client.script_load(script.source)
+                pending = missing
+            raise NoScriptError(
+                f"scripts still missing after SCRIPT LOAD: {sorted(calls[i][0].name for i in pending)}"
+            )
+
+        return await self._timed(op, run())
+
+    async def _evalsha(self, calls: Sequence[ScriptCall], which: list[int], wait: int) -> list:
+        """One pipeline of the EVALSHAs ``which``; with ``wait``, a WAIT after each node's (or the one
+        server's) commands, its reply checked here and left out of the list."""
+        wait_ms = max(int(self.timeout_s * 500), 1)  # half the deadline, so the answer comes within it
+        async with self._client.pipeline(transaction=False) as pipe:
+            for i in which:
+                script, keys, args = calls[i]
+                pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            nodes = []
+            if wait:
+                if isinstance(self._client, RedisCluster):
+                    names = {self._client.get_node_from_key(calls[i][1][0]).name: i for i in which}
+                    nodes = [self._client.get_node_from_key(calls[i][1][0]) for i in names.values()]
+                    for node in nodes:
+                        pipe.execute_command("WAIT", wait, wait_ms, target_nodes=node)
+                else:
+                    nodes = [None]
+                    pipe.execute_command("WAIT", wait, wait_ms)
+            replies = await pipe.execute(raise_on_error=False)
+        acknowledged = replies[len(which) :]
+        for count in acknowledged:
+            if isinstance(count, Exception):
+                raise count
+            if int(count) < wait:
+                raise NotReplicated(f"WAIT: {count} of {wait} replicas acknowledged within {wait_ms} ms")
+        return replies[: len(which)]
+
+    async def scan(self, op: str, match: str, count: int) -> AsyncIterator[list[bytes]]:
+        """Every key matching ``match``, about ``count`` per reply (on a cluster, node after node). A key
+        written or deleted meanwhile may be missed or listed, and one may be listed twice."""
+        if not isinstance(self._client, RedisCluster):
+            async for keys in self._scan_node(op, match, count, {}):
+                yield keys
+            return
+        for node in self._client.get_primaries():
+            async for keys in self._scan_node(op, match, count, {"target_nodes": node}):
+                yield keys
+
+    async def _scan_node(self, op: str, match: str, count: int, target: dict) -> AsyncIterator[list[bytes]]:
+        cursor: int | None = None
+        while cursor != 0:
+            command = ("SCAN", cursor or 0, "MATCH", match, "COUNT", count)
+            reply = await self.call(op, lambda r, c=command: r.execute_command(*c, **target))
+            cursor, keys = reply
+            if isinstance(cursor, dict):  # the cluster client answers {node: cursor}
+                (cursor,) = cursor.values()
+            if keys:
+                yield keys
 
     async def ping(self) -> None:
         """Raises StoreUnavailable unless Redis answers within the deadline."""

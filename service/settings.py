@@ -18,7 +18,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CLICKRANK_", extra="ignore")
 
     redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_prefix: str = Field(default="cr:", min_length=1, max_length=64)
+    # "cluster": a Redis Cluster (redis_url names any node; keys hash-tagged, service/redis_keys.py)
+    redis_mode: Literal["single", "cluster"] = "single"
+    redis_prefix: str = Field(default="cr:", min_length=1, max_length=64, pattern=r"^[^{}]*$")
+    # events are acknowledged only once this many replicas have them (WAIT); 0: off
+    redis_wait_replicas: int = Field(default=0, ge=0, le=16)
     model_dir: Path = Path("./artifacts")  # a model directory, or a store of versions (models/model_store.py)
     model_poll_interval_s: float = Field(
         default=5.0, ge=0.0
@@ -45,6 +49,8 @@ class Settings(BaseSettings):
     ann_min_items: int = Field(default=200_000, ge=1)
     ann_nprobe: int = Field(default=128, ge=1)  # inverted lists scanned per query: recall against latency
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
+    # on a Redis Cluster: how long a replica reuses the trending list merged from the shards (0: never)
+    trending_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
     trending_candidates: int = Field(default=10, ge=0)  # with history; without it trending fills top_k
     covisit_window: int = Field(default=5, ge=0, le=50)  # 0 turns co-visitation updates off
     covisit_size: int = Field(default=50, ge=1, le=1000)

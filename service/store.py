@@ -1,21 +1,27 @@
 """Per-user event history, seen-sets, idempotency, trending counts, item-to-item co-visitation and fresh
-items in Redis (redis.asyncio).
+items in Redis (redis.asyncio), on a single Redis or a Redis Cluster.
 
-The key layout, what each key holds and its memory bound are in docs/architecture.md ("Redis keys");
-the key names live in ``_KIND`` and ``HistoryStore._key`` only.
+What each key holds and its memory bound are in docs/architecture.md ("Redis keys"); the key names live
+in ``service/redis_keys.py`` only.
 
-``append`` is one Lua script (``service/lua/append.lua``); its KEYS and ARGV slots are named once, in
-``APPEND`` (``service/lua_scripts.py`` explains how the script reads them). Every call goes through the
-``RedisConnection`` that the store borrows (``service/redis_conn.py``): it has a deadline and raises
-``StoreUnavailable`` on a connection error, a timeout or a Redis error.
+On a single Redis ``append`` is one Lua script (``service/lua/append.lua``): the whole batch, atomic. On a
+cluster (the connection says which) it runs in two steps: ``append_users.lua`` once per hash slot of the
+batch's users (each slot's part atomic, the event ids deduplicated there), then the item aggregates that
+step returned, ``aggregate_shard.lua`` per aggregate shard and ``covisit_apply.lua`` per slot of source
+items. The scripts' KEYS and ARGV slots are named once, in the ``Layout``s below (``service/lua_scripts.py``
+explains how a script reads them). Every call goes through the ``RedisConnection`` that the store borrows
+(``service/redis_conn.py``): it has a deadline and raises ``StoreUnavailable`` on a connection error, a
+timeout or a Redis error.
 """
 
 from __future__ import annotations
 
+import heapq
 import json
 import math
 import time
 import uuid
+from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -23,7 +29,8 @@ from typing import TYPE_CHECKING
 from redis.asyncio.client import Pipeline
 
 from service.lua_scripts import Layout, LuaScript
-from service.redis_conn import RedisConnection
+from service.redis_conn import RedisConnection, ScriptCall
+from service.redis_keys import KeyKind, KeyLayout
 from service.schemas.events import ContextEvent
 
 if TYPE_CHECKING:
@@ -37,21 +44,6 @@ _SEQ_DIGITS = 16
 _RESCALE_EXPONENT = 64.0
 _OVERFETCH_MAX = 500
 """At most this many extra trending entries are read to make up for excluded (seen) items."""
-
-
-def _glob_escape(text: str) -> str:
-    """``text`` matched literally by a Redis glob pattern."""
-    return "".join(f"\\{c}" if c in "*?[]\\" else c for c in text)
-
-
-class _KIND:
-    """Key kinds (the segment after the prefix), in one place: a Redis Cluster layout changes them here."""
-
-    HISTORY, SEEN, EVENT_IDS = "h", "s", "e"
-    TRENDING, TRENDING_META = "trend", "trend:meta"
-    COVISIT, COVISIT_REF = "cv", "cvref"  # cv:<item> sorted sets; cvref hash (item → reference time)
-    FRESH, EVENT_ITEMS = "fresh", "iseen"
-    SEQUENCE, BATCH = "seq", "batch"
 
 
 APPEND = LuaScript.packaged(
@@ -77,8 +69,43 @@ APPEND = LuaScript.packaged(
         group_name="event",
         group=("user", "event_id", "timestamp", "item", "payload"),
     ),
+    libraries=("aggregates",),
 )
-"""``service/lua/append.lua``: one atomic script per ``append`` call."""
+"""``service/lua/append.lua``: one atomic script per ``append`` call on a single Redis."""
+
+APPEND_USERS = LuaScript.packaged(
+    "append_users",
+    keys=Layout(head=("seq", "batch"), group_name="user", group=("history", "seen", "event_ids")),
+    args=Layout(
+        head=("history_cap", "history_ttl_ms", "dedup_window", "batch_ttl", "covisit_window"),
+        group_name="event",
+        group=("user", "event_id", "timestamp", "item", "payload"),
+    ),
+    libraries=("aggregates",),
+)
+"""``service/lua/append_users.lua``: the users of one hash slot (cluster)."""
+
+AGGREGATE_SHARD = LuaScript.packaged(
+    "aggregate_shard",
+    keys=Layout(head=("trend", "trend_meta", "fresh", "event_items")),
+    args=Layout(
+        head=("half_life", "rescale_exponent", "fresh_size"), group_name="event", group=("item", "ts")
+    ),
+    libraries=("aggregates",),
+)
+"""``service/lua/aggregate_shard.lua``: one shard of the item aggregates (cluster)."""
+
+COVISIT_APPLY = LuaScript.packaged(
+    "covisit_apply",
+    keys=Layout(head=(), group_name="source", group=("covisit", "covisit_ref")),
+    args=Layout(
+        head=("half_life", "rescale_exponent", "covisit_size"),
+        group_name="pair",
+        group=("source", "item", "t", "d"),
+    ),
+    libraries=("aggregates",),
+)
+"""``service/lua/covisit_apply.lua``: the co-visitation pairs of the source items of one slot (cluster)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,7 +118,8 @@ class SourceLists:
 
 
 class HistoryStore:
-    """Redis-backed user histories; every public call is one round trip under the connection's deadline."""
+    """Redis-backed user histories; every public call is one round trip under the connection's deadline
+    (on a cluster ``append`` takes two, and the merged trending list is cached for ``trending_cache_s``)."""
 
     def __init__(
         self,
@@ -105,15 +133,18 @@ class HistoryStore:
         covisit_window: int = 5,
         covisit_size: int = 50,
         fresh_size: int = 200,
+        trending_cache_s: float = 1.0,
     ) -> None:
         if history_cap < 1 or trending_half_life_s <= 0 or dedup_window_s < 1:
             raise ValueError("history_cap, trending_half_life_s and dedup_window_s must be positive")
         if history_ttl_s < 0:
             raise ValueError("history_ttl_s must be >= 0 (0: kept)")
-        if covisit_window < 0 or covisit_size < 1 or fresh_size < 1:
-            raise ValueError("covisit_window must be >= 0, covisit_size and fresh_size positive")
+        if covisit_window < 0 or covisit_size < 1 or fresh_size < 1 or trending_cache_s < 0:
+            raise ValueError(
+                "covisit_window, trending_cache_s must be >= 0, covisit_size and fresh_size positive"
+            )
         self._redis = redis
-        self._prefix = prefix
+        self.keys = KeyLayout(prefix, cluster=redis.cluster)
         self._cap = history_cap
         self._ttl_ms = round(history_ttl_s * 1000)
         self._half_life_s = trending_half_life_s
@@ -121,6 +152,8 @@ class HistoryStore:
         self._covisit_window = covisit_window
         self._covisit_size = covisit_size
         self._fresh_size = fresh_size
+        self._trending_cache_s = trending_cache_s
+        self._merged_trending: tuple[float, int, list[tuple[str, float]]] | None = None  # (at, asked, list)
 
     @classmethod
     def from_settings(cls, settings: Settings, redis: RedisConnection) -> HistoryStore:
@@ -134,72 +167,162 @@ class HistoryStore:
             covisit_window=settings.covisit_window,
             covisit_size=settings.covisit_size,
             fresh_size=settings.fresh_size,
+            trending_cache_s=settings.trending_cache_s,
         )
 
-    def _key(self, kind: str, name: str | None = None) -> str:
-        """``p kind`` or ``p kind:name`` (``name`` a user or item id; ``""`` gives the bare ``p kind:``)."""
-        return f"{self._prefix}{kind}" if name is None else f"{self._prefix}{kind}:{name}"
-
     async def append(self, events: Sequence[tuple[str, ContextEvent]]) -> tuple[int, int]:
-        """(accepted, duplicates). All or nothing, atomic in Redis (one Lua script); an event_id already
-        stored for the user is acknowledged as duplicate, not stored twice, also within the batch. Also adds
-        to the user's seen-set, the recency-weighted trending counts, the co-visitation sets and the fresh
-        items (duplicates count nowhere). With a TTL, a user's keys expire that long after the last call that
-        stored an event of theirs. The events are validated records (``ContextEvent``); the script
-        still refuses a non-finite timestamp before its first write. Raises StoreUnavailable.
+        """(accepted, duplicates). An event_id already stored for the user is acknowledged as duplicate, not
+        stored twice, also within the batch. Also adds to the user's seen-set, the recency-weighted trending
+        counts, the co-visitation sets and the fresh items (duplicates count nowhere). With a TTL, a user's
+        keys expire that long after the last call that stored an event of theirs. The events are validated
+        records (``ContextEvent``); the scripts still refuse a non-finite timestamp before their first
+        write. With ``wait_replicas`` on the connection, an answer means that many replicas have the
+        histories. Raises StoreUnavailable.
+
+        On a single Redis the call is all or nothing (one script). On a cluster each hash slot's users are
+        stored atomically, and the item aggregates follow; a fault part-way raises StoreUnavailable, and a
+        retry with the same event ids stores every event once, though the aggregates may then miss the
+        events that the failed call had stored (docs/operations.md, "Redis Cluster").
 
         Each call carries a random token under which its result is cached for a few seconds past the
         deadline, so the client's transparent retry after a lost reply cannot store the batch twice.
         """
         if not events:
             return 0, 0
+        if self.keys.cluster:
+            return await self._append_cluster(events)
         users: dict[str, int] = {}
-        per_event: list[dict[str, str | int]] = []
-        for user_id, event in events:
-            value = None if event.value is None else float(event.value)
-            payload = json.dumps([event.item_id, event.type, value, event.event_id], separators=(",", ":"))
-            per_event.append(
-                {
-                    "user": users.setdefault(user_id, len(users) + 1),  # the user's key group, 1-based
-                    "event_id": event.event_id or "",
-                    "timestamp": repr(float(event.timestamp)),
-                    "item": event.item_id,
-                    "payload": payload,
-                }
-            )
-        fixed_keys = {
-            "seq": self._key(_KIND.SEQUENCE),
-            "trend": self._key(_KIND.TRENDING),
-            "trend_meta": self._key(_KIND.TRENDING_META),
-            "batch": self._key(_KIND.BATCH, uuid.uuid4().hex),
-            "covisit_ref": self._key(_KIND.COVISIT_REF),
-            "fresh": self._key(_KIND.FRESH),
-            "event_items": self._key(_KIND.EVENT_ITEMS),
-        }
-        user_keys = [
-            {
-                "history": self._key(_KIND.HISTORY, user_id),
-                "seen": self._key(_KIND.SEEN, user_id),
-                "event_ids": self._key(_KIND.EVENT_IDS, user_id),
-            }
-            for user_id in users
+        per_event = [
+            self._event_args(event, users.setdefault(user_id, len(users) + 1)) for user_id, event in events
         ]
+        keys = self.keys
+        fixed_keys = {
+            "seq": keys.sequence(),
+            "trend": keys.aggregate(KeyKind.TRENDING),
+            "trend_meta": keys.aggregate(KeyKind.TRENDING_META),
+            "batch": keys.batch(uuid.uuid4().hex),
+            "covisit_ref": keys.covisit_ref(),
+            "fresh": keys.aggregate(KeyKind.FRESH),
+            "event_items": keys.aggregate(KeyKind.EVENT_ITEMS),
+        }
         params = {
-            "history_cap": self._cap,
-            "history_ttl_ms": self._ttl_ms,
+            **self._user_params(),
             "half_life": repr(self._half_life_s),
-            "dedup_window": self._dedup_window_s,
-            "batch_ttl": math.ceil(self._redis.timeout_s) + _BATCH_RESULT_GRACE_S,
             "rescale_exponent": _RESCALE_EXPONENT,
-            "covisit_prefix": self._key(_KIND.COVISIT, ""),
-            "covisit_window": self._covisit_window,
+            "covisit_prefix": keys.covisit(""),
             "covisit_size": self._covisit_size,
             "fresh_size": self._fresh_size,
         }
-        accepted, duplicates = await self._redis.run_script(
-            "append", APPEND, APPEND.keys.build(fixed_keys, user_keys), APPEND.args.build(params, per_event)
+        call = (
+            APPEND,
+            APPEND.keys.build(fixed_keys, map(self._user_keys, users)),
+            APPEND.args.build(params, per_event),
         )
+        ((accepted, duplicates),) = await self._redis.run_scripts("append", [call], replicated=True)
         return int(accepted), int(duplicates)
+
+    def _event_args(self, event: ContextEvent, user: int) -> dict[str, str | int]:
+        """An event's ARGV group; ``user`` is the number of its user's key group (1-based)."""
+        value = None if event.value is None else float(event.value)
+        return {
+            "user": user,
+            "event_id": event.event_id or "",
+            "timestamp": repr(float(event.timestamp)),
+            "item": event.item_id,
+            "payload": json.dumps([event.item_id, event.type, value, event.event_id], separators=(",", ":")),
+        }
+
+    def _user_keys(self, user_id: str) -> dict[str, str]:
+        return {
+            "history": self.keys.user(KeyKind.HISTORY, user_id),
+            "seen": self.keys.user(KeyKind.SEEN, user_id),
+            "event_ids": self.keys.user(KeyKind.EVENT_IDS, user_id),
+        }
+
+    def _user_params(self) -> dict[str, str | int]:
+        return {
+            "history_cap": self._cap,
+            "history_ttl_ms": self._ttl_ms,
+            "dedup_window": self._dedup_window_s,
+            "batch_ttl": math.ceil(self._redis.timeout_s) + _BATCH_RESULT_GRACE_S,
+            "covisit_window": self._covisit_window,
+        }
+
+    async def _append_cluster(self, events: Sequence[tuple[str, ContextEvent]]) -> tuple[int, int]:
+        """``append`` on a cluster: the users' parts per slot, then the aggregates they return."""
+        keys, token = self.keys, uuid.uuid4().hex
+        parts: dict[int, tuple[dict[str, int], list[dict[str, str | int]]]] = {}
+        for user_id, event in events:
+            users, per_event = parts.setdefault(keys.slot(keys.user(KeyKind.HISTORY, user_id)), ({}, []))
+            per_event.append(self._event_args(event, users.setdefault(user_id, len(users) + 1)))
+        params = self._user_params()
+        calls: list[ScriptCall] = [
+            (
+                APPEND_USERS,
+                APPEND_USERS.keys.build(
+                    {"seq": keys.sequence(slot), "batch": keys.batch(token, slot)},
+                    map(self._user_keys, users),
+                ),
+                APPEND_USERS.args.build(params, per_event),
+            )
+            for slot, (users, per_event) in parts.items()
+        ]
+        replies = await self._redis.run_scripts("append", calls, replicated=True)
+        accepted = duplicates = 0
+        stored: list[tuple[str, str]] = []  # (item, t) of every stored event
+        pairs: list[tuple[str, str, str, str]] = []  # co-visitation (src, item, t, d)
+        for reply in replies:
+            fields = [f.decode() if isinstance(f, bytes) else str(f) for f in reply]
+            accepted, duplicates, n = accepted + int(fields[0]), duplicates + int(fields[1]), int(fields[2])
+            stored += zip(fields[3 : 3 + 2 * n : 2], fields[4 : 4 + 2 * n : 2], strict=True)
+            rest = fields[3 + 2 * n :]
+            pairs += zip(rest[0::4], rest[1::4], rest[2::4], rest[3::4], strict=True)
+        if stored:
+            await self._redis.run_scripts("append_aggregates", self._aggregate_calls(stored, pairs))
+            self._merged_trending = None  # this replica reads its own writes at once, others' within the TTL
+        return accepted, duplicates
+
+    def _aggregate_calls(
+        self, stored: list[tuple[str, str]], pairs: list[tuple[str, str, str, str]]
+    ) -> list[ScriptCall]:
+        keys = self.keys
+        shards: dict[int, list[dict[str, str]]] = defaultdict(list)
+        for item, t in stored:
+            shards[keys.shard_of(item)].append({"item": item, "ts": t})
+        decay = {"half_life": repr(self._half_life_s), "rescale_exponent": _RESCALE_EXPONENT}
+        shard_params = {**decay, "fresh_size": self._fresh_size}
+        calls: list[ScriptCall] = [
+            (
+                AGGREGATE_SHARD,
+                AGGREGATE_SHARD.keys.build(
+                    {
+                        "trend": keys.aggregate(KeyKind.TRENDING, shard),
+                        "trend_meta": keys.aggregate(KeyKind.TRENDING_META, shard),
+                        "fresh": keys.aggregate(KeyKind.FRESH, shard),
+                        "event_items": keys.aggregate(KeyKind.EVENT_ITEMS, shard),
+                    }
+                ),
+                AGGREGATE_SHARD.args.build(shard_params, rows),
+            )
+            for shard, rows in shards.items()
+        ]
+        by_slot: dict[int, tuple[dict[str, int], list[dict[str, str | int]]]] = {}
+        for src, item, t, d in pairs:
+            sources, rows = by_slot.setdefault(keys.slot(keys.covisit(src)), ({}, []))
+            rows.append({"source": sources.setdefault(src, len(sources) + 1), "item": item, "t": t, "d": d})
+        covisit_params = {**decay, "covisit_size": self._covisit_size}
+        for sources, rows in by_slot.values():
+            source_keys = [
+                {"covisit": keys.covisit(src), "covisit_ref": keys.covisit_ref(src)} for src in sources
+            ]
+            calls.append(
+                (
+                    COVISIT_APPLY,
+                    COVISIT_APPLY.keys.build({}, source_keys),
+                    COVISIT_APPLY.args.build(covisit_params, rows),
+                )
+            )
+        return calls
 
     async def history(
         self, user_id: str, n: int, *, with_seen: bool = False
@@ -211,9 +334,9 @@ class HistoryStore:
 
         def queue(pipe: Pipeline) -> None:
             if n:
-                pipe.zrange(self._key(_KIND.HISTORY, user_id), -n, -1, withscores=True)
+                pipe.zrange(self.keys.user(KeyKind.HISTORY, user_id), -n, -1, withscores=True)
             if with_seen:
-                pipe.smembers(self._key(_KIND.SEEN, user_id))
+                pipe.smembers(self.keys.user(KeyKind.SEEN, user_id))
 
         replies = await self._redis.pipeline("history", queue, transaction=False)
         events: list[ContextEvent] = []
@@ -232,76 +355,108 @@ class HistoryStore:
     async def users(self, batch: int = 1000) -> AsyncIterator[list[str]]:
         """Every user with a stored history, ``batch`` or so at a time (``SCAN``: a user stored or erased
         meanwhile may be missed or listed; one listed twice is possible and left to the caller)."""
-        head = self._key(_KIND.HISTORY, "")
-        cursor: int | None = None
-        while cursor != 0:
-            cursor, keys = await self._redis.call(
-                "scan", lambda r, c=cursor or 0: r.scan(c, match=f"{_glob_escape(head)}*", count=batch)
-            )
-            if keys:
-                yield [key.decode()[len(head) :] for key in keys]
+        async for keys in self._redis.scan("scan", self.keys.history_match(), batch):
+            yield [self.keys.user_of(key.decode()) for key in keys]
 
     async def forget(self, user_id: str) -> bool:
-        """Delete the user's history, seen-set and event ids; True if there was anything.
+        """Delete the user's history, seen-set and event ids (one slot on a cluster); True if there was
+        anything.
 
         Trending counts, co-visitation and fresh items are anonymous aggregates over all users (no key or
         member names a user) and are left alone."""
-        keys = [self._key(kind, user_id) for kind in (_KIND.HISTORY, _KIND.SEEN, _KIND.EVENT_IDS)]
+        keys = [self.keys.user(kind, user_id) for kind in (KeyKind.HISTORY, KeyKind.SEEN, KeyKind.EVENT_IDS)]
         return bool(await self._redis.call("forget", lambda r: r.delete(*keys)))
 
     async def trending(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """Top-k items by recency-weighted event count, expressed as the number of events at the time of
-        the latest ingested event that carries the same weight (an event one half-life older counts 0.5)."""
+        the latest ingested event that carries the same weight (an event one half-life older counts 0.5).
+        On a cluster the shards' lists are merged, and the merge reused for ``trending_cache_s`` (until this
+        store appends)."""
         if k <= 0:
             return []
         excluded = exclude if isinstance(exclude, set | frozenset) else set(exclude)
+        ranked = await self._ranked_trending(k + len(excluded))
+        return [(item_id, score) for item_id, score in ranked if item_id not in excluded][:k]
+
+    async def _ranked_trending(self, n: int) -> list[tuple[str, float]]:
+        """The top ``n`` trending items with their scores (see ``trending``), best first."""
+        cached = self._merged_trending
+        if cached is not None and cached[1] >= n and time.monotonic() - cached[0] < self._trending_cache_s:
+            return cached[2][:n]
+        trend_keys = self.keys.aggregate_shards(KeyKind.TRENDING)
+        meta_keys = self.keys.aggregate_shards(KeyKind.TRENDING_META)
 
         def queue(pipe: Pipeline) -> None:
-            pipe.zrevrange(self._key(_KIND.TRENDING), 0, k + len(excluded) - 1, withscores=True)
-            pipe.hmget(self._key(_KIND.TRENDING_META), "ref", "latest")
+            for trend, meta in zip(trend_keys, meta_keys, strict=True):
+                pipe.zrevrange(trend, 0, n - 1, withscores=True)
+                pipe.hmget(meta, "ref", "latest")
 
-        rows, (ref, latest) = await self._redis.pipeline("trending", queue, transaction=False)
-        if ref is None or latest is None:
-            return []
-        scale = 2.0 ** ((float(ref) - float(latest)) / self._half_life_s)
-        out: list[tuple[str, float]] = []
-        for member, score in rows:
-            item_id = member.decode()
-            if item_id not in excluded:
-                out.append((item_id, float(score) * scale))
-                if len(out) == k:
-                    break
-        return out
+        replies = await self._redis.pipeline("trending", queue, transaction=False)
+        shards = [
+            (rows, ref, latest) for rows, (ref, latest) in zip(replies[0::2], replies[1::2], strict=True)
+        ]
+        latest_of_all = max(
+            (float(latest) for _, ref, latest in shards if ref is not None and latest is not None),
+            default=None,
+        )
+        ranked: list[tuple[str, float]] = []
+        if latest_of_all is not None:
+            for rows, ref, latest in shards:
+                if ref is None or latest is None:
+                    continue
+                scale = 2.0 ** ((float(ref) - latest_of_all) / self._half_life_s)
+                ranked += [(member.decode(), float(score) * scale) for member, score in rows]
+        ranked = heapq.nlargest(n, ranked, key=lambda entry: entry[1])
+        if self.keys.cluster and self._trending_cache_s > 0:
+            self._merged_trending = (time.monotonic(), n, ranked)
+        return ranked
 
     async def add_fresh(self, item_ids: Sequence[str]) -> None:
         """Record items new to the catalog as fresh (time first seen = now, kept if already there), keeping
-        the newest ``fresh_size``; one atomic round trip (MULTI/EXEC)."""
+        the newest ``fresh_size`` (per shard on a cluster); one round trip."""
         if not item_ids:
             return
-        key, now = self._key(_KIND.FRESH), time.time()
+        now = time.time()
+        by_shard: dict[int, list[str]] = defaultdict(list)
+        for item_id in item_ids:
+            by_shard[self.keys.shard_of(item_id)].append(item_id)
 
         def queue(pipe: Pipeline) -> None:
-            pipe.zadd(key, dict.fromkeys(item_ids, now), nx=True)
-            pipe.zremrangebyrank(key, 0, -(self._fresh_size + 1))
+            for shard, items in by_shard.items():
+                key = self.keys.aggregate(KeyKind.FRESH, shard)
+                pipe.zadd(key, dict.fromkeys(items, now), nx=True)
+                pipe.zremrangebyrank(key, 0, -(self._fresh_size + 1))
 
-        await self._redis.pipeline("fresh", queue, transaction=True)
+        await self._redis.pipeline("fresh", queue, transaction=False)
 
     async def candidate_lists(
         self, sources: Sequence[str], *, trending: int, exclude: int = 0
     ) -> SourceLists:
         """The co-visitation set of each source item, the fresh items and the top ``trending`` (+ up to
-        ``exclude`` more, to make up for excluded ones) trending items: one pipelined round trip."""
+        ``exclude`` more, to make up for excluded ones) trending items: one pipelined round trip (on a
+        cluster the trending list may come from the merge cache)."""
         extra = min(exclude, _OVERFETCH_MAX) if trending > 0 else 0
+        fresh_keys = self.keys.aggregate_shards(KeyKind.FRESH)
 
         def queue(pipe: Pipeline) -> None:
             for item_id in sources:
-                pipe.zrevrange(self._key(_KIND.COVISIT, item_id), 0, -1, withscores=True)
-            pipe.zrevrange(self._key(_KIND.FRESH), 0, self._fresh_size - 1)
-            if trending > 0:
-                pipe.zrevrange(self._key(_KIND.TRENDING), 0, trending + extra - 1)
+                pipe.zrevrange(self.keys.covisit(item_id), 0, -1, withscores=True)
+            for key in fresh_keys:
+                pipe.zrevrange(key, 0, self._fresh_size - 1, withscores=True)
+            if trending > 0 and not self.keys.cluster:
+                pipe.zrevrange(self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1)
 
         replies = await self._redis.pipeline("candidates", queue, transaction=False)
         covisit = [[(m.decode(), float(s)) for m, s in rows] for rows in replies[: len(sources)]]
-        fresh = [m.decode() for m in replies[len(sources)]]
-        trend = [m.decode() for m in replies[len(sources) + 1]] if trending > 0 else []
+        fresh_rows = replies[len(sources) : len(sources) + len(fresh_keys)]
+        newest = heapq.nlargest(
+            self._fresh_size, (row for rows in fresh_rows for row in rows), key=lambda r: r[1]
+        )
+        fresh = [m.decode() for m, _ in newest]
+        if trending <= 0:
+            trend = []
+        elif self.keys.cluster:
+            trend = [item_id for item_id, _ in await self._ranked_trending(trending + extra)]
+        else:
+            trend = [m.decode() for m in replies[-1]]
         return SourceLists(covisit=covisit, fresh=fresh, trending=trend)

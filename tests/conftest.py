@@ -1,17 +1,20 @@
-"""Shared fixtures: a real redis-server on a free port, a connection to it, a real trained + exported tiny
-model and its catalog, and the anyio backend of the async tests."""
+"""Shared fixtures: a real redis-server on a free port, a real 3-primary 3-replica Redis Cluster, a
+connection to either, a real trained + exported tiny model and its catalog, and the anyio backend of the
+async tests."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
 
 from models.data import DATA_DIR_ENV, FALLBACK_DATA_DIR
 from models.model_dir import ModelDir
-from models.redis_process import RedisProcess
+from models.redis_process import RedisClusterProcess, RedisProcess
 from service.redis_conn import RedisConnection
 
 REPO = Path(__file__).resolve().parent.parent
@@ -44,12 +47,67 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     """A URL of the session's redis-server with an empty database 0 (flushed before each test)."""
     if redis_server.proc is None:
         redis_server.start()
-    import redis
-
     client = redis.Redis.from_url(redis_server.url)
     client.flushall()
     client.close()
     yield redis_server.url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterProcess]:
+    """A private Redis Cluster of 3 primaries with a replica each (started when a test first asks)."""
+    with RedisClusterProcess(tmp_path_factory.mktemp("cluster")).running() as cluster:
+        yield cluster
+
+
+@dataclass
+class RedisTarget:
+    """The Redis an app under test runs on: the single server or the cluster (``mode`` as in
+    ``CLICKRANK_REDIS_MODE``)."""
+
+    mode: str
+    url: str
+
+    def client(self) -> redis.Redis | redis.RedisCluster:
+        """A synchronous client (close it)."""
+        return (
+            redis.RedisCluster.from_url(self.url)
+            if self.mode == "cluster"
+            else redis.Redis.from_url(self.url)
+        )
+
+    def flush(self) -> None:
+        with self.client() as client:
+            if self.mode == "cluster":
+                client.flushall(target_nodes=redis.RedisCluster.PRIMARIES)
+            else:
+                client.flushall()
+
+    def dbsize(self) -> int:
+        """Keys stored (on every primary of a cluster)."""
+        with self.client() as client:
+            return (
+                client.dbsize(target_nodes=redis.RedisCluster.PRIMARIES)
+                if self.mode == "cluster"
+                else client.dbsize()
+            )
+
+
+@pytest.fixture(scope="module", params=["single", "cluster"])
+def redis_target(request: pytest.FixtureRequest, redis_server: RedisServer) -> RedisTarget:
+    """Each Redis mode in turn, for the modules whose contract must hold on both (one app per mode)."""
+    if request.param == "cluster":
+        return RedisTarget("cluster", request.getfixturevalue("redis_cluster").url)
+    if redis_server.proc is None:
+        redis_server.start()
+    return RedisTarget("single", redis_server.url)
+
+
+@pytest.fixture()
+def empty_redis(redis_target: RedisTarget) -> RedisTarget:
+    """``redis_target`` emptied before the test."""
+    redis_target.flush()
+    return redis_target
 
 
 @pytest.fixture()

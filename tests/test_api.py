@@ -1,8 +1,10 @@
 """The v1 API through real HTTP (ASGI) against a real redis-server and a real exported model.
 
-One app per module (the model loads once); tests that need an empty Redis take the ``redis_url`` fixture,
-which flushes the database. The parity test recomputes click probabilities with onnxruntime directly on
-``ranker.onnx`` from features built by hand, independently of the service's code path.
+One app per module and Redis mode (the model loads once per mode): the whole contract runs on a single
+Redis and on a 3-primary, 3-replica Redis Cluster (``redis_target``); tests that need an empty Redis take
+the ``empty_redis`` fixture, which flushes it. The parity test recomputes click probabilities with
+onnxruntime directly on ``ranker.onnx`` from features built by hand, independently of the service's code
+path.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, get_args
 import httpx
 import numpy as np
 import pytest
-import redis
+from conftest import RedisTarget
 from fastapi import FastAPI
 from helpers import app_settings, metric, metric_samples, running_app
 from oracle import ModelFiles
@@ -35,10 +37,12 @@ NOW = time.time()
 
 
 @pytest.fixture(scope="module")
-async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
+async def api(redis_target: RedisTarget, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
     settings = app_settings(
-        redis_server.url,
+        redis_target.url,
         model_dir,
+        redis_mode=redis_target.mode,
+        trending_cache_s=0.0,  # Redis is flushed between tests: no stale merge (cached: test_cluster.py)
         max_batch_delay_ms=10.0,
         retrieval_size=100,
         item_sync_interval_s=0.2,
@@ -49,7 +53,7 @@ async def api(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.A
 
 
 @pytest.fixture()
-def client(api: tuple[httpx.AsyncClient, FastAPI], redis_url: str) -> httpx.AsyncClient:
+def client(api: tuple[httpx.AsyncClient, FastAPI], empty_redis: RedisTarget) -> httpx.AsyncClient:
     """The module's client, with Redis flushed for this test."""
     return api[0]
 
@@ -206,7 +210,7 @@ TOO_MANY = [event("u3", "1", NOW + i) for i in range(1001)]
     ],
 )
 async def test_invalid_events_are_422_and_write_nothing(
-    client: httpx.AsyncClient, redis_url: str, payload: dict[str, Any], field: str
+    client: httpx.AsyncClient, empty_redis: RedisTarget, payload: dict[str, Any], field: str
 ) -> None:
     response = await client.post("/v1/events", json=payload)
     assert response.status_code == 422
@@ -214,8 +218,7 @@ async def test_invalid_events_are_422_and_write_nothing(
     assert error["code"] == "validation_error"
     assert error["message"].startswith(f"{field}: ") or f"; {field}: " in error["message"], error["message"]
     assert field in [d["field"] for d in error["details"]]
-    with redis.Redis.from_url(redis_url) as r:
-        assert r.dbsize() == 0
+    assert empty_redis.dbsize() == 0
     assert await history(client, "u3") == []
 
 
@@ -374,7 +377,7 @@ async def test_predict_unknown_candidates(client: httpx.AsyncClient, files: Mode
 
 
 async def test_new_item_is_served_at_once_and_exclude_seen_covers_all_history(
-    api: tuple[httpx.AsyncClient, FastAPI], redis_url: str, files: ModelFiles
+    api: tuple[httpx.AsyncClient, FastAPI], empty_redis: RedisTarget, files: ModelFiles
 ) -> None:
     """The user has touched every catalog item but three (far beyond the history the ranker reads):
     recommend can only return those three, then also the item added a moment ago."""
@@ -416,14 +419,18 @@ async def test_new_item_is_served_at_once_and_exclude_seen_covers_all_history(
 
 
 async def test_items_reach_every_replica(
-    api: tuple[httpx.AsyncClient, FastAPI], redis_server: Any, redis_url: str, model_dir: Path
+    api: tuple[httpx.AsyncClient, FastAPI], empty_redis: RedisTarget, model_dir: Path
 ) -> None:
     """Items published through one replica reach another: at its startup and while it runs."""
     client = api[0]
     before = {"items": [{"item_id": "replica:early", "text": "Early Bird (2026) | Comedy"}]}
     assert (await client.post("/v1/items", json=before)).status_code == 200
     settings = Settings(
-        redis_url=redis_server.url, model_dir=model_dir, device="cpu", item_sync_interval_s=0.1
+        redis_url=empty_redis.url,
+        redis_mode=empty_redis.mode,
+        model_dir=model_dir,
+        device="cpu",
+        item_sync_interval_s=0.1,
     )
     async with running_app(settings) as (other, _):
         assert (await other.get("/v1/items/replica:early")).json()["text"] == "Early Bird (2026) | Comedy"
@@ -500,7 +507,7 @@ async def test_new_user_on_empty_store_gets_the_model_prior(
 
 
 async def test_the_prior_is_extended_for_new_and_changed_items_only(
-    api: tuple[httpx.AsyncClient, FastAPI], files: ModelFiles, redis_url: str
+    api: tuple[httpx.AsyncClient, FastAPI], files: ModelFiles, empty_redis: RedisTarget
 ) -> None:
     """Computed at model load; an item added or updated later gets its prior at the next use, the other
     rows are kept (the whole catalog is not recomputed), and every row equals the graph run by hand."""

@@ -1,4 +1,5 @@
-"""Two replicas (real ``clickrank serve`` processes) sharing one real redis-server, behind a small
+"""Two replicas (real ``clickrank serve`` processes) sharing one real redis-server or one real 3+3 Redis
+Cluster (``redis_target``), behind a small
 round-robin TCP proxy on loopback: an event posted through one is in the other's very next prediction, an
 item added through one is ranked by the other within the sync interval, and with one replica killed under
 load the other keeps answering and no acknowledged event is lost (retries reuse their event ids)."""
@@ -14,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+from conftest import RedisTarget
 from served import Service
 
 from models.redis_process import free_port
@@ -60,13 +62,14 @@ async def round_robin_proxy(backends: list[int]) -> AsyncIterator[int]:
         server.close()
 
 
-def replica(tmp_path: Path, name: str, redis_url: str, model_dir: Path) -> Service:
+def replica(tmp_path: Path, name: str, redis: RedisTarget, model_dir: Path) -> Service:
     workdir = tmp_path / name
     workdir.mkdir()
     svc = Service(
         workdir,
         {
-            "redis_url": redis_url,
+            "redis_url": redis.url,
+            "redis_mode": redis.mode,
             "model_dir": str(model_dir),
             "device": "cpu",
             "intra_op_threads": "1",
@@ -80,9 +83,9 @@ def replica(tmp_path: Path, name: str, redis_url: str, model_dir: Path) -> Servi
 
 
 def test_two_replicas_share_state_and_survive_one_killed_under_load(
-    tmp_path: Path, redis_url: str, model_dir: Path, catalog: list[str]
+    tmp_path: Path, empty_redis: RedisTarget, model_dir: Path, catalog: list[str]
 ) -> None:
-    a, b = replica(tmp_path, "a", redis_url, model_dir), replica(tmp_path, "b", redis_url, model_dir)
+    a, b = replica(tmp_path, "a", empty_redis, model_dir), replica(tmp_path, "b", empty_redis, model_dir)
     try:
         asyncio.run(_scenario(a, b, catalog))
     finally:

@@ -1,31 +1,23 @@
 #!lua
--- HistoryStore.append: one atomic call per batch (service/store.py). KEY, USER, USERS, user_key, ARG,
--- EVENT, EVENTS and event_arg come from the prelude generated from APPEND's layout in service/store.py
--- (see service/lua_scripts.py): KEYS are the fixed keys then one group of keys per user, ARGV the
--- parameters then one group per event.
+-- HistoryStore.append on a single Redis: one atomic call per batch (service/store.py). KEY, USER, USERS,
+-- user_key, ARG, EVENT, EVENTS and event_arg come from the prelude generated from APPEND's layout in
+-- service/store.py (see service/lua_scripts.py): KEYS are the fixed keys then one group of keys per user,
+-- ARGV the parameters then one group per event. check_type, add_trending, ... are lib_aggregates.lua's.
 -- Phase 1 only reads (cached result of a retried call, key types, timestamps) and returns an error before
 -- any write, so a rejected batch changes nothing; Redis refuses the whole script up front when it is out
 -- of memory (the shebang marks it as a writing script).
--- The co-visitation keys (prefix .. item id) are built here, not declared in KEYS: cross-item keys touched
--- from Lua work on a single Redis (or a primary with replicas) only, not on Redis Cluster for now.
+-- The co-visitation keys (prefix .. item id) are built here, not declared in KEYS, which a single Redis
+-- allows; on a Redis Cluster append_users.lua, aggregate_shard.lua and covisit_apply.lua split this work.
 local done = redis.call('GET', KEYS[KEY.batch])
 if done then
   local a, d = string.match(done, '(%d+),(%d+)')
   return {tonumber(a), tonumber(d)}
 end
-local function check_type(key, kind)
-  local t = redis.call('TYPE', key).ok
-  if t ~= 'none' and t ~= kind then
-    return 'WRONGTYPE ' .. key .. ' holds a ' .. t .. '; batch rejected'
-  end
+local function user_keys(j)
+  return user_key(j, USER.history), user_key(j, USER.seen), user_key(j, USER.event_ids)
 end
-local user_kinds = {{USER.history, 'zset'}, {USER.seen, 'set'}, {USER.event_ids, 'zset'}}
-for j = 1, USERS do
-  for _, slot_kind in ipairs(user_kinds) do
-    local err = check_type(user_key(j, slot_kind[1]), slot_kind[2])
-    if err then return redis.error_reply(err) end
-  end
-end
+local err = check_user_keys(USERS, user_keys)
+if err then return redis.error_reply(err) end
 local fixed_kinds = {
   {KEY.seq, 'string'}, {KEY.trend, 'zset'}, {KEY.trend_meta, 'hash'}, {KEY.covisit_ref, 'hash'},
   {KEY.fresh, 'zset'}, {KEY.event_items, 'set'},
@@ -35,12 +27,8 @@ for _, slot_kind in ipairs(fixed_kinds) do
   if err then return redis.error_reply(err) end
 end
 local n = EVENTS
-for i = 1, n do
-  local ts = tonumber(event_arg(i, EVENT.timestamp))
-  if not ts or ts ~= ts or ts == math.huge or ts == -math.huge then
-    return redis.error_reply('event ' .. (i - 1) .. ': timestamp is not a finite number; batch rejected')
-  end
-end
+err = check_timestamps(n, function(i) return event_arg(i, EVENT.timestamp) end)
+if err then return redis.error_reply(err) end
 
 local cap = tonumber(ARGV[ARG.history_cap])
 local ttl_ms = tonumber(ARGV[ARG.history_ttl_ms])
@@ -53,8 +41,8 @@ local cv_size = tonumber(ARGV[ARG.covisit_size])
 local fresh_size = tonumber(ARGV[ARG.fresh_size])
 local now = tonumber(redis.call('TIME')[1])
 
--- Co-visitation, read-only part: each event's stored predecessors (the W latest stored events at or before
--- its timestamp), and the type of every co-visitation key the batch may write.
+-- Co-visitation, read-only part: each event's stored predecessors, and the type of every co-visitation
+-- key the batch may write.
 local stored_before = {}
 if cv_window > 0 then
   local cv_checked = {}
@@ -66,18 +54,13 @@ if cv_window > 0 then
   end
   for i = 1, n do
     local j = tonumber(event_arg(i, EVENT.user))
-    local ts_arg, item = event_arg(i, EVENT.timestamp), event_arg(i, EVENT.item)
-    local rows = redis.call('ZREVRANGEBYSCORE', user_key(j, USER.history), ts_arg, '-inf', 'WITHSCORES',
-      'LIMIT', 0, cv_window)
-    local before = {}
-    for r = 1, #rows, 2 do
-      local prev = cjson.decode(string.sub(rows[r], 17))[1]
-      before[#before + 1] = {tonumber(rows[r + 1]), prev}
-      local err = check_cv(prev)
+    local before = stored_predecessors(user_key(j, USER.history), event_arg(i, EVENT.timestamp), cv_window)
+    for _, row in ipairs(before) do
+      local err = check_cv(row[2])
       if err then return redis.error_reply(err) end
     end
     stored_before[i] = before
-    local err = check_cv(item)
+    local err = check_cv(event_arg(i, EVENT.item))
     if err then return redis.error_reply(err) end
   end
 end
@@ -86,30 +69,8 @@ for j = 1, USERS do
   redis.call('ZREMRANGEBYSCORE', user_key(j, USER.event_ids), '-inf', '(' .. (now - window))
 end
 
--- Forward decay: a weight 2^((t - ref) / half_life) relative to a reference time; when an event is
--- max_exp half-lives past ref, the set's scores are rescaled to a new ref (weights below 1e-12 dropped).
-local function rescale(key, old_ref, new_ref)
-  local factor = 2 ^ ((old_ref - new_ref) / half_life)
-  local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-  local args = {}
-  for i = 1, #entries, 2 do
-    local s = tonumber(entries[i + 1]) * factor
-    if s >= 1e-12 then
-      args[#args + 1] = string.format('%.17g', s)
-      args[#args + 1] = entries[i]
-    else
-      redis.call('ZREM', key, entries[i])
-    end
-    if #args >= 2000 then
-      redis.call('ZADD', key, unpack(args))
-      args = {}
-    end
-  end
-  if #args > 0 then redis.call('ZADD', key, unpack(args)) end
-end
-
 local meta = redis.call('HMGET', KEYS[KEY.trend_meta], 'ref', 'latest')
-local ref, latest = tonumber(meta[1]), tonumber(meta[2])
+local trend = {ref = tonumber(meta[1]), latest = tonumber(meta[2])}
 local seq = redis.call('INCRBY', KEYS[KEY.seq], n) - n
 local accepted, dups = 0, 0
 local touched, with_ids, new_events = {}, {}, {}
@@ -117,33 +78,16 @@ local fresh_added = false
 for i = 1, n do
   local j, eid = tonumber(event_arg(i, EVENT.user)), event_arg(i, EVENT.event_id)
   local ts_arg, item = event_arg(i, EVENT.timestamp), event_arg(i, EVENT.item)
-  local new = true
-  if eid ~= '' then
-    new = redis.call('ZADD', user_key(j, USER.event_ids), 'NX', now, eid) == 1
-    with_ids[j] = true
-  end
-  if new then
+  if eid ~= '' then with_ids[j] = true end
+  local history, seen, event_ids = user_keys(j)
+  if store_event(history, seen, event_ids, eid, now, seq + 1, ts_arg, item, event_arg(i, EVENT.payload)) then
     accepted = accepted + 1
     seq = seq + 1
-    redis.call('ZADD', user_key(j, USER.history), ts_arg,
-      string.format('%016x', seq) .. event_arg(i, EVENT.payload))
-    redis.call('SADD', user_key(j, USER.seen), item)
     touched[j] = true
     -- trending is about now: a timestamp from a skewed clock must not outweigh every real event
     local ts = math.min(tonumber(ts_arg), now + 3600)
-    if ref == nil then ref, latest = ts, ts end
-    if ts > latest then latest = ts end
-    if (ts - ref) / half_life > max_exp then
-      rescale(KEYS[KEY.trend], ref, ts)
-      ref = ts
-    end
-    local w = 2 ^ ((ts - ref) / half_life)
-    if w > 0 then redis.call('ZINCRBY', KEYS[KEY.trend], string.format('%.17g', w), item) end
-    -- fresh items: the first event ever of an item (time first seen = its timestamp)
-    if redis.call('SADD', KEYS[KEY.event_items], item) == 1 then
-      redis.call('ZADD', KEYS[KEY.fresh], 'NX', string.format('%.17g', ts), item)
-      fresh_added = true
-    end
+    add_trending(KEYS[KEY.trend], trend, item, ts, half_life, max_exp)
+    if mark_seen_item(KEYS[KEY.event_items], KEYS[KEY.fresh], item, ts) then fresh_added = true end
     local list = new_events[j]
     if not list then
       list = {}
@@ -155,62 +99,22 @@ for i = 1, n do
   end
 end
 
--- Co-visitation: for each new event (item i at t), each of the user's W previous events (item j, the d-th
--- before it in time order) adds 2^((t - ref_j) / half_life) / d to member i of j's set. New events of one
--- user are taken in time order, whatever their order in the batch.
+-- Co-visitation: each pair (src, item, t, d) adds 2^((t - ref_src) / half_life) / d to member item of
+-- src's set.
 if cv_window > 0 then
   local refs, cv_touched = {}, {}
-  local function cv_add(src, item, t, weight_div)
-    local key = cv_prefix .. src
+  covisit_pairs(new_events, stored_before, cv_window, function(src, item, t, d)
     local r = refs[src]
-    if r == nil then
-      r = tonumber(redis.call('HGET', KEYS[KEY.covisit_ref], src)) or t
-    end
-    if (t - r) / half_life > max_exp then
-      rescale(key, r, t)
-      r = t
-    end
-    refs[src] = r
-    local w = 2 ^ ((t - r) / half_life) / weight_div
-    if w > 0 then
-      redis.call('ZINCRBY', key, string.format('%.17g', w), item)
-      cv_touched[src] = true
-    end
-  end
-  for _, list in pairs(new_events) do
-    table.sort(list, function(a, b)
-      if a[1] ~= b[1] then return a[1] < b[1] end
-      return a[2] < b[2]
-    end)
-    for p = 1, #list do
-      local e = list[p]
-      local before = stored_before[e[2]]
-      -- merge, newest first: earlier new events of the batch (list[p-1], ...) and the stored ones; at
-      -- equal timestamps the batch's events are the later arrivals
-      local q, s, d = p - 1, 1, 0
-      local used = {[e[3]] = true}
-      while d < cv_window and (q >= 1 or s <= #before) do
-        local prev
-        if q >= 1 and (s > #before or list[q][1] >= before[s][1]) then
-          prev = list[q][3]
-          q = q - 1
-        else
-          prev = before[s][2]
-          s = s + 1
-        end
-        d = d + 1
-        if not used[prev] then
-          used[prev] = true
-          cv_add(prev, e[3], e[4], d)
-        end
-      end
-    end
-  end
+    if r == nil then r = tonumber(redis.call('HGET', KEYS[KEY.covisit_ref], src)) end
+    local added
+    refs[src], added = add_covisit(cv_prefix .. src, r, item, t, d, half_life, max_exp)
+    if added then cv_touched[src] = true end
+  end)
   local ref_args = {}
   for src in pairs(cv_touched) do
     redis.call('ZREMRANGEBYRANK', cv_prefix .. src, 0, -(cv_size + 1))
     ref_args[#ref_args + 1] = src
-    ref_args[#ref_args + 1] = string.format('%.17g', refs[src])
+    ref_args[#ref_args + 1] = fmt(refs[src])
     if #ref_args >= 2000 then
       redis.call('HSET', KEYS[KEY.covisit_ref], unpack(ref_args))
       ref_args = {}
@@ -222,23 +126,9 @@ end
 if fresh_added then
   redis.call('ZREMRANGEBYRANK', KEYS[KEY.fresh], 0, -(fresh_size + 1))
 end
--- retention: a user's keys expire ttl_ms after their last stored event (0: kept); the event ids live at
--- most the dedup window, and no longer than the history they deduplicate
-for j in pairs(touched) do
-  redis.call('ZREMRANGEBYRANK', user_key(j, USER.history), 0, -(cap + 1))
-  if ttl_ms > 0 then
-    redis.call('PEXPIRE', user_key(j, USER.history), ttl_ms)
-    redis.call('PEXPIRE', user_key(j, USER.seen), ttl_ms)
-  end
-end
-local ids_ttl_ms = window * 1000
-if ttl_ms > 0 and ttl_ms < ids_ttl_ms then ids_ttl_ms = ttl_ms end
-for j in pairs(with_ids) do
-  if touched[j] then redis.call('PEXPIRE', user_key(j, USER.event_ids), ids_ttl_ms) end
-end
-if ref ~= nil then
-  redis.call('HSET', KEYS[KEY.trend_meta], 'ref', string.format('%.17g', ref), 'latest',
-    string.format('%.17g', latest))
+retain(touched, with_ids, user_keys, cap, ttl_ms, window)
+if trend.ref ~= nil then
+  redis.call('HSET', KEYS[KEY.trend_meta], 'ref', fmt(trend.ref), 'latest', fmt(trend.latest))
 end
 redis.call('SET', KEYS[KEY.batch], accepted .. ',' .. dups, 'EX', tonumber(ARGV[ARG.batch_ttl]))
 return {accepted, dups}
