@@ -146,7 +146,7 @@ async def test_events_are_acknowledged_once_the_replicas_have_them(
         (f"u{k}", ContextEvent(item_id="x", type="view", timestamp=T0, event_id=f"id{k}")) for k in range(20)
     ]
     one = RedisConnection.connect(redis_cluster.url, timeout_s=2.0, cluster=True, wait_replicas=1)
-    two = RedisConnection.connect(redis_cluster.url, timeout_s=0.2, cluster=True, wait_replicas=2)
+    two = RedisConnection.connect(redis_cluster.url, timeout_s=1.0, cluster=True, wait_replicas=2)
     try:
         assert await HistoryStore(one).append(events[:10]) == (10, 0)
         with pytest.raises(StoreUnavailable, match="1 of 2 replicas"):  # each primary has one replica

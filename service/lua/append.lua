@@ -88,12 +88,7 @@ for i = 1, n do
     local ts = math.min(tonumber(ts_arg), now + 3600)
     add_trending(KEYS[KEY.trend], trend, item, ts, half_life, max_exp)
     if mark_seen_item(KEYS[KEY.event_items], KEYS[KEY.fresh], item, ts) then fresh_added = true end
-    local list = new_events[j]
-    if not list then
-      list = {}
-      new_events[j] = list
-    end
-    list[#list + 1] = {tonumber(ts_arg), i, item, ts}
+    add_new_event(new_events, j, {tonumber(ts_arg), i, item, ts})
   else
     dups = dups + 1
   end

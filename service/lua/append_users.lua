@@ -44,12 +44,7 @@ for i = 1, n do
     local ts = math.min(tonumber(ts_arg), now + 3600)  -- as append.lua: aggregates are about now
     stored[#stored + 1] = item
     stored[#stored + 1] = fmt(ts)
-    local list = new_events[j]
-    if not list then
-      list = {}
-      new_events[j] = list
-    end
-    list[#list + 1] = {tonumber(ts_arg), i, item, ts}
+    add_new_event(new_events, j, {tonumber(ts_arg), i, item, ts})
   else
     dups = dups + 1
   end

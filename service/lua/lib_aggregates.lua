@@ -65,6 +65,16 @@ local function stored_predecessors(history_key, ts_arg, cv_window)
   return before
 end
 
+-- Records a stored event {timestamp, batch position, item, t} of user j for covisit_pairs.
+local function add_new_event(new_events, j, event)
+  local list = new_events[j]
+  if not list then
+    list = {}
+    new_events[j] = list
+  end
+  list[#list + 1] = event
+end
+
 -- Co-visitation pairs: for each new event (item at t), each of the user's W previous events (item src, the
 -- d-th before it in time order) gives emit(src, item, t, d). new_events: per user, a list of
 -- {timestamp, batch position, item, t}; stored_before: batch position → stored_predecessors. New events of
