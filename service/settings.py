@@ -49,8 +49,8 @@ class Settings(BaseSettings):
     ann_min_items: int = Field(default=200_000, ge=1)
     ann_nprobe: int = Field(default=128, ge=1)  # inverted lists scanned per query: recall against latency
     trending_half_life_s: float = Field(default=259200.0, gt=0.0)
-    # on a Redis Cluster: how long a replica reuses the trending list merged from the shards (0: never)
-    trending_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    # on a Redis Cluster: how long a replica reuses the trending and fresh lists merged from the shards
+    shard_merge_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
     trending_candidates: int = Field(default=10, ge=0)  # with history; without it trending fills top_k
     covisit_window: int = Field(default=5, ge=0, le=50)  # 0 turns co-visitation updates off
     covisit_size: int = Field(default=50, ge=1, le=1000)

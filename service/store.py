@@ -119,7 +119,8 @@ class SourceLists:
 
 class HistoryStore:
     """Redis-backed user histories; every public call is one round trip under the connection's deadline
-    (on a cluster ``append`` takes two, and the merged trending list is cached for ``trending_cache_s``)."""
+    (on a cluster ``append`` takes two, and the trending and fresh lists merged from the shards are reused
+    for ``merge_cache_s``)."""
 
     def __init__(
         self,
@@ -133,15 +134,15 @@ class HistoryStore:
         covisit_window: int = 5,
         covisit_size: int = 50,
         fresh_size: int = 200,
-        trending_cache_s: float = 1.0,
+        merge_cache_s: float = 1.0,
     ) -> None:
         if history_cap < 1 or trending_half_life_s <= 0 or dedup_window_s < 1:
             raise ValueError("history_cap, trending_half_life_s and dedup_window_s must be positive")
         if history_ttl_s < 0:
             raise ValueError("history_ttl_s must be >= 0 (0: kept)")
-        if covisit_window < 0 or covisit_size < 1 or fresh_size < 1 or trending_cache_s < 0:
+        if covisit_window < 0 or covisit_size < 1 or fresh_size < 1 or merge_cache_s < 0:
             raise ValueError(
-                "covisit_window, trending_cache_s must be >= 0, covisit_size and fresh_size positive"
+                "covisit_window, merge_cache_s must be >= 0, covisit_size and fresh_size positive"
             )
         self._redis = redis
         self.keys = KeyLayout(prefix, cluster=redis.cluster)
@@ -152,8 +153,9 @@ class HistoryStore:
         self._covisit_window = covisit_window
         self._covisit_size = covisit_size
         self._fresh_size = fresh_size
-        self._trending_cache_s = trending_cache_s
-        self._merged_trending: tuple[float, int, list[tuple[str, float]]] | None = None  # (at, asked, list)
+        self._merge_cache_s = merge_cache_s if self.keys.cluster else 0.0
+        # per merged list ("trending", "fresh"): when it was merged, how many entries were asked, the list
+        self._merged: dict[str, tuple[float, int, list[tuple[str, float]]]] = {}
 
     @classmethod
     def from_settings(cls, settings: Settings, redis: RedisConnection) -> HistoryStore:
@@ -167,7 +169,7 @@ class HistoryStore:
             covisit_window=settings.covisit_window,
             covisit_size=settings.covisit_size,
             fresh_size=settings.fresh_size,
-            trending_cache_s=settings.trending_cache_s,
+            merge_cache_s=settings.shard_merge_cache_s,
         )
 
     async def append(self, events: Sequence[tuple[str, ContextEvent]]) -> tuple[int, int]:
@@ -279,7 +281,7 @@ class HistoryStore:
             pairs += zip(rest[0::4], rest[1::4], rest[2::4], rest[3::4], strict=True)
         if stored:
             await self._redis.run_scripts("append_aggregates", self._aggregate_calls(stored, pairs))
-            self._merged_trending = None  # this replica reads its own writes at once, others' within the TTL
+            self._merged.clear()  # this replica reads its own writes at once, other replicas' within the TTL
         return accepted, duplicates
 
     def _aggregate_calls(
@@ -370,7 +372,7 @@ class HistoryStore:
     async def trending(self, k: int, exclude: Collection[str] = ()) -> list[tuple[str, float]]:
         """Top-k items by recency-weighted event count, expressed as the number of events at the time of
         the latest ingested event that carries the same weight (an event one half-life older counts 0.5).
-        On a cluster the shards' lists are merged, and the merge reused for ``trending_cache_s`` (until this
+        On a cluster the shards' lists are merged, and the merge reused for ``merge_cache_s`` (until this
         store appends)."""
         if k <= 0:
             return []
@@ -378,11 +380,22 @@ class HistoryStore:
         ranked = await self._ranked_trending(k + len(excluded))
         return [(item_id, score) for item_id, score in ranked if item_id not in excluded][:k]
 
+    def _cached(self, name: str, n: int) -> list[tuple[str, float]] | None:
+        """The first ``n`` entries of a merged list, if merged with at least ``n`` within the TTL."""
+        cached = self._merged.get(name)
+        if cached is not None and cached[1] >= n and time.monotonic() - cached[0] < self._merge_cache_s:
+            return cached[2][:n]
+        return None
+
+    def _remember(self, name: str, n: int, merged: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        if self._merge_cache_s > 0:
+            self._merged[name] = (time.monotonic(), n, merged)
+        return merged
+
     async def _ranked_trending(self, n: int) -> list[tuple[str, float]]:
         """The top ``n`` trending items with their scores (see ``trending``), best first."""
-        cached = self._merged_trending
-        if cached is not None and cached[1] >= n and time.monotonic() - cached[0] < self._trending_cache_s:
-            return cached[2][:n]
+        if (cached := self._cached("trending", n)) is not None:
+            return cached
         trend_keys = self.keys.aggregate_shards(KeyKind.TRENDING)
         meta_keys = self.keys.aggregate_shards(KeyKind.TRENDING_META)
 
@@ -406,10 +419,22 @@ class HistoryStore:
                     continue
                 scale = 2.0 ** ((float(ref) - latest_of_all) / self._half_life_s)
                 ranked += [(member.decode(), float(score) * scale) for member, score in rows]
-        ranked = heapq.nlargest(n, ranked, key=lambda entry: entry[1])
-        if self.keys.cluster and self._trending_cache_s > 0:
-            self._merged_trending = (time.monotonic(), n, ranked)
-        return ranked
+        return self._remember("trending", n, heapq.nlargest(n, ranked, key=lambda entry: entry[1]))
+
+    async def _newest_fresh(self) -> list[tuple[str, float]]:
+        """The newest ``fresh_size`` fresh items over the shards, with their time first seen (cluster)."""
+        if (cached := self._cached("fresh", self._fresh_size)) is not None:
+            return cached
+
+        def queue(pipe: Pipeline) -> None:
+            for key in self.keys.aggregate_shards(KeyKind.FRESH):
+                pipe.zrevrange(key, 0, self._fresh_size - 1, withscores=True)
+
+        replies = await self._redis.pipeline("fresh", queue, transaction=False)
+        rows = [(member.decode(), float(t)) for shard in replies for member, t in shard]
+        return self._remember(
+            "fresh", self._fresh_size, heapq.nlargest(self._fresh_size, rows, key=lambda r: r[1])
+        )
 
     async def add_fresh(self, item_ids: Sequence[str]) -> None:
         """Record items new to the catalog as fresh (time first seen = now, kept if already there), keeping
@@ -428,35 +453,36 @@ class HistoryStore:
                 pipe.zremrangebyrank(key, 0, -(self._fresh_size + 1))
 
         await self._redis.pipeline("fresh", queue, transaction=False)
+        self._merged.pop("fresh", None)
 
     async def candidate_lists(
         self, sources: Sequence[str], *, trending: int, exclude: int = 0
     ) -> SourceLists:
         """The co-visitation set of each source item, the fresh items and the top ``trending`` (+ up to
         ``exclude`` more, to make up for excluded ones) trending items: one pipelined round trip (on a
-        cluster the trending list may come from the merge cache)."""
+        cluster the fresh and trending lists come from the merge cache, or a round trip each)."""
         extra = min(exclude, _OVERFETCH_MAX) if trending > 0 else 0
-        fresh_keys = self.keys.aggregate_shards(KeyKind.FRESH)
+        cluster = self.keys.cluster
 
         def queue(pipe: Pipeline) -> None:
             for item_id in sources:
                 pipe.zrevrange(self.keys.covisit(item_id), 0, -1, withscores=True)
-            for key in fresh_keys:
-                pipe.zrevrange(key, 0, self._fresh_size - 1, withscores=True)
-            if trending > 0 and not self.keys.cluster:
-                pipe.zrevrange(self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1)
+            if not cluster:
+                pipe.zrevrange(self.keys.aggregate(KeyKind.FRESH), 0, self._fresh_size - 1)
+                if trending > 0:
+                    pipe.zrevrange(self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1)
 
-        replies = await self._redis.pipeline("candidates", queue, transaction=False)
-        covisit = [[(m.decode(), float(s)) for m, s in rows] for rows in replies[: len(sources)]]
-        fresh_rows = replies[len(sources) : len(sources) + len(fresh_keys)]
-        newest = heapq.nlargest(
-            self._fresh_size, (row for rows in fresh_rows for row in rows), key=lambda r: r[1]
+        replies = (
+            await self._redis.pipeline("candidates", queue, transaction=False)
+            if sources or not cluster
+            else []
         )
-        fresh = [m.decode() for m, _ in newest]
-        if trending <= 0:
-            trend = []
-        elif self.keys.cluster:
-            trend = [item_id for item_id, _ in await self._ranked_trending(trending + extra)]
+        covisit = [[(m.decode(), float(s)) for m, s in rows] for rows in replies[: len(sources)]]
+        if cluster:
+            fresh = [item_id for item_id, _ in await self._newest_fresh()]
+            ranked = await self._ranked_trending(trending + extra) if trending > 0 else []
+            trend = [item_id for item_id, _ in ranked]
         else:
-            trend = [m.decode() for m in replies[-1]]
+            fresh = [m.decode() for m in replies[len(sources)]]
+            trend = [m.decode() for m in replies[len(sources) + 1]] if trending > 0 else []
         return SourceLists(covisit=covisit, fresh=fresh, trending=trend)

@@ -42,7 +42,7 @@ async def api(redis_target: RedisTarget, model_dir: Path) -> AsyncIterator[tuple
         redis_target.url,
         model_dir,
         redis_mode=redis_target.mode,
-        trending_cache_s=0.0,  # Redis is flushed between tests: no stale merge (cached: test_cluster.py)
+        shard_merge_cache_s=0.0,  # Redis is flushed between tests: no stale merge (cached: test_cluster.py)
         max_batch_delay_ms=10.0,
         retrieval_size=100,
         item_sync_interval_s=0.2,

@@ -60,7 +60,7 @@ def stores(single: RedisConnection, cluster: RedisConnection, **kwargs: float) -
 async def test_the_cluster_answers_as_a_single_redis_does(
     conn: RedisConnection, cluster_conn: RedisConnection
 ) -> None:
-    single, cluster = stores(conn, cluster_conn, trending_cache_s=0.0)
+    single, cluster = stores(conn, cluster_conn, merge_cache_s=0.0)
     for batch in workload(seed=7):
         assert await cluster.append(batch) == await single.append(batch)
 
@@ -122,13 +122,15 @@ async def test_keys_are_placed_by_their_hash_tags(
     assert len(shards) > AGGREGATE_SHARDS // 2 and len(nodes) == 3
 
 
-async def test_the_merged_trending_list_is_reused_for_its_ttl_and_cleared_by_own_writes(
+async def test_the_merged_lists_are_reused_for_their_ttl_and_cleared_by_own_writes(
     redis_cluster: RedisClusterProcess, cluster_conn: RedisConnection
 ) -> None:
-    writer, reader = HistoryStore(cluster_conn), HistoryStore(cluster_conn, trending_cache_s=0.3)
+    writer, reader = HistoryStore(cluster_conn), HistoryStore(cluster_conn, merge_cache_s=0.3)
     await writer.append([("u", ContextEvent(item_id="a", type="click", timestamp=T0))])
     assert [i for i, _ in await reader.trending(3)] == ["a"]
-    await writer.append([("v", ContextEvent(item_id="b", type="click", timestamp=T0 + k)) for k in range(3)])
+    await writer.append(
+        [("v", ContextEvent(item_id="b", type="click", timestamp=T0 + 1 + k)) for k in range(3)]
+    )
     assert [i for i, _ in await reader.trending(3)] == ["a"], "another replica's writes show after the TTL"
     await asyncio.sleep(0.35)
     assert [i for i, _ in await reader.trending(3)] == ["b", "a"]
@@ -136,6 +138,17 @@ async def test_the_merged_trending_list_is_reused_for_its_ttl_and_cleared_by_own
         [("w", ContextEvent(item_id="c", type="click", timestamp=T0 + 10 + k)) for k in range(5)]
     )
     assert [i for i, _ in await reader.trending(3)] == ["c", "b", "a"], "its own writes show at once"
+
+    async def fresh() -> list[str]:
+        return (await reader.candidate_lists([], trending=0)).fresh
+
+    assert await fresh() == ["c", "b", "a"]
+    await writer.add_fresh(["new-1"])
+    assert await fresh() == ["c", "b", "a"], "another replica's new items show after the TTL"
+    await asyncio.sleep(0.35)
+    assert await fresh() == ["new-1", "c", "b", "a"]
+    await reader.add_fresh(["new-2"])
+    assert (await fresh())[0] == "new-2", "its own new items show at once"
 
 
 async def test_events_are_acknowledged_once_the_replicas_have_them(

@@ -425,7 +425,8 @@ def test_compose_services_fit_the_code() -> None:
 
 def test_redis_runs_with_the_compose_arguments(tmp_path: Path) -> None:
     """The compose file's redis-server arguments, given to a real redis-server: AOF every second, no
-    eviction (histories and the catalog change log must never be dropped), and a memory ceiling."""
+    eviction (histories and the catalog change log must never be dropped), a memory ceiling, and a
+    listpack limit above the history cap."""
     service = SERVICES["redis"]
     command = [interpolate(word) for word in service["command"]]
     assert command[0] == "redis-server"
@@ -453,6 +454,7 @@ def test_redis_runs_with_the_compose_arguments(tmp_path: Path) -> None:
         config = client.config_get("*")
         assert config["appendonly"] == "yes" and config["appendfsync"] == "everysec"
         assert config["maxmemory-policy"] == "noeviction"
+        assert int(config["zset-max-listpack-entries"]) >= Settings().history_cap, "histories stay listpacks"
         maxmemory = int(config["maxmemory"])
         limit_gb = float(str(service["deploy"]["resources"]["limits"]["memory"]).removesuffix("g"))
         assert 0 < maxmemory <= limit_gb * 2**30 * 0.6, "leave room for the AOF rewrite fork"
