@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from loadtests.report import default_out_dir, machine_info, utc_stamp
 from loadtests.server import SpawnedServer, Variant, free_port
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
-from models.redis_process import RedisClusterProcess, RedisProcess
+from models.redis_process import RedisClusterProcess, RedisProcess, port_open
 
 
 def haproxy_config(frontends: dict[int, list[int]]) -> str:
@@ -50,20 +49,12 @@ def haproxy_config(frontends: dict[int, list[int]]) -> str:
 def start_haproxy(binary: str, config: Path, ports: list[int]) -> subprocess.Popen:
     proc = subprocess.Popen([binary, "-f", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 10
-    while not all(_open(p) for p in ports):
+    while not all(port_open(p) for p in ports):
         if proc.poll() is not None or time.monotonic() > deadline:
             proc.kill()
             raise OSError(f"haproxy did not start with {config}")
         time.sleep(0.05)
     return proc
-
-
-def _open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def measure(
