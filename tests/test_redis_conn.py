@@ -16,7 +16,7 @@ from models.redis_process import free_port
 from service.catalog_sync import PUBLISH
 from service.lua_scripts import Layout, LuaScript
 from service.redis_conn import RedisConnection, StoreUnavailable
-from service.store import APPEND
+from service.store import AGGREGATE_SHARD, APPEND, APPEND_USERS, COVISIT_APPLY
 
 pytestmark = pytest.mark.anyio
 
@@ -93,7 +93,9 @@ def test_build_takes_exactly_the_layouts_slots() -> None:
         LuaScript("bad", "return 1\n", keys=LAYOUT_KEYS, args=LAYOUT_ARGS)
 
 
-@pytest.mark.parametrize("packaged", [APPEND, PUBLISH], ids=lambda s: s.name)
+@pytest.mark.parametrize(
+    "packaged", [APPEND, APPEND_USERS, AGGREGATE_SHARD, COVISIT_APPLY, PUBLISH], ids=lambda s: s.name
+)
 def test_a_packaged_script_reads_exactly_its_layouts_slots_and_no_bare_index(packaged: LuaScript) -> None:
     """Every slot the .lua file names is in the Python layout and every layout slot is read; positions
     are never written as numbers."""

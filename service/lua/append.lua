@@ -65,34 +65,18 @@ if cv_window > 0 then
   end
 end
 
-for j = 1, USERS do
-  redis.call('ZREMRANGEBYSCORE', user_key(j, USER.event_ids), '-inf', '(' .. (now - window))
-end
-
 local meta = redis.call('HMGET', KEYS[KEY.trend_meta], 'ref', 'latest')
 local trend = {ref = tonumber(meta[1]), latest = tonumber(meta[2])}
-local seq = redis.call('INCRBY', KEYS[KEY.seq], n) - n
-local accepted, dups = 0, 0
-local touched, with_ids, new_events = {}, {}, {}
 local fresh_added = false
-for i = 1, n do
-  local j, eid = tonumber(event_arg(i, EVENT.user)), event_arg(i, EVENT.event_id)
-  local ts_arg, item = event_arg(i, EVENT.timestamp), event_arg(i, EVENT.item)
-  if eid ~= '' then with_ids[j] = true end
-  local history, seen, event_ids = user_keys(j)
-  if store_event(history, seen, event_ids, eid, now, seq + 1, ts_arg, item, event_arg(i, EVENT.payload)) then
-    accepted = accepted + 1
-    seq = seq + 1
-    touched[j] = true
-    -- trending is about now: a timestamp from a skewed clock must not outweigh every real event
-    local ts = math.min(tonumber(ts_arg), now + 3600)
-    add_trending(KEYS[KEY.trend], trend, item, ts, half_life, max_exp)
-    if mark_seen_item(KEYS[KEY.event_items], KEYS[KEY.fresh], item, ts) then fresh_added = true end
-    add_new_event(new_events, j, {tonumber(ts_arg), i, item, ts})
-  else
-    dups = dups + 1
-  end
-end
+local event_slots = {
+  user = EVENT.user, event_id = EVENT.event_id, timestamp = EVENT.timestamp, item = EVENT.item,
+  payload = EVENT.payload,
+}
+local accepted, dups, new_events = store_events(n, USERS, event_arg, event_slots, user_keys, KEYS[KEY.seq],
+  now, cap, ttl_ms, window, function(item, t)
+    add_trending(KEYS[KEY.trend], trend, item, t, half_life, max_exp)
+    if mark_seen_item(KEYS[KEY.event_items], KEYS[KEY.fresh], item, t) then fresh_added = true end
+  end)
 
 -- Co-visitation: each pair (src, item, t, d) adds 2^((t - ref_src) / half_life) / d to member item of
 -- src's set.
@@ -121,7 +105,6 @@ end
 if fresh_added then
   redis.call('ZREMRANGEBYRANK', KEYS[KEY.fresh], 0, -(fresh_size + 1))
 end
-retain(touched, with_ids, user_keys, cap, ttl_ms, window)
 if trend.ref ~= nil then
   redis.call('HSET', KEYS[KEY.trend_meta], 'ref', fmt(trend.ref), 'latest', fmt(trend.latest))
 end

@@ -1,6 +1,6 @@
 #!lua
 -- HistoryStore.append on a Redis Cluster, per-user part: the users of one hash slot (service/store.py),
--- atomic. Stores their new events as append.lua does (dedup, history, seen-set, retention) and returns
+-- atomic. Stores their new events as append.lua does (store_events: dedup, history, seen-set, retention) and returns
 -- what the aggregate scripts need, so that the aggregates can live in other slots:
 -- {accepted, duplicates, n, n pairs (item, t) of the stored events, then (src, item, t, d) co-visitation
 -- pairs}, numbers as strings. The reply is cached under KEYS[KEY.batch] like append.lua's, so a
@@ -25,31 +25,16 @@ if cv_window > 0 then
     stored_before[i] = stored_predecessors(history, event_arg(i, EVENT.timestamp), cv_window)
   end
 end
-for j = 1, USERS do
-  redis.call('ZREMRANGEBYSCORE', user_key(j, USER.event_ids), '-inf', '(' .. (now - window))
-end
-
-local seq = redis.call('INCRBY', KEYS[KEY.seq], n) - n
-local accepted, dups = 0, 0
-local touched, with_ids, new_events, stored = {}, {}, {}, {}
-for i = 1, n do
-  local j, eid = tonumber(event_arg(i, EVENT.user)), event_arg(i, EVENT.event_id)
-  local ts_arg, item = event_arg(i, EVENT.timestamp), event_arg(i, EVENT.item)
-  if eid ~= '' then with_ids[j] = true end
-  local history, seen, event_ids = user_keys(j)
-  if store_event(history, seen, event_ids, eid, now, seq + 1, ts_arg, item, event_arg(i, EVENT.payload)) then
-    accepted = accepted + 1
-    seq = seq + 1
-    touched[j] = true
-    local ts = math.min(tonumber(ts_arg), now + 3600)  -- as append.lua: aggregates are about now
+local stored = {}  -- (item, t) of every stored event
+local event_slots = {
+  user = EVENT.user, event_id = EVENT.event_id, timestamp = EVENT.timestamp, item = EVENT.item,
+  payload = EVENT.payload,
+}
+local accepted, dups, new_events = store_events(n, USERS, event_arg, event_slots, user_keys, KEYS[KEY.seq],
+  now, tonumber(ARGV[ARG.history_cap]), tonumber(ARGV[ARG.history_ttl_ms]), window, function(item, t)
     stored[#stored + 1] = item
-    stored[#stored + 1] = fmt(ts)
-    add_new_event(new_events, j, {tonumber(ts_arg), i, item, ts})
-  else
-    dups = dups + 1
-  end
-end
-retain(touched, with_ids, user_keys, tonumber(ARGV[ARG.history_cap]), tonumber(ARGV[ARG.history_ttl_ms]), window)
+    stored[#stored + 1] = fmt(t)
+  end)
 
 local reply = {tostring(accepted), tostring(dups), tostring(#stored / 2)}
 for _, v in ipairs(stored) do reply[#reply + 1] = v end

@@ -65,16 +65,6 @@ local function stored_predecessors(history_key, ts_arg, cv_window)
   return before
 end
 
--- Records a stored event {timestamp, batch position, item, t} of user j for covisit_pairs.
-local function add_new_event(new_events, j, event)
-  local list = new_events[j]
-  if not list then
-    list = {}
-    new_events[j] = list
-  end
-  list[#list + 1] = event
-end
-
 -- Co-visitation pairs: for each new event (item at t), each of the user's W previous events (item src, the
 -- d-th before it in time order) gives emit(src, item, t, d). new_events: per user, a list of
 -- {timestamp, batch position, item, t}; stored_before: batch position → stored_predecessors. New events of
@@ -146,15 +136,6 @@ local function check_timestamps(events, ts_of)
   end
 end
 
--- Stores one event unless its id (eid, '' for none) is already stored for the user; true if stored. The
--- member is 16 hex digits of the sequence number, then the payload.
-local function store_event(history, seen, event_ids, eid, now, seq, ts_arg, item, payload)
-  if eid ~= '' and redis.call('ZADD', event_ids, 'NX', now, eid) == 0 then return false end
-  redis.call('ZADD', history, ts_arg, string.format('%016x', seq) .. payload)
-  redis.call('SADD', seen, item)
-  return true
-end
-
 -- Retention: a touched user's history is capped; with ttl_ms > 0 their keys expire ttl_ms after their last
 -- stored event; the event ids live at most the dedup window, and no longer than the history they dedup.
 local function retain(touched, with_ids, key_of, cap, ttl_ms, window)
@@ -169,4 +150,44 @@ local function retain(touched, with_ids, key_of, cap, ttl_ms, window)
     end
     if with_ids[j] then redis.call('PEXPIRE', event_ids, ids_ttl_ms) end
   end
+end
+
+-- The per-user part of an append, shared by append.lua and append_users.lua. Prunes each user's event ids
+-- past the dedup window, then stores every event whose id ('' for none) is new for its user: arg(i, slot)
+-- reads event i's ARGV slot, and slots names the script's user, event_id, timestamp, item and payload
+-- slots. A history member is 16 hex digits of a
+-- number from the counter seq_key, then the payload. Applies retention at the end. For each stored event,
+-- on_stored(item, t) is called with t its timestamp capped at now + 1 h (the aggregates are about now: a
+-- skewed clock must not outweigh every real event). Returns accepted, duplicates and new_events (per
+-- user, {timestamp, batch position, item, t}: covisit_pairs' input).
+local function store_events(n, users, arg, slots, user_keys, seq_key, now, cap, ttl_ms, window, on_stored)
+  for j = 1, users do
+    local _, _, event_ids = user_keys(j)
+    redis.call('ZREMRANGEBYSCORE', event_ids, '-inf', '(' .. (now - window))
+  end
+  local seq = redis.call('INCRBY', seq_key, n) - n
+  local accepted, dups, touched, with_ids, new_events = 0, 0, {}, {}, {}
+  for i = 1, n do
+    local j, eid = tonumber(arg(i, slots.user)), arg(i, slots.event_id)
+    local ts_arg, item = arg(i, slots.timestamp), arg(i, slots.item)
+    local history, seen, event_ids = user_keys(j)
+    if eid ~= '' then with_ids[j] = true end
+    if eid == '' or redis.call('ZADD', event_ids, 'NX', now, eid) == 1 then
+      accepted, seq, touched[j] = accepted + 1, seq + 1, true
+      redis.call('ZADD', history, ts_arg, string.format('%016x', seq) .. arg(i, slots.payload))
+      redis.call('SADD', seen, item)
+      local t = math.min(tonumber(ts_arg), now + 3600)
+      local list = new_events[j]
+      if not list then
+        list = {}
+        new_events[j] = list
+      end
+      list[#list + 1] = {tonumber(ts_arg), i, item, t}
+      on_stored(item, t)
+    else
+      dups = dups + 1
+    end
+  end
+  retain(touched, with_ids, user_keys, cap, ttl_ms, window)
+  return accepted, dups, new_events
 end
