@@ -185,16 +185,12 @@ class RedisConnection:
             for i in which:
                 script, keys, args = calls[i]
                 pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            nodes = []
-            if wait:
-                if isinstance(self._client, RedisCluster):
-                    names = {self._client.get_node_from_key(calls[i][1][0]).name: i for i in which}
-                    nodes = [self._client.get_node_from_key(calls[i][1][0]) for i in names.values()]
-                    for node in nodes:
-                        pipe.execute_command("WAIT", wait, wait_ms, target_nodes=node)
-                else:
-                    nodes = [None]
-                    pipe.execute_command("WAIT", wait, wait_ms)
+            if wait and isinstance(self._client, RedisCluster):
+                written = (self._client.get_node_from_key(calls[i][1][0]) for i in which)
+                for node in {node.name: node for node in written}.values():
+                    pipe.execute_command("WAIT", wait, wait_ms, target_nodes=node)
+            elif wait:
+                pipe.execute_command("WAIT", wait, wait_ms)
             replies = await pipe.execute(raise_on_error=False)
         acknowledged = replies[len(which) :]
         for count in acknowledged:

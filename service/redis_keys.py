@@ -60,6 +60,8 @@ class KeyLayout:
         if "{" in prefix or "}" in prefix:
             raise ValueError("the key prefix must not contain { or } (hash tags)")
         self.prefix, self.cluster = prefix, cluster
+        if cluster:
+            _slot_tags()  # ~0.1 s of CPU, here at start-up rather than in the first append's event loop turn
 
     def user(self, kind: str, user_id: str) -> str:
         """One of a user's keys (``KeyKind.HISTORY``, ``SEEN``, ``EVENT_IDS``)."""
