@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from loadtests.report import write_tables
 from models.redis_process import RedisClusterProcess, RedisProcess
 from service.redis_conn import RedisConnection
 from service.schemas.events import ContextEvent
@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         RedisClusterProcess(Path(tmp) / "cluster").running() as cluster,
     ):
         rows = asyncio.run(_measure(single.url, cluster.url, args.seconds))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    table = markdown(rows)
-    (args.out / "report.md").write_text(table)
-    print(table)
+    write_tables(args.out, rows, markdown(rows))
     return 0
 
 

@@ -12,7 +12,6 @@ written to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -27,7 +26,7 @@ from pathlib import Path
 import httpx
 
 from loadtests.common import log
-from loadtests.report import default_out_dir, machine_info, parse_metrics, utc_stamp
+from loadtests.report import default_out_dir, machine_info, parse_metrics, utc_stamp, write_tables
 from loadtests.server import REPO, SpawnedServer, Variant, free_port
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
@@ -250,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "summary": summary(steps, routes, args.p99_ms),
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "report.md").write_text(text)
-    print(text)
+    write_tables(out, report, markdown(report))
     return 0
 
 

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import sys
 import tempfile
 from pathlib import Path
 
 import redis
 
+from loadtests.report import write_tables
 from models.data import default_data_dir, load_dataset
 from models.redis_process import RedisProcess
 from service.bulk import bulk_store
@@ -74,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {r['config']} | {r['events']:,} | {r['bytes'] / 2**20:.1f} MiB | {r['bytes_per_event']} |"
         for r in rows
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "report.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_tables(args.out, rows, "\n".join(lines) + "\n")
     return 0
 
 

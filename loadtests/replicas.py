@@ -12,7 +12,6 @@ their ratio; ``report.json`` and ``report.md`` are written to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -26,7 +25,7 @@ from pathlib import Path
 
 from loadtests.common import log
 from loadtests.floor import BODIES, degraded_total, run_wrk, wrk_script
-from loadtests.report import default_out_dir, machine_info, utc_stamp
+from loadtests.report import default_out_dir, machine_info, utc_stamp, write_tables
 from loadtests.server import SpawnedServer, Variant, free_port
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
@@ -172,10 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": steps,
         "best": {setup: best(steps, setup, args.p99_ms) for setup in ("one", "two")},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = markdown(report)
-    (out / "report.md").write_text(text)
-    print(text)
+    write_tables(out, report, markdown(report))
     return 0
 
 

@@ -436,6 +436,15 @@ def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     return out_dir
 
 
+def write_tables(out_dir: Path, report: Any, markdown: str) -> None:
+    """``report.json`` and ``report.md`` (``markdown``) into ``out_dir``, made if missing; the Markdown
+    printed too. For the tools that report one table rather than ``write_report``'s sweep."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=_json_default) + "\n")
+    (out_dir / "report.md").write_text(markdown)
+    print(markdown)
+
+
 def _json_default(value: Any) -> Any:
     if isinstance(value, np.generic):
         return value.item()
