@@ -85,10 +85,14 @@ def wrk_script(bodies: list[bytes], path: str) -> str:
     )
 
 
+def metrics_text(url: str) -> str:
+    """The service's ``/metrics`` page."""
+    return httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
+
+
 def metric_total(url: str, metric: str) -> float:
     """Every sample of ``metric`` (all labels) summed, from the service's ``/metrics``."""
-    text = httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
-    return sum(v for (name, _), v in parse_metrics(text).items() if name == metric)
+    return sum(v for (name, _), v in parse_metrics(metrics_text(url)).items() if name == metric)
 
 
 def degraded_total(url: str) -> float:

@@ -177,6 +177,32 @@ def server_delta(before_text: str, after_text: str) -> dict[str, Any]:
     }
 
 
+def admission_delta(before_text: str, after_text: str, route: str) -> dict[str, Any]:
+    """One route's requests split by the admission control, from two ``/metrics`` scrapes: how many were
+    shed and how fast the server answered them, and the admitted requests' latency (``request_seconds``
+    minus ``shed_seconds``, bucket by bucket; quantiles are the bounds of their buckets)."""
+    before, after = parse_metrics(before_text), parse_metrics(after_text)
+    every, n_every, _ = _histogram(before, after, "clickrank_request_seconds", route=route)
+    shed, n_shed, _ = _histogram(before, after, "clickrank_shed_seconds", route=route)
+    shed_by_bound = dict(shed)
+    admitted = [(bound, n - shed_by_bound.get(bound, 0.0)) for bound, n in every]
+    n_admitted = n_every - n_shed
+
+    def ms(seconds: float | None) -> float | None:
+        return None if seconds is None else round(seconds * 1000.0, 3)
+
+    return {
+        "shed": round(n_shed),
+        "shed_within_5ms": (
+            round(sum(n for bound, n in shed if bound <= 0.005) / n_shed, 4) if n_shed else None
+        ),
+        "shed_p99_le_ms": ms(_bucket_quantile(shed, n_shed, 0.99)),
+        "admitted": round(n_admitted),
+        "admitted_p50_le_ms": ms(_bucket_quantile(admitted, n_admitted, 0.50)),
+        "admitted_p99_le_ms": ms(_bucket_quantile(admitted, n_admitted, 0.99)),
+    }
+
+
 # ------------------------------------------------------------------------------------------- outputs
 
 

@@ -4,8 +4,9 @@ What a change did to the served path, measured in one run on one machine: both t
 serve`` (``loadtests.server.SpawnedServer``, each importing its own tree's code) share one
 private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
 drives ``POST /v1/predict`` at each connection count, the trees alternating at every step. Per step:
-rate, p50/p99, non-2xx answers, degraded answers and shed requests (from each server's ``/metrics``).
-Writes ``report.json`` into ``--out``.
+rate, p50/p99, non-2xx answers, degraded answers and shed requests (from each server's ``/metrics``), and
+where a tree times its refusals (``clickrank_shed_seconds``): the share of them answered within 5 ms in
+the server and the admitted requests' p99. Writes ``report.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.common import log
-from loadtests.floor import BODIES, degraded_total, metric_total, run_wrk, wrk_script
-from loadtests.report import machine_info, utc_stamp
+from loadtests.floor import BODIES, degraded_total, metric_total, metrics_text, run_wrk, wrk_script
+from loadtests.report import admission_delta, machine_info, utc_stamp
 from loadtests.server import SpawnedServer, Variant
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
@@ -39,8 +40,9 @@ def measure(
         run_wrk(wrk, url, script, 2, 2)
     for c in connections:
         for tree, url in urls.items():
-            degraded, shed = degraded_total(url), metric_total(url, SHED)
+            degraded, shed, before = degraded_total(url), metric_total(url, SHED), metrics_text(url)
             result = run_wrk(wrk, url, script, c, duration_s)
+            admission = admission_delta(before, metrics_text(url), ROUTES["predict"])
             step = {
                 "tree": tree,
                 "connections": c,
@@ -52,10 +54,13 @@ def measure(
                 "socket_errors": result.socket_errors,
                 "degraded": int(degraded_total(url) - degraded),
                 "shed": int(metric_total(url, SHED) - shed),
+                "shed_within_5ms": admission["shed_within_5ms"],
+                "admitted_p99_le_ms": admission["admitted_p99_le_ms"],
             }
             steps.append(step)
             log(f"trees {tree} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms, "
-                f"{step['degraded']} degraded, {step['shed']} shed")  # fmt: skip
+                f"{step['degraded']} degraded, {step['shed']} shed ({step['shed_within_5ms']} within 5 ms), "
+                f"admitted p99 ≤ {step['admitted_p99_le_ms']} ms")  # fmt: skip
     return steps
 
 

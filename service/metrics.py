@@ -37,6 +37,13 @@ REQUESTS = Counter("clickrank_requests_total", "HTTP requests", ["route", "metho
 REQUEST_LATENCY = Histogram(
     "clickrank_request_seconds", "HTTP request latency", ["route"], buckets=_LATENCY_BUCKETS
 )
+SHED_LATENCY = Histogram(
+    "clickrank_shed_seconds",
+    "latency of the model requests shed at admission (also in clickrank_request_seconds: the difference is "
+    "the admitted requests' latency)",
+    ["route"],
+    buckets=_LATENCY_BUCKETS,
+)
 MODEL_RELOADS = Counter(
     "clickrank_model_reloads_total", "new model versions swapped in or refused", ["outcome"]
 )

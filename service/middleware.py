@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import RETRY_AFTER_S, error_response, fault_log
 from service.logs import REQUEST_ID
 from service.loop_lag import LoopLagMonitor
-from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED
+from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED, SHED_LATENCY
 from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
@@ -24,6 +24,11 @@ _REQUEST_ID = re.compile(ID_PATTERN)
 
 _QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 """Probed every few seconds: their access lines are DEBUG unless they fail."""
+
+
+SHED_STATE = "shed"
+"""Scope-state key that ``AdmissionControl`` sets on a request it sheds, so the outer middleware times it in
+``clickrank_shed_seconds`` too."""
 
 
 class RequestContextMiddleware:
@@ -87,6 +92,8 @@ class RequestContextMiddleware:
             template = getattr(scope.get("route"), "path", "unmatched")
             REQUESTS.labels(route=template, method=scope["method"], status=str(status)).inc()
             REQUEST_LATENCY.labels(route=template).observe(elapsed)
+            if scope["state"].get(SHED_STATE):
+                SHED_LATENCY.labels(route=template).observe(elapsed)
             _log_access(scope["method"], template, status, elapsed)
             REQUEST_ID.reset(context_token)
 
@@ -155,6 +162,7 @@ class AdmissionControl:
                 self.in_flight,
             )  # fmt: skip
             scope["route"] = _RouteTemplate(path)  # the access line and the metrics name the route
+            scope.setdefault("state", {})[SHED_STATE] = reason
             request_id = scope.get("state", {}).get("request_id")
             headers = {"Retry-After": str(RETRY_AFTER_S)}
             await error_response(503, "overloaded", f"{message}; retry later", request_id, headers=headers)(

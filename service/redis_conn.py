@@ -41,6 +41,10 @@ T = TypeVar("T")
 LATE_LOOP_EXTENSIONS = 3
 """Fresh deadlines a call gets when the loop itself woke it late (``RedisConnection._within_deadline``)."""
 
+OVERTAKEN_LIMIT_FACTOR = 20
+"""A call that Redis has overtaken (answered a call issued after it) waits up to this many deadlines in all
+(``RedisConnection._within_deadline``; the request's own timeout cuts it shorter)."""
+
 
 SPARE_CONNECTIONS = 32
 """Pooled Redis connections beyond one per admitted model request: ingestion, items, probes, the sync."""
@@ -69,6 +73,8 @@ class RedisConnection:
         self.wait_replicas = wait_replicas
         self.cluster = isinstance(client, RedisCluster)
         self._failures = ThrottledLog(log)
+        self._newest_answered = 0.0
+        """When the newest call that Redis has answered was issued (``time.perf_counter``)."""
 
     @classmethod
     def connect(
@@ -249,21 +255,34 @@ class RedisConnection:
     async def _within_deadline(self, awaitable: Awaitable[T]) -> T:
         """``awaitable``'s result, or TimeoutError once Redis has had ``timeout_s`` to answer and did not.
 
-        A process saturated by its own requests runs every step of every task late: the command may not
-        even have been sent when its deadline passes, and Redis is not slow for it. So when the deadline's
-        wake-up itself comes late (by more than a quarter of ``timeout_s``: the loop was busy), the call
-        gets a fresh ``timeout_s``, up to ``LATE_LOOP_EXTENSIONS`` times; an idle loop wakes on time and a
-        slow Redis fails at its deadline as before (``service.loop_lag`` and the admission control shed
-        such load)."""
+        A process saturated by its own requests runs every step of every task late: the command may wait
+        for the loop to send it, or its reply for the loop to read it, while Redis answers on time. Redis
+        is not slow for such a call, so at its deadline the call gets a fresh ``timeout_s`` when either
+        - Redis has answered a call issued *after* this one (the wait is in this process, not in Redis),
+          up to ``OVERTAKEN_LIMIT_FACTOR`` deadlines in all; or
+        - the deadline's wake-up itself came late (by more than a quarter of ``timeout_s``: the loop was
+          busy), up to ``LATE_LOOP_EXTENSIONS`` times.
+        A slow or stalled Redis answers nothing newer, wakes nobody late, and fails at its deadline
+        (``service.loop_lag`` and the admission control shed the process's own overload instead)."""
+        issued = time.perf_counter()
         task = asyncio.ensure_future(awaitable)
-        deadline = time.perf_counter() + self.timeout_s
+        task.add_done_callback(lambda done: self._answered(done, issued))
+        deadline = issued + self.timeout_s
+        late_wakes = 0
         try:
-            for _ in range(LATE_LOOP_EXTENSIONS + 1):
+            while True:
                 done, _ = await asyncio.wait({task}, timeout=max(deadline - time.perf_counter(), 0.0))
                 now = time.perf_counter()
-                if done or now - deadline < self.timeout_s / 4:
+                if done:
                     break
-                deadline = now + self.timeout_s
+                overtaken = self._newest_answered > issued
+                if overtaken and now - issued < self.timeout_s * OVERTAKEN_LIMIT_FACTOR:
+                    deadline = now + self.timeout_s
+                elif now - deadline > self.timeout_s / 4 and late_wakes < LATE_LOOP_EXTENSIONS:
+                    late_wakes += 1
+                    deadline = now + self.timeout_s
+                else:
+                    break
         except asyncio.CancelledError:  # the caller gave up (request deadline, shutdown): so does the call
             task.cancel()
             raise
@@ -273,3 +292,7 @@ class RedisConnection:
                 await task
             raise TimeoutError
         return task.result()
+
+    def _answered(self, task: asyncio.Future, issued: float) -> None:
+        if not task.cancelled() and task.exception() is None:
+            self._newest_answered = max(self._newest_answered, issued)

@@ -303,6 +303,8 @@ async def test_model_requests_past_max_in_flight_are_shed_at_once(
         pool = app.state.services.redis._client.connection_pool
         assert pool.max_connections == 3 + SPARE_CONNECTIONS
         shed_before = await scraped_metric(client, "clickrank_shed_total", reason="in_flight")
+        timed_before = await scraped_metric(client, "clickrank_shed_seconds_count", route="/v1/predict")
+        all_before = await scraped_metric(client, "clickrank_request_seconds_count", route="/v1/predict")
         body = {"user_id": "burst", "candidates": catalog[:5]}
         responses = await asyncio.gather(*(client.post("/v1/predict", json=body) for _ in range(8)))
         statuses = sorted(r.status_code for r in responses)
@@ -313,3 +315,8 @@ async def test_model_requests_past_max_in_flight_are_shed_at_once(
             else:
                 assert r.json()["degraded"] is False
         assert await scraped_metric(client, "clickrank_shed_total", reason="in_flight") == shed_before + 5
+        # the 5 refusals are timed apart from the 3 answers (admitted = request_seconds - shed_seconds)
+        timed = await scraped_metric(client, "clickrank_shed_seconds_count", route="/v1/predict")
+        assert timed == timed_before + 5
+        timed_all = await scraped_metric(client, "clickrank_request_seconds_count", route="/v1/predict")
+        assert timed_all == all_before + 8

@@ -11,6 +11,7 @@ from importlib.resources import files
 
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from models.redis_process import free_port
 from service.catalog_sync import PUBLISH
@@ -54,6 +55,58 @@ async def test_a_loop_busy_past_the_deadline_is_not_a_slow_redis(redis_url: str)
         await call
     assert errors("ping") == before
     await fast.close()
+
+
+async def _held_in_process(client: Redis, hold_s: float) -> bool:
+    """A PING that waits ``hold_s`` in this process before it is sent (as for a busy loop's queue)."""
+    await asyncio.sleep(hold_s)
+    return await client.ping()
+
+
+async def test_a_call_that_redis_overtook_waits_past_its_deadline(redis_url: str) -> None:
+    """A call held in the process past its deadline is not failed when Redis answers a call issued after
+    it: the wait is the process's own, Redis is healthy. Alone, the same held call fails at its deadline."""
+    conn = RedisConnection.connect(redis_url, timeout_s=0.05)
+    await conn.ping()
+    before = errors("held")
+    held = asyncio.ensure_future(conn.call("held", lambda r: _held_in_process(r, 0.12)))
+    await asyncio.sleep(0.01)
+    await conn.ping()  # issued after the held call, answered at once
+    assert await held is True
+    assert errors("held") == before
+    with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+        await conn.call("held", lambda r: _held_in_process(r, 0.12))
+    assert errors("held") == before + 1
+    await conn.close()
+
+
+BUSY_SCRIPT = """
+local function now_ms() local t = redis.call('TIME'); return t[1] * 1000 + t[2] / 1000 end
+local stop = now_ms() + tonumber(ARGV[1])
+while now_ms() < stop do end
+return 1
+"""
+"""Keeps Redis busy for ARGV[1] ms (a script blocks the server)."""
+
+
+async def test_a_stalled_redis_fails_its_calls_at_the_deadline(redis_url: str) -> None:
+    """Redis itself busy (a 0.4 s script on another connection): every call, those issued later included,
+    fails at its deadline; none is extended."""
+    conn = RedisConnection.connect(redis_url, timeout_s=0.05)
+    await conn.ping()
+    blocker = Redis.from_url(redis_url)
+    stall = asyncio.ensure_future(blocker.eval(BUSY_SCRIPT, 0, 400))
+    await asyncio.sleep(0.02)
+    start = time.perf_counter()
+    calls = [asyncio.ensure_future(conn.ping()) for _ in range(5)]
+    for call in calls:
+        with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+            await call
+        await asyncio.sleep(0.005)
+    assert time.perf_counter() - start < 0.2  # at the deadline, not when Redis woke (0.4 s)
+    await stall
+    await blocker.aclose()
+    await conn.close()
 
 
 LAYOUT_KEYS = Layout(head=("one", "two"), group_name="pair", group=("left", "right"))
