@@ -177,11 +177,23 @@ def server_delta(before_text: str, after_text: str) -> dict[str, Any]:
     }
 
 
+ADMISSION_KEYS = (
+    "shed",
+    "shed_within_5ms",
+    "shed_p99_le_ms",
+    "admitted",
+    "admitted_p50_le_ms",
+    "admitted_p99_le_ms",
+)
+
+
 def admission_delta(before_text: str, after_text: str, route: str) -> dict[str, Any]:
     """One route's requests split by the admission control, from two ``/metrics`` scrapes: how many were
     shed and how fast the server answered them, and the admitted requests' latency (``request_seconds``
     minus ``shed_seconds``, bucket by bucket; quantiles are the bounds of their buckets)."""
     before, after = parse_metrics(before_text), parse_metrics(after_text)
+    if not any(name == "clickrank_shed_seconds_count" for name, _ in after):
+        return dict.fromkeys(ADMISSION_KEYS)  # a tree from before this histogram: refusals not timed apart
     every, n_every, _ = _histogram(before, after, "clickrank_request_seconds", route=route)
     shed, n_shed, _ = _histogram(before, after, "clickrank_shed_seconds", route=route)
     shed_by_bound = dict(shed)

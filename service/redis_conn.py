@@ -38,12 +38,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-LATE_LOOP_EXTENSIONS = 3
-"""Fresh deadlines a call gets when the loop itself woke it late (``RedisConnection._within_deadline``)."""
-
-OVERTAKEN_LIMIT_FACTOR = 20
-"""A call that Redis has overtaken (answered a call issued after it) waits up to this many deadlines in all
-(``RedisConnection._within_deadline``; the request's own timeout cuts it shorter)."""
+OWN_WAIT_LIMIT_FACTOR = 20
+"""A call whose wait is this process's own (Redis has answered a call issued after it) waits up to this many
+deadlines in all (``RedisConnection._within_deadline``; the request's own timeout cuts it shorter)."""
 
 
 SPARE_CONNECTIONS = 32
@@ -75,6 +72,7 @@ class RedisConnection:
         self._failures = ThrottledLog(log)
         self._newest_answered = 0.0
         """When the newest call that Redis has answered was issued (``time.perf_counter``)."""
+        self._probe: asyncio.Future[None] | None = None
 
     @classmethod
     def connect(
@@ -256,33 +254,28 @@ class RedisConnection:
         """``awaitable``'s result, or TimeoutError once Redis has had ``timeout_s`` to answer and did not.
 
         A process saturated by its own requests runs every step of every task late: the command may wait
-        for the loop to send it, or its reply for the loop to read it, while Redis answers on time. Redis
-        is not slow for such a call, so at its deadline the call gets a fresh ``timeout_s`` when either
-        - Redis has answered a call issued *after* this one (the wait is in this process, not in Redis),
-          up to ``OVERTAKEN_LIMIT_FACTOR`` deadlines in all; or
-        - the deadline's wake-up itself came late (by more than a quarter of ``timeout_s``: the loop was
-          busy), up to ``LATE_LOOP_EXTENSIONS`` times.
-        A slow or stalled Redis answers nothing newer, wakes nobody late, and fails at its deadline
-        (``service.loop_lag`` and the admission control shed the process's own overload instead)."""
+        for the loop to send it, or its reply for the loop to read it, while Redis answers on time. So at
+        its deadline a call asks whether Redis has answered any call issued *after* it; if none has, one
+        PING (shared by every call reaching its deadline meanwhile) asks Redis, under a fresh deadline.
+        Redis runs commands one at a time, so an answer proves it is serving and the call's wait is this
+        process's: the call gets a fresh ``timeout_s``, up to ``OWN_WAIT_LIMIT_FACTOR`` deadlines in all. A
+        stalled, slow or unreachable Redis leaves the PING unanswered too, and the call fails about one
+        deadline later (``service.loop_lag`` and the admission control shed the process's own overload)."""
         issued = time.perf_counter()
         task = asyncio.ensure_future(awaitable)
         task.add_done_callback(lambda done: self._answered(done, issued))
         deadline = issued + self.timeout_s
-        late_wakes = 0
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=max(deadline - time.perf_counter(), 0.0))
-                now = time.perf_counter()
                 if done:
                     break
-                overtaken = self._newest_answered > issued
-                if overtaken and now - issued < self.timeout_s * OVERTAKEN_LIMIT_FACTOR:
-                    deadline = now + self.timeout_s
-                elif now - deadline > self.timeout_s / 4 and late_wakes < LATE_LOOP_EXTENSIONS:
-                    late_wakes += 1
-                    deadline = now + self.timeout_s
-                else:
+                if self._newest_answered <= issued:
+                    await asyncio.shield(self._probe_redis())
+                now = time.perf_counter()
+                if self._newest_answered <= issued or now - issued >= self.timeout_s * OWN_WAIT_LIMIT_FACTOR:
                     break
+                deadline = now + self.timeout_s
         except asyncio.CancelledError:  # the caller gave up (request deadline, shutdown): so does the call
             task.cancel()
             raise
@@ -292,6 +285,19 @@ class RedisConnection:
                 await task
             raise TimeoutError
         return task.result()
+
+    def _probe_redis(self) -> asyncio.Future[None]:
+        """The PING in flight, or a new one: it never raises; an answer within ``timeout_s`` moves
+        ``_newest_answered`` to when it was issued."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._ping_once())
+        return self._probe
+
+    async def _ping_once(self) -> None:
+        issued = time.perf_counter()
+        with suppress(RedisError, OSError):  # OSError covers TimeoutError
+            await asyncio.wait_for(self._client.ping(), self.timeout_s)
+            self._newest_answered = max(self._newest_answered, issued)
 
     def _answered(self, task: asyncio.Future, issued: float) -> None:
         if not task.cancelled() and task.exception() is None:

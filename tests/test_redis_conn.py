@@ -63,9 +63,10 @@ async def _held_in_process(client: Redis, hold_s: float) -> bool:
     return await client.ping()
 
 
-async def test_a_call_that_redis_overtook_waits_past_its_deadline(redis_url: str) -> None:
-    """A call held in the process past its deadline is not failed when Redis answers a call issued after
-    it: the wait is the process's own, Redis is healthy. Alone, the same held call fails at its deadline."""
+async def test_a_call_held_in_the_process_past_its_deadline_is_not_a_slow_redis(redis_url: str) -> None:
+    """A call held in this process past its deadline (not yet sent, as behind a busy loop's queue) is not
+    failed: Redis answers a call issued after it (another request's, or the deadline's PING), so the wait
+    is the process's own."""
     conn = RedisConnection.connect(redis_url, timeout_s=0.05)
     await conn.ping()
     before = errors("held")
@@ -73,10 +74,10 @@ async def test_a_call_that_redis_overtook_waits_past_its_deadline(redis_url: str
     await asyncio.sleep(0.01)
     await conn.ping()  # issued after the held call, answered at once
     assert await held is True
+    start = time.perf_counter()
+    assert await conn.call("held", lambda r: _held_in_process(r, 0.12)) is True  # alone: the PING answers
+    assert time.perf_counter() - start >= 0.12
     assert errors("held") == before
-    with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
-        await conn.call("held", lambda r: _held_in_process(r, 0.12))
-    assert errors("held") == before + 1
     await conn.close()
 
 
@@ -91,7 +92,7 @@ return 1
 
 async def test_a_stalled_redis_fails_its_calls_at_the_deadline(redis_url: str) -> None:
     """Redis itself busy (a 0.4 s script on another connection): every call, those issued later included,
-    fails at its deadline; none is extended."""
+    fails after its deadline and the deadline's PING (about two deadlines), long before Redis wakes."""
     conn = RedisConnection.connect(redis_url, timeout_s=0.05)
     await conn.ping()
     blocker = Redis.from_url(redis_url)
@@ -103,7 +104,7 @@ async def test_a_stalled_redis_fails_its_calls_at_the_deadline(redis_url: str) -
         with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
             await call
         await asyncio.sleep(0.005)
-    assert time.perf_counter() - start < 0.2  # at the deadline, not when Redis woke (0.4 s)
+    assert time.perf_counter() - start < 0.3  # not when Redis woke (0.4 s)
     await stall
     await blocker.aclose()
     await conn.close()
