@@ -191,9 +191,9 @@ def admission_delta(before_text: str, after_text: str, route: str) -> dict[str, 
     """One route's requests split by the admission control, from two ``/metrics`` scrapes: how many were
     shed and how fast the server answered them, and the admitted requests' latency (``request_seconds``
     minus ``shed_seconds``, bucket by bucket; quantiles are the bounds of their buckets)."""
-    before, after = parse_metrics(before_text), parse_metrics(after_text)
-    if not any(name == "clickrank_shed_seconds_count" for name, _ in after):
+    if "# TYPE clickrank_shed_seconds histogram" not in after_text:
         return dict.fromkeys(ADMISSION_KEYS)  # a tree from before this histogram: refusals not timed apart
+    before, after = parse_metrics(before_text), parse_metrics(after_text)
     every, n_every, _ = _histogram(before, after, "clickrank_request_seconds", route=route)
     shed, n_shed, _ = _histogram(before, after, "clickrank_shed_seconds", route=route)
     shed_by_bound = dict(shed)

@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, TypeVar
 
+import redis
+import redis.cluster
 from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
@@ -58,11 +60,21 @@ class NotReplicated(RedisError):
 ScriptCall = tuple[LuaScript, Sequence[ScriptArg], Sequence[ScriptArg]]
 """A script and its KEYS and ARGV."""
 
+ProbeClient = redis.Redis | redis.cluster.RedisCluster
+"""A blocking client for the deadline's PING (``RedisConnection._ping_off_loop``)."""
+
 
 class RedisConnection:
     """A pooled client plus the per-call deadline ``timeout_s``; see the module docstring."""
 
-    def __init__(self, client: Redis | RedisCluster, *, timeout_s: float, wait_replicas: int = 0) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        timeout_s: float,
+        probe: Callable[[], ProbeClient],
+        wait_replicas: int = 0,
+    ) -> None:
         if timeout_s <= 0 or wait_replicas < 0:
             raise ValueError("timeout_s must be positive and wait_replicas >= 0")
         self._client = client
@@ -72,7 +84,9 @@ class RedisConnection:
         self._failures = ThrottledLog(log)
         self._newest_answered = 0.0
         """When the newest call that Redis has answered was issued (``time.perf_counter``)."""
-        self._probe: asyncio.Future[None] | None = None
+        self._probe: asyncio.Future[bool] | None = None
+        self._make_probe_client = probe
+        self._probe_client: ProbeClient | None = None
 
     @classmethod
     def connect(
@@ -90,6 +104,12 @@ class RedisConnection:
         after a failover."""
         socket_timeout = max(timeout_s, 1.0)
         retry = Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2)
+        blocking = redis.cluster.RedisCluster if cluster else redis.Redis
+        probe_options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
+
+        def probe() -> ProbeClient:
+            return blocking.from_url(url, **probe_options)
+
         if cluster:
             client = RedisCluster.from_url(
                 url,
@@ -99,7 +119,7 @@ class RedisConnection:
                 socket_keepalive=True,
                 retry=retry,
             )
-            return cls(client, timeout_s=timeout_s, wait_replicas=wait_replicas)
+            return cls(client, timeout_s=timeout_s, probe=probe, wait_replicas=wait_replicas)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -110,7 +130,7 @@ class RedisConnection:
             health_check_interval=30,
             retry=retry,
         )
-        return cls(Redis.from_pool(pool), timeout_s=timeout_s, wait_replicas=wait_replicas)
+        return cls(Redis.from_pool(pool), timeout_s=timeout_s, probe=probe, wait_replicas=wait_replicas)
 
     @classmethod
     def from_settings(
@@ -232,6 +252,8 @@ class RedisConnection:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._probe_client is not None:
+            self._probe_client.close()
 
     async def _timed(self, op: str, awaitable: Awaitable[T]) -> T:
         start = time.perf_counter()
@@ -255,12 +277,14 @@ class RedisConnection:
 
         A process saturated by its own requests runs every step of every task late: the command may wait
         for the loop to send it, or its reply for the loop to read it, while Redis answers on time. So at
-        its deadline a call asks whether Redis has answered any call issued *after* it; if none has, one
-        PING (shared by every call reaching its deadline meanwhile) asks Redis, under a fresh deadline.
-        Redis runs commands one at a time, so an answer proves it is serving and the call's wait is this
-        process's: the call gets a fresh ``timeout_s``, up to ``OWN_WAIT_LIMIT_FACTOR`` deadlines in all. A
-        stalled, slow or unreachable Redis leaves the PING unanswered too, and the call fails about one
-        deadline later (``service.loop_lag`` and the admission control shed the process's own overload)."""
+        its deadline a call asks whether Redis has answered any call issued *after* it, and if none has,
+        PINGs Redis from a worker thread with a blocking client whose socket timeout is ``timeout_s``
+        (one PING shared by every call reaching its deadline meanwhile): off the event loop, the PING's
+        time is Redis's, not the loop's. Redis runs commands one at a time, so an answer proves that it is
+        serving and that the call's wait is this process's: the call gets a fresh ``timeout_s``, up to
+        ``OWN_WAIT_LIMIT_FACTOR`` deadlines in all. A stalled, slow or unreachable Redis leaves the PING
+        unanswered too, and the call fails about one deadline later (``service.loop_lag`` and the admission
+        control shed the process's own overload)."""
         issued = time.perf_counter()
         task = asyncio.ensure_future(awaitable)
         task.add_done_callback(lambda done: self._answered(done, issued))
@@ -268,12 +292,10 @@ class RedisConnection:
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=max(deadline - time.perf_counter(), 0.0))
-                if done:
+                if done or not await self._redis_answered_after(issued):
                     break
-                if self._newest_answered <= issued:
-                    await asyncio.shield(self._probe_redis())
                 now = time.perf_counter()
-                if self._newest_answered <= issued or now - issued >= self.timeout_s * OWN_WAIT_LIMIT_FACTOR:
+                if now - issued >= self.timeout_s * OWN_WAIT_LIMIT_FACTOR:
                     break
                 deadline = now + self.timeout_s
         except asyncio.CancelledError:  # the caller gave up (request deadline, shutdown): so does the call
@@ -286,18 +308,31 @@ class RedisConnection:
             raise TimeoutError
         return task.result()
 
-    def _probe_redis(self) -> asyncio.Future[None]:
-        """The PING in flight, or a new one: it never raises; an answer within ``timeout_s`` moves
-        ``_newest_answered`` to when it was issued."""
-        if self._probe is None or self._probe.done():
-            self._probe = asyncio.ensure_future(self._ping_once())
-        return self._probe
+    async def _redis_answered_after(self, issued: float) -> bool:
+        """Whether Redis has answered a call issued after ``issued``; while none has, it PINGs (the probe in
+        flight if there is one), until a PING issued after ``issued`` is answered or one goes unanswered."""
+        while self._newest_answered <= issued:
+            if self._probe is None or self._probe.done():
+                self._probe = asyncio.ensure_future(self._ping_once())
+            if not await asyncio.shield(self._probe):
+                return False
+        return True
 
-    async def _ping_once(self) -> None:
+    async def _ping_once(self) -> bool:
         issued = time.perf_counter()
-        with suppress(RedisError, OSError):  # OSError covers TimeoutError
-            await asyncio.wait_for(self._client.ping(), self.timeout_s)
+        answered = await asyncio.to_thread(self._ping_off_loop)
+        if answered:
             self._newest_answered = max(self._newest_answered, issued)
+        return answered
+
+    def _ping_off_loop(self) -> bool:
+        """In a worker thread: PING with the blocking probe client (made on first use)."""
+        try:
+            if self._probe_client is None:
+                self._probe_client = self._make_probe_client()
+            return bool(self._probe_client.ping())
+        except (RedisError, OSError):  # OSError covers socket timeouts
+            return False
 
     def _answered(self, task: asyncio.Future, issued: float) -> None:
         if not task.cancelled() and task.exception() is None:
