@@ -386,3 +386,32 @@ async def test_forget_leaves_the_anonymous_aggregates(store: HistoryStore, redis
     assert (await store.candidate_lists([], trending=5)).fresh == ["b", "a"]
     with redis.Redis.from_url(redis_url) as client:
         assert not [k for k in client.keys("*") if b"u" in k.split(b":")[-1:]]  # no key names the user
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_every_read_is_the_same_over_resp2_and_resp3(redis_url: str, protocol: int) -> None:
+    """The scored reads (history, trending, fresh, co-visitation) parse the raw WITHSCORES reply of either
+    protocol: RESP2 alternates members and score strings, RESP3 nests pairs with float scores."""
+    writer = RedisConnection.connect(redis_url, timeout_s=1.0)
+    reader = RedisConnection.connect(f"{redis_url}?protocol={protocol}", timeout_s=1.0)
+    written = HistoryStore(writer, history_cap=5, trending_half_life_s=DAY)
+    read = HistoryStore(reader, history_cap=5, trending_half_life_s=DAY)
+    await written.append(
+        [("u1", ev("a", T0, "rate", 4.0, "e1")), ("u1", ev("b", T0 + 1)), ("u2", ev("a", T0 + 2)),
+         ("u2", ev("c", T0 + 3.5, "purchase"))]
+    )  # fmt: skip
+    await written.add_fresh(["new"])
+    history, seen = await read.history("u1", 5, with_seen=True)
+    assert [(e.item_id, e.type, e.timestamp, e.value, e.event_id) for e in history] == [
+        ("a", "rate", T0, 4.0, "e1"), ("b", "click", T0 + 1, None, None)
+    ]  # fmt: skip
+    assert seen == {"a", "b"}
+    assert await read.trending(3) == await written.trending(3)
+    assert [item for item, _ in await read.trending(3)] == ["a", "c", "b"]
+    lists = await read.candidate_lists(["a"], trending=3)
+    assert {item for item, _ in lists.covisit[0]} == {"b", "c"}
+    assert lists.covisit == (await written.candidate_lists(["a"], trending=3)).covisit
+    assert all(isinstance(score, float) for _, score in lists.covisit[0])
+    assert lists.fresh[0] == "new" and lists.trending == ["a", "c", "b"]
+    await writer.close()
+    await reader.close()
