@@ -3,6 +3,7 @@ server process (signals, several workers, live model swaps)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -48,7 +49,9 @@ class Service:
         command = [sys.executable, "-m", "clickrank.cli", "serve", "--host", "127.0.0.1"]
         command += ["--port", str(self.port)]
         with self.log_path.open("w") as log:
-            self.proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + ready_within_s
         while True:
             assert self.proc.poll() is None, f"clickrank serve exited: {self.log_tail()}"
@@ -71,9 +74,13 @@ class Service:
         self.proc.send_signal(sig)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
+        """SIGKILL to the whole process group: uvicorn's worker processes too, even when a test has
+        already killed the parent (they would outlive the test otherwise)."""
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text()[-chars:]
