@@ -15,9 +15,19 @@ import torch
 
 import clickrank
 from models.calibration import Calibration, click_probabilities, fit_platt, log_softmax_scores
+from models.covisit import SERVED_WEIGHT, CovisitTable, served_scorer
 from models.data import Dataset, load_dataset
 from models.encoder import load_minilm, pooled_embeddings
-from models.evaluate import Case, evaluate_model, format_table, genre_features, make_split, popularity_scorer
+from models.evaluate import (
+    Case,
+    Scorer,
+    evaluate_cases,
+    evaluate_model,
+    format_table,
+    genre_features,
+    make_split,
+    popularity_scorer,
+)
 from models.events_file import EventsReport, with_events
 from models.export import PARITY_TOLERANCE, export_model, graph_shapes, item_table
 from models.features import EVENT_TYPE_IDS
@@ -31,6 +41,10 @@ ROW_NAMES = {"id-only": "id-only transformer", "clickrank": "clickrank (BERT + t
 """Evaluation-table row of each fitted model (curves and fit times use the short names)."""
 RETRIEVAL_ONLY_ROW = "clickrank, retrieval only"
 """The same clickrank model ranked by its retrieval scores alone (no target-attention re-ranking)."""
+SERVED_ROW = "clickrank + co-visitation (served)"
+"""The same clickrank model blended with co-visitation as the service ranks (``models.covisit``)."""
+COVISIT_WEIGHTS = (0.0, 1.0, 2.0, 4.0, 8.0, 16.0)
+"""β values whose validation NDCG@10 the harness reports beside the served one."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,11 +133,21 @@ def run_harness(
     scorers |= {ROW_NAMES[name]: r.model.score_all for name, r in fits.items()}
     if cfg.rerank:
         scorers[RETRIEVAL_ONLY_ROW] = lambda h: model.score_all(h, rerank_size=0)
+    calibration = fit_calibration(model, split.valid, split.train_items, num_items)
+    covisit = CovisitTable.from_sequences(split.train, num_items)
+
+    def served(weight: float) -> Scorer:
+        return served_scorer(model.scores, covisit, calibration, weight, num_items)
+
+    scorers[SERVED_ROW] = served(SERVED_WEIGHT)
     rows = {
         name: evaluate_model(scorer, split, num_items, item_features=genres)
         for name, scorer in scorers.items()
     }
-    calibration = fit_calibration(model, split.valid, split.train_items, num_items)
+    covisit_valid = {
+        f"{weight:g}": evaluate_cases(served(weight), split.valid, split.train_items, num_items)["NDCG@10"]
+        for weight in COVISIT_WEIGHTS
+    }
     return {
         "rows": rows,
         "curves": {name: result.curve for name, result in fits.items()},
@@ -136,6 +160,7 @@ def run_harness(
         },
         "fit_seconds": {name: result.seconds for name, result in fits.items()},
         "calibration": calibration,
+        "covisit": {"served_weight": SERVED_WEIGHT, "valid_ndcg10_by_weight": covisit_valid},
         "test_calibration": calibration_on_cases(
             model, calibration, split.test, split.train_items, num_items
         ),
@@ -353,7 +378,7 @@ def harness_metrics(harness: dict | None) -> dict:
     """What the harness measured, as ``metrics.json`` and the manifest's ``metrics`` hold it."""
     if harness is None:
         return {}
-    keys = ("split", "fit_seconds", "best_epoch", "test_calibration")
+    keys = ("split", "fit_seconds", "best_epoch", "test_calibration", "covisit")
     return {"table": harness["rows"]} | {k: harness[k] for k in keys}
 
 
@@ -402,7 +427,7 @@ def _seed_rows(data_dir: Path, config: TrainConfig) -> dict:
     if config.threads:
         torch.set_num_threads(config.threads)
     harness = run_harness(load_dataset(data_dir), config)
-    keep = ("rows", "best_epoch", "test_calibration")
+    keep = ("rows", "best_epoch", "test_calibration", "covisit")
     return {k: harness[k] for k in keep} | {"calibration": harness["calibration"].to_json()}
 
 
@@ -459,6 +484,7 @@ def evaluate_command(
             "best_epoch": [r["best_epoch"] for r in runs],
             "calibration": [r["calibration"] for r in runs],
             "test_calibration": [r["test_calibration"] for r in runs],
+            "covisit": [r["covisit"] for r in runs],
         }
         print(f"mean over {seeds} seeds:")
         print(format_table(mean))

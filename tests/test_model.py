@@ -15,7 +15,14 @@ from models.calibration import Calibration
 from models.data import Dataset, Item
 from models.evaluate import make_split, rank_metrics
 from models.export import RANKER_INPUTS, random_ranker_inputs
-from models.pipeline import RETRIEVAL_ONLY_ROW, TrainConfig, export_manifest, fit_exported_model
+from models.pipeline import (
+    COVISIT_WEIGHTS,
+    RETRIEVAL_ONLY_ROW,
+    SERVED_ROW,
+    TrainConfig,
+    export_manifest,
+    fit_exported_model,
+)
 from models.ranker import load_ranker
 from models.sequences import UserSequence
 from models.train import FitConfig, fit
@@ -66,8 +73,11 @@ def test_manifest_describes_the_export(model_dir: Path) -> None:
     assert set(manifest["graphs"]["ranker.onnx"]["inputs"]) == set(RANKER_INPUTS)
     assert manifest["parity"]["ranker_max_abs_prob_diff"] <= 1e-4
     table = manifest["metrics"]["table"]
-    rows = {"popularity", "id-only transformer", "clickrank (BERT + transformer)"}
+    rows = {"popularity", "id-only transformer", "clickrank (BERT + transformer)", SERVED_ROW}
     assert set(table) == rows | ({RETRIEVAL_ONLY_ROW} if manifest["config"]["rerank"] else set())
+    by_weight = manifest["metrics"]["covisit"]["valid_ndcg10_by_weight"]
+    assert set(by_weight) == {f"{w:g}" for w in COVISIT_WEIGHTS}
+    assert all(0 < v < 1 for v in by_weight.values())
     vectors = np.load(model_dir / "item_vectors.npy")
     assert vectors.shape == (manifest["num_items"], manifest["config"]["dim"])
     assert (model_dir / "training_curve.png").stat().st_size > 10_000
@@ -154,7 +164,8 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     windows = cfg.windows(split.train)
     harness_fit = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
     harness = {"fit": harness_fit, "calibration": Calibration(slope=0.5), "rows": {}, "split": {},
-               "fit_seconds": {}, "best_epoch": harness_fit.best_epoch, "test_calibration": {}}  # fmt: skip
+               "fit_seconds": {}, "best_epoch": harness_fit.best_epoch, "test_calibration": {},
+               "covisit": {}}  # fmt: skip
     final, recipe = fit_exported_model(sequences, items, None, config, harness)
     data = Dataset([Item(str(i), f"Item {i}", "", ()) for i in range(items)], None, "ab" * 32)  # type: ignore[arg-type]
     manifest = export_manifest(data, Path("toy"), config, harness, final, recipe, parity=0.0)
