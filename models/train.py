@@ -36,13 +36,18 @@ MASKED = -1e4
 """Logit of an item that is not a valid answer (padding of the catalog, items without training data)."""
 
 
+SASREC_DROPOUT = 0.5
+"""RecBole's default SASRec dropout, kept by the ID-only baseline that reproduces that recipe."""
+
+
 @dataclass(frozen=True)
 class FitConfig:
     dim: int = 64
     history_length: int = 50
     heads: int = 2
     layers: int = 2
-    dropout: float = 0.5
+    dropout: float = 0.3
+    """Chosen on validation (seed 0): 0.3 gave NDCG@10 0.1512 against 0.1384 at 0.5 (README, ablations)."""
     id_dropout: float = 0.1
     epochs: int = 60
     batch_size: int = 64
@@ -83,8 +88,9 @@ class FitConfig:
         return make_windows(sequences, self.history_length, self.stride, min_context)
 
     def baseline(self) -> FitConfig:
-        """The ID-only baseline's recipe: the same training on items alone, retrieval scores only (SASRec)."""
-        return dataclasses.replace(self, rerank=False, event_features=False)
+        """The ID-only baseline's recipe: the same training on items alone, retrieval scores only, with
+        SASRec's (RecBole's default) dropout."""
+        return dataclasses.replace(self, rerank=False, event_features=False, dropout=SASREC_DROPOUT)
 
 
 class RecModel(nn.Module):
