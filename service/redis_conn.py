@@ -27,7 +27,7 @@ from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.logs import ThrottledLog
 from service.lua_scripts import LuaScript, ScriptArg
@@ -62,6 +62,10 @@ ScriptCall = tuple[LuaScript, Sequence[ScriptArg], Sequence[ScriptArg]]
 
 ProbeClient = redis.Redis | redis.cluster.RedisCluster
 """A blocking client for the deadline's PING (``RedisConnection._ping_off_loop``)."""
+
+REDIS_FAULTS = (RedisError, RedisClusterException, OSError)
+"""What a Redis call can raise when Redis is unreachable, slow or failing over (OSError covers timeouts and
+socket errors; the cluster client's "cannot be connected" is not a RedisError)."""
 
 
 class RedisConnection:
@@ -104,12 +108,7 @@ class RedisConnection:
         after a failover."""
         socket_timeout = max(timeout_s, 1.0)
         retry = Retry(ExponentialBackoff(cap=0.05, base=0.002), retries=2)
-        blocking = redis.cluster.RedisCluster if cluster else redis.Redis
         probe_options = {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
-
-        def probe() -> ProbeClient:
-            return blocking.from_url(url, **probe_options)
-
         if cluster:
             client = RedisCluster.from_url(
                 url,
@@ -119,7 +118,18 @@ class RedisConnection:
                 socket_keepalive=True,
                 retry=retry,
             )
-            return cls(client, timeout_s=timeout_s, probe=probe, wait_replicas=wait_replicas)
+
+            def cluster_probe() -> ProbeClient:
+                """Started from every node the client knows (the URL's node may be the one down)."""
+                try:  # in a worker thread: the event loop may be updating the node table meanwhile
+                    nodes = [redis.cluster.ClusterNode(n.host, n.port) for n in client.get_nodes()]
+                except RuntimeError:
+                    nodes = []
+                if not nodes:
+                    return redis.cluster.RedisCluster.from_url(url, **probe_options)
+                return redis.cluster.RedisCluster(startup_nodes=nodes, **probe_options)
+
+            return cls(client, timeout_s=timeout_s, probe=cluster_probe, wait_replicas=wait_replicas)
         pool = BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
@@ -130,7 +140,12 @@ class RedisConnection:
             health_check_interval=30,
             retry=retry,
         )
-        return cls(Redis.from_pool(pool), timeout_s=timeout_s, probe=probe, wait_replicas=wait_replicas)
+        return cls(
+            Redis.from_pool(pool),
+            timeout_s=timeout_s,
+            probe=lambda: redis.Redis.from_url(url, **probe_options),
+            wait_replicas=wait_replicas,
+        )
 
     @classmethod
     def from_settings(
@@ -259,7 +274,7 @@ class RedisConnection:
         start = time.perf_counter()
         try:
             result = await self._within_deadline(awaitable)
-        except (RedisError, OSError) as exc:  # OSError covers TimeoutError (the deadline) and socket errors
+        except REDIS_FAULTS as exc:
             REDIS_ERRORS.labels(op).inc()
             if isinstance(exc, TimeoutError):
                 reason = f"no answer within {self.timeout_s * 1000:.0f} ms"
@@ -331,7 +346,7 @@ class RedisConnection:
             if self._probe_client is None:
                 self._probe_client = self._make_probe_client()
             return bool(self._probe_client.ping())
-        except (RedisError, OSError):  # OSError covers socket timeouts
+        except REDIS_FAULTS:  # a probe that cannot reach Redis proves nothing: the call fails
             return False
 
     def _answered(self, task: asyncio.Future, issued: float) -> None:

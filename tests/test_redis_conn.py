@@ -10,6 +10,8 @@ import time
 from importlib.resources import files
 
 import pytest
+import redis.asyncio
+import redis.cluster
 from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
@@ -163,3 +165,17 @@ def test_a_packaged_script_reads_exactly_its_layouts_slots_and_no_bare_index(pac
         used = set(re.findall(rf"\b{table}\.(\w+)", code))
         assert used == set(slots), table
     assert not re.search(r"\b(KEYS|ARGV)\[\s*[\d(]", code)
+
+
+async def test_a_probe_that_cannot_reach_redis_fails_the_call_cleanly(redis_url: str) -> None:
+    """The deadline's PING cannot even connect (a cluster client whose start node is down raises
+    RedisClusterException, not a RedisError): the call fails as StoreUnavailable, never with that error."""
+    nobody = f"redis://127.0.0.1:{free_port()}/0"
+    conn = RedisConnection(
+        redis.asyncio.Redis.from_url(redis_url),
+        timeout_s=0.05,
+        probe=lambda: redis.cluster.RedisCluster.from_url(nobody, socket_connect_timeout=0.05),
+    )
+    with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+        await conn.call("held", lambda r: _held_in_process(r, 0.12))
+    await conn.close()
