@@ -90,14 +90,23 @@ def metrics_text(url: str) -> str:
     return httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
 
 
+def metric_sum(text: str, metric: str) -> float:
+    """Every sample of ``metric`` (all labels) in a ``/metrics`` page, summed."""
+    return sum(v for (name, _), v in parse_metrics(text).items() if name == metric)
+
+
 def metric_total(url: str, metric: str) -> float:
     """Every sample of ``metric`` (all labels) summed, from the service's ``/metrics``."""
-    return sum(v for (name, _), v in parse_metrics(metrics_text(url)).items() if name == metric)
+    return metric_sum(metrics_text(url), metric)
+
+
+DEGRADED = "clickrank_degraded_total"
+"""Answers computed without the stored history, by route."""
 
 
 def degraded_total(url: str) -> float:
     """``clickrank_degraded_total`` over all routes."""
-    return metric_total(url, "clickrank_degraded_total")
+    return metric_total(url, DEGRADED)
 
 
 def run_wrk(wrk: str, url: str, script: Path, connections: int, duration_s: float) -> WrkRun:

@@ -137,6 +137,10 @@ def _label(bound: float, previous: float) -> str:
     return f"{bound:g}" if low >= bound else f"{low:g}-{bound:g}"
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
 def server_delta(before_text: str, after_text: str) -> dict[str, Any]:
     """The service's own view of one step, from two ``/metrics`` scrapes: batch sizes, queue wait,
     ranker inference time, requests by route and status, queue rejections, degraded answers."""
@@ -154,22 +158,19 @@ def server_delta(before_text: str, after_text: str) -> dict[str, Any]:
         if v > 0 and dict(labels).get("route") not in ("/metrics", "/readyz", "/healthz")
     }
 
-    def ms(seconds: float | None) -> float | None:
-        return None if seconds is None else round(seconds * 1000.0, 3)
-
     return {
         "batches": round(n_batches),
         "batched_requests": round(batched_requests),
         "mean_batch_size": round(batched_requests / n_batches, 2) if n_batches else None,
         "batch_size_histogram": histogram,
         "queue_wait_ms": {
-            "mean": ms(wait_sum / n_wait) if n_wait else None,
-            "p50_le": ms(_bucket_quantile(wait, n_wait, 0.50)),
-            "p99_le": ms(_bucket_quantile(wait, n_wait, 0.99)),
+            "mean": _ms(wait_sum / n_wait) if n_wait else None,
+            "p50_le": _ms(_bucket_quantile(wait, n_wait, 0.50)),
+            "p99_le": _ms(_bucket_quantile(wait, n_wait, 0.99)),
         },
         "ranker_inference_ms": {
             "calls": round(n_infer),
-            "mean": ms(infer_sum / n_infer) if n_infer else None,
+            "mean": _ms(infer_sum / n_infer) if n_infer else None,
         },
         "requests": dict(sorted(requests.items())),
         "queue_rejected": round(sum(_delta(before, after, "clickrank_queue_rejected_total").values())),
@@ -200,18 +201,15 @@ def admission_delta(before_text: str, after_text: str, route: str) -> dict[str, 
     admitted = [(bound, n - shed_by_bound.get(bound, 0.0)) for bound, n in every]
     n_admitted = n_every - n_shed
 
-    def ms(seconds: float | None) -> float | None:
-        return None if seconds is None else round(seconds * 1000.0, 3)
-
     return {
         "shed": round(n_shed),
         "shed_within_5ms": (
             round(sum(n for bound, n in shed if bound <= 0.005) / n_shed, 4) if n_shed else None
         ),
-        "shed_p99_le_ms": ms(_bucket_quantile(shed, n_shed, 0.99)),
+        "shed_p99_le_ms": _ms(_bucket_quantile(shed, n_shed, 0.99)),
         "admitted": round(n_admitted),
-        "admitted_p50_le_ms": ms(_bucket_quantile(admitted, n_admitted, 0.50)),
-        "admitted_p99_le_ms": ms(_bucket_quantile(admitted, n_admitted, 0.99)),
+        "admitted_p50_le_ms": _ms(_bucket_quantile(admitted, n_admitted, 0.50)),
+        "admitted_p99_le_ms": _ms(_bucket_quantile(admitted, n_admitted, 0.99)),
     }
 
 

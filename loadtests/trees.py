@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.common import log
-from loadtests.floor import BODIES, degraded_total, metric_total, metrics_text, run_wrk, wrk_script
+from loadtests.floor import BODIES, DEGRADED, metric_sum, metrics_text, run_wrk, wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
 from loadtests.server import SpawnedServer, Variant
 from loadtests.workload import ROUTES, Workload, load_histories
@@ -40,9 +40,10 @@ def measure(
         run_wrk(wrk, url, script, 2, 2)
     for c in connections:
         for tree, url in urls.items():
-            degraded, shed, before = degraded_total(url), metric_total(url, SHED), metrics_text(url)
+            before = metrics_text(url)
             result = run_wrk(wrk, url, script, c, duration_s)
-            admission = admission_delta(before, metrics_text(url), ROUTES["predict"])
+            after = metrics_text(url)
+            admission = admission_delta(before, after, ROUTES["predict"])
             step = {
                 "tree": tree,
                 "connections": c,
@@ -52,8 +53,8 @@ def measure(
                 "requests": result.requests,
                 "non_2xx": result.non_2xx,
                 "socket_errors": result.socket_errors,
-                "degraded": int(degraded_total(url) - degraded),
-                "shed": int(metric_total(url, SHED) - shed),
+                "degraded": int(metric_sum(after, DEGRADED) - metric_sum(before, DEGRADED)),
+                "shed": int(metric_sum(after, SHED) - metric_sum(before, SHED)),
                 "shed_within_5ms": admission["shed_within_5ms"],
                 "admitted_p99_le_ms": admission["admitted_p99_le_ms"],
             }

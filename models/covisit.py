@@ -25,6 +25,7 @@ import numpy as np
 from models.calibration import Calibration, click_probabilities, log_softmax_scores
 from models.evaluate import Scorer
 from models.sequences import UserSequence
+from service.candidates import last_distinct
 from service.settings import Settings
 
 _SERVED = Settings.model_fields
@@ -74,13 +75,7 @@ class CovisitTable:
     def scores(self, history: UserSequence, num_items: int) -> np.ndarray:
         """[num_items]: the user's co-visitation score of every item (0 for items linked to none)."""
         out = np.zeros(num_items)
-        latest_first: list[int] = []
-        for row in reversed(history.items.tolist()):
-            if len(latest_first) == self.sources:
-                break
-            if row not in latest_first:
-                latest_first.append(row)
-        for k, row in enumerate(latest_first, start=1):
+        for k, row in enumerate(last_distinct(history.items.tolist(), self.sources), start=1):
             rows, weights = self.followers[row]
             out[rows] += weights / k
         return out
