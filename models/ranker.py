@@ -83,6 +83,20 @@ class CausalBlock(nn.Module):
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
+class CausalEncoder(nn.Module):
+    """``layers`` causal blocks and a final LayerNorm: one member of a ``SequenceRanker``."""
+
+    def __init__(self, dim: int, heads: int, layers: int, dropout: float) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
+        self.final_ln = nn.LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, allowed)
+        return self.final_ln(x)
+
+
 def _attend(
     queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,6 +130,10 @@ class RankerConfig:
     event_features: bool = True
     """False: the events' type, value and time gap are not read (the ID-only SASRec baseline reads items
     and positions only)."""
+    members: int = 1
+    """Independent causal encoders, member k reading slice k of the ``dim // members`` columns of every
+    vector: the user state is their states side by side, so its dot product with an item vector is the
+    sum of the members' scores, an ensemble in one graph (each member is trained on its own loss)."""
 
 
 class HistoryTensors(NamedTuple):
@@ -144,8 +162,12 @@ class SequenceRanker(nn.Module):
             nn.init.zeros_(emb.weight)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.input_drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(CausalBlock(dim, config.heads, dropout) for _ in range(config.layers))
-        self.final_ln = nn.LayerNorm(dim)
+        if dim % config.members:
+            raise ValueError(f"dim {dim} is not divisible into {config.members} members")
+        self.encoders = nn.ModuleList(
+            CausalEncoder(dim // config.members, config.heads, config.layers, dropout)
+            for _ in range(config.members)
+        )
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
         self.mlp = nn.Sequential(nn.Linear(5 * dim, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 1))
@@ -169,9 +191,11 @@ class SequenceRanker(nn.Module):
         allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(
             length, dtype=torch.bool, device=x.device
         )
-        for block in self.blocks:
-            x = block(x, allowed)
-        return self.final_ln(x) * history.mask.unsqueeze(-1)
+        parts = x.chunk(len(self.encoders), dim=-1)
+        x = torch.cat(
+            [encoder(part, allowed) for encoder, part in zip(self.encoders, parts, strict=True)], -1
+        )
+        return x * history.mask.unsqueeze(-1)
 
     def target_attention(
         self, states: torch.Tensor, key_mask: torch.Tensor, candidates: torch.Tensor

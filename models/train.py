@@ -42,7 +42,12 @@ SASREC_DROPOUT = 0.5
 
 @dataclass(frozen=True)
 class FitConfig:
-    dim: int = 64
+    dim: int = 128
+    """Width of every item vector and user state (split evenly over ``members``)."""
+    members: int = 2
+    """Independent sequence encoders summed into one score (see ``RankerConfig.members``). Chosen on
+    validation (seed 0): two 64-wide members against one 64-wide model, NDCG@10 level at the best epoch
+    (0.1508 against 0.1512) and 2 % higher over the last 10 epochs (README, ablations)."""
     history_length: int = 50
     heads: int = 2
     layers: int = 2
@@ -90,7 +95,14 @@ class FitConfig:
     def baseline(self) -> FitConfig:
         """The ID-only baseline's recipe: the same training on items alone, retrieval scores only, with
         SASRec's (RecBole's default) dropout."""
-        return dataclasses.replace(self, rerank=False, event_features=False, dropout=SASREC_DROPOUT)
+        return dataclasses.replace(
+            self,
+            dim=self.dim // self.members,
+            members=1,
+            rerank=False,
+            event_features=False,
+            dropout=SASREC_DROPOUT,
+        )
 
 
 class RecModel(nn.Module):
@@ -108,6 +120,7 @@ class RecModel(nn.Module):
                 cfg.dropout,
                 rerank=cfg.rerank,
                 event_features=cfg.event_features,
+                members=cfg.members,
             )
         )
         self.history_length = cfg.history_length
@@ -214,9 +227,17 @@ def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig,
     states = model.ranker.encode(HistoryTensors(hv, batch["types"], batch["values"], batch["gaps"], mask))
     targets = batch["targets"]
     valid = targets >= 0
-    out = softmax.logits(states[valid], vectors, targets[valid])
-    loss = nn.functional.cross_entropy(out[0], out[1])
+    queries = states[valid]
+    # Each member learns from its own softmax, so the members stay an ensemble (the sum is what serves).
+    loss = (
+        sum(
+            nn.functional.cross_entropy(*softmax.logits(q, v, targets[valid])[:2])
+            for q, v in zip(queries.chunk(cfg.members, -1), vectors.chunk(cfg.members, -1), strict=True)
+        )
+        / cfg.members
+    )
     if cfg.rerank:
+        out = softmax.logits(queries, vectors, targets[valid])
         loss = loss + _rerank_loss(model, states, mask, targets, vectors, out, valid, cfg)
     # History-free prior over the whole catalog, against each window's first event.
     first = batch["items"].gather(1, mask.argmax(dim=1, keepdim=True)).squeeze(1)

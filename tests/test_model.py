@@ -14,7 +14,7 @@ import torch
 from models.calibration import Calibration
 from models.data import Dataset, Item
 from models.evaluate import make_split, rank_metrics
-from models.export import RANKER_INPUTS, random_ranker_inputs
+from models.export import RANKER_INPUTS, export_ranker, random_ranker_inputs, ranker_parity
 from models.pipeline import (
     COVISIT_WEIGHTS,
     RETRIEVAL_ONLY_ROW,
@@ -122,6 +122,7 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
     split = make_split(_toy_sequences(120, items, 30, seed=0), items, cold_fraction=0.0, seed=0)
     cfg = FitConfig(
         dim=16,
+        members=1,
         history_length=10,
         epochs=6,
         batch_size=32,
@@ -157,7 +158,7 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     items = 40
     sequences = _toy_sequences(60, items, 20, seed=1)
     cfg = FitConfig(
-        dim=8, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
+        dim=8, members=1, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
     )
     config = TrainConfig(fit=cfg, refit_epochs=1)
     split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
@@ -174,3 +175,43 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     assert manifest["fit"] == {"recipe": "the harness's model, refitted on all events", "final_epoch": 1}
     assert manifest["seed"] == 3 and manifest["calibration"]["slope"] == 0.5
     assert manifest["version"].endswith("-abababab") and manifest["num_items"] == items
+
+
+def test_members_are_an_ensemble_in_one_graph(tmp_path: Path) -> None:
+    """Two members learn the ring each from its own loss, each alone ranking well; member 0's half of the
+    user state reads only its half of the vectors; the served logit is the sum of the members' scores and
+    the exported graph agrees with PyTorch."""
+    items, half = 40, 8
+    split = make_split(_toy_sequences(120, items, 30, seed=2), items, cold_fraction=0.0, seed=0)
+    cfg = FitConfig(
+        dim=2 * half,
+        members=2,
+        history_length=10,
+        epochs=6,
+        batch_size=32,
+        dropout=0.1,
+        lr=1e-2,
+        stride=5,
+        min_epochs=0,
+        patience=6,
+    )
+    model = fit("toy", cfg.windows(split.train), split.valid, split.train_items, items, None, cfg).model
+    cases = split.test[:32]
+    targets = np.array([c.target for c in cases])
+    with torch.no_grad():
+        vectors = model.tower()
+        history = model._inputs([c.history for c in cases], vectors)
+        user = model.ranker.encode(history)[:, -1]
+        for member in (slice(0, half), slice(half, 2 * half)):
+            scores = (user[:, member] @ vectors[:, member].T).numpy()
+            top10 = np.argsort(-scores, axis=1)[:, :10]
+            assert (top10 == targets[:, None]).any(1).mean() > 0.6  # chance is 10 / 40
+        np.testing.assert_allclose(model.score_all([c.history for c in cases]), (user @ vectors.T).numpy())
+        changed = history._replace(
+            vectors=torch.cat([history.vectors[..., :half], -history.vectors[..., half:]], -1)
+        )
+        moved = model.ranker.encode(changed)[:, -1]
+    np.testing.assert_allclose(moved[:, :half].numpy(), user[:, :half].numpy(), atol=1e-6)
+    assert not np.allclose(moved[:, half:].numpy(), user[:, half:].numpy())
+    export_ranker(model.ranker, tmp_path / "ranker.onnx")
+    assert ranker_parity(model.ranker, tmp_path / "ranker.onnx") <= 1e-4
