@@ -61,15 +61,23 @@ def click_probabilities(z: np.ndarray, calibration: Calibration) -> np.ndarray:
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
+def _log_loss(x: np.ndarray, ys: np.ndarray) -> float:
+    """Mean binary log-loss of sigmoid(x) against labels ``ys``, stable for any x."""
+    return float((np.logaddexp(0.0, x) - ys * x).mean())
+
+
 def fit_platt(
     z: np.ndarray, positive: np.ndarray, allowed: np.ndarray, steps: int = 200
 ) -> tuple[float, float]:
     """(a, b) minimising the binary log-loss of sigmoid(a z + b) over the ``allowed`` pairs.
 
-    ``z``, ``positive`` and ``allowed`` are [n, N]; Newton's method on the two parameters (convex)."""
+    ``z``, ``positive`` and ``allowed`` are [n, N]; Newton's method on the two parameters (convex), each
+    step halved until the loss falls: a plain Newton step diverges when the scores are sharp (z far below
+    0 makes sigmoid(z) ≈ 0 everywhere, the Hessian ≈ 0 and the first step enormous)."""
     zs = np.asarray(z, dtype=np.float64)[allowed]
     ys = np.asarray(positive, dtype=np.float64)[allowed]
     a, b = 1.0, 0.0
+    loss = _log_loss(a * zs + b, ys)
     for _ in range(steps):
         x = a * zs + b
         p = np.where(
@@ -80,7 +88,14 @@ def fit_platt(
         grad = np.array([(g * zs).sum(), g.sum()])
         hess = np.array([[(w * zs * zs).sum(), (w * zs).sum()], [(w * zs).sum(), w.sum()]])
         step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
-        a, b = a - step[0], b - step[1]
+        for _ in range(60):
+            trial = _log_loss((a - step[0]) * zs + (b - step[1]), ys)
+            if trial <= loss:
+                break
+            step = step / 2.0
+        else:
+            break  # no step lowers the loss: (a, b) is the minimum to float precision
+        a, b, loss = a - step[0], b - step[1], trial
         if np.abs(step).max() < 1e-9:
             break
     return float(a), float(b)

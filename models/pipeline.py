@@ -63,7 +63,6 @@ class TrainConfig:
         return cls(
             fit=FitConfig(
                 dim=32,
-                members=1,
                 history_length=20,
                 stride=20,
                 dropout=0.2,

@@ -29,6 +29,16 @@ def test_fit_platt_recovers_the_generating_parameters() -> None:
     assert a == pytest.approx(0.7, abs=0.05) and b == pytest.approx(-0.4, abs=0.25)
 
 
+def test_fit_platt_converges_on_sharp_scores() -> None:
+    """Scores 20x too sharp (z far below 0, where a plain Newton step from a=1 diverged to a ≈ 5e10):
+    the fit finds the generating parameters on the sharp scale, a = 0.7 / 20."""
+    rng = np.random.default_rng(2)
+    z = rng.normal(-6.0, 2.0, size=(400, 500))
+    positive = rng.random(z.shape) < click_probabilities(z, Calibration(slope=0.7, intercept=-0.4))
+    a, b = fit_platt(20.0 * z, positive, np.ones_like(positive))
+    assert a == pytest.approx(0.7 / 20.0, abs=0.05 / 20.0) and b == pytest.approx(-0.4, abs=0.25)
+
+
 def test_calibrated_probabilities_sum_to_one_over_the_catalog_when_the_softmax_is_honest() -> None:
     """A softmax that *is* the data's distribution needs no change: a≈1, b≈0 and the sum over items ≈ 1."""
     rng = np.random.default_rng(1)

@@ -122,7 +122,6 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
     split = make_split(_toy_sequences(120, items, 30, seed=0), items, cold_fraction=0.0, seed=0)
     cfg = FitConfig(
         dim=16,
-        members=1,
         history_length=10,
         epochs=6,
         batch_size=32,
@@ -158,7 +157,7 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     items = 40
     sequences = _toy_sequences(60, items, 20, seed=1)
     cfg = FitConfig(
-        dim=8, members=1, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
+        dim=8, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
     )
     config = TrainConfig(fit=cfg, refit_epochs=1)
     split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
