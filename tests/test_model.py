@@ -114,27 +114,22 @@ def _toy_sequences(users: int, items: int, length: int, seed: int) -> list[UserS
     return out
 
 
+def _ring_config(**overrides) -> FitConfig:
+    """A recipe that learns the toy ring in a few seconds."""
+    recipe = dict(
+        dim=16, history_length=10, epochs=6, batch_size=32, dropout=0.1, lr=1e-2, stride=5,
+        min_epochs=0, patience=6,
+    )  # fmt: skip
+    return FitConfig(**(recipe | overrides))
+
+
 @pytest.mark.parametrize("rerank", [False, True])
 def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: bool) -> None:
     """Both recipes learn "what follows what" on a toy ring; the re-ranked shortlist sits above the rest,
     and the graph's logits are the retrieval scores when the re-ranker is off."""
     items = 40
     split = make_split(_toy_sequences(120, items, 30, seed=0), items, cold_fraction=0.0, seed=0)
-    cfg = FitConfig(
-        dim=16,
-        history_length=10,
-        epochs=6,
-        batch_size=32,
-        dropout=0.1,
-        lr=1e-2,
-        stride=5,
-        rerank=rerank,
-        rerank_hard=8,
-        rerank_uniform=4,
-        rerank_size=10,
-        min_epochs=0,
-        patience=6,
-    )
+    cfg = _ring_config(rerank=rerank, rerank_hard=8, rerank_uniform=4, rerank_size=10)
     windows = cfg.windows(split.train)
     result = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
     assert max(c["valid_hr10"] for c in result.curve) > 0.6  # chance is 10 / 40
@@ -182,18 +177,7 @@ def test_members_are_an_ensemble_in_one_graph(tmp_path: Path) -> None:
     the exported graph agrees with PyTorch."""
     items, half = 40, 8
     split = make_split(_toy_sequences(120, items, 30, seed=2), items, cold_fraction=0.0, seed=0)
-    cfg = FitConfig(
-        dim=2 * half,
-        members=2,
-        history_length=10,
-        epochs=6,
-        batch_size=32,
-        dropout=0.1,
-        lr=1e-2,
-        stride=5,
-        min_epochs=0,
-        patience=6,
-    )
+    cfg = _ring_config(dim=2 * half, members=2)
     model = fit("toy", cfg.windows(split.train), split.valid, split.train_items, items, None, cfg).model
     cases = split.test[:32]
     targets = np.array([c.target for c in cases])
