@@ -280,7 +280,13 @@ def save_ranker(ranker: SequenceRanker, path) -> None:
 
 
 def load_ranker(path) -> SequenceRanker:
+    """A saved head; one saved before ``members`` existed has its single encoder's weights at the top
+    level (``blocks.*``, ``final_ln.*``), read as member 0's."""
     saved = torch.load(path, map_location="cpu", weights_only=True)
     ranker = SequenceRanker(RankerConfig(**saved["config"]))
-    ranker.load_state_dict(saved["state_dict"])
+    state = {
+        f"encoders.0.{key}" if key.startswith(("blocks.", "final_ln.")) else key: value
+        for key, value in saved["state_dict"].items()
+    }
+    ranker.load_state_dict(state)
     return ranker.eval()

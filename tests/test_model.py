@@ -23,7 +23,7 @@ from models.pipeline import (
     export_manifest,
     fit_exported_model,
 )
-from models.ranker import load_ranker
+from models.ranker import RankerConfig, SequenceRanker, load_ranker
 from models.sequences import UserSequence
 from models.train import FitConfig, fit
 
@@ -198,3 +198,14 @@ def test_members_are_an_ensemble_in_one_graph(tmp_path: Path) -> None:
     assert not np.allclose(moved[:, half:].numpy(), user[:, half:].numpy())
     export_ranker(model.ranker, tmp_path / "ranker.onnx")
     assert ranker_parity(model.ranker, tmp_path / "ranker.onnx") <= 1e-4
+
+
+def test_a_head_saved_before_members_existed_loads(tmp_path: Path) -> None:
+    """``ranker.pt`` files exported before ``members`` keep their encoder at the top level of the state."""
+    ranker = SequenceRanker(RankerConfig(dim=8, max_len=5)).eval()
+    old_state = {key.removeprefix("encoders.0."): value for key, value in ranker.state_dict().items()}
+    torch.save({"config": {"dim": 8, "max_len": 5}, "state_dict": old_state}, tmp_path / "ranker.pt")
+    loaded = load_ranker(tmp_path / "ranker.pt")
+    args = random_ranker_inputs(2, 4, 3, 8, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*args)[0], ranker(*args)[0])
