@@ -54,11 +54,15 @@ def log_softmax_scores(logits: np.ndarray, partition_logits: np.ndarray) -> np.n
     return np.asarray(logits, dtype=np.float64) - logsumexp(partition_logits)[..., None]
 
 
-def click_probabilities(z: np.ndarray, calibration: Calibration) -> np.ndarray:
-    """sigmoid(a * z + b), numerically stable for any z."""
-    x = calibration.slope * np.asarray(z, dtype=np.float64) + calibration.intercept
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    """Numerically stable for any x."""
     e = np.exp(-np.abs(x))
     return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+def click_probabilities(z: np.ndarray, calibration: Calibration) -> np.ndarray:
+    """sigmoid(a * z + b), numerically stable for any z."""
+    return _sigmoid(calibration.slope * np.asarray(z, dtype=np.float64) + calibration.intercept)
 
 
 def _log_loss(x: np.ndarray, ys: np.ndarray) -> float:
@@ -77,25 +81,24 @@ def fit_platt(
     zs = np.asarray(z, dtype=np.float64)[allowed]
     ys = np.asarray(positive, dtype=np.float64)[allowed]
     a, b = 1.0, 0.0
-    loss = _log_loss(a * zs + b, ys)
+    x = a * zs + b
+    loss = _log_loss(x, ys)
     for _ in range(steps):
-        x = a * zs + b
-        p = np.where(
-            x >= 0, 1.0 / (1.0 + np.exp(-np.abs(x))), np.exp(-np.abs(x)) / (1.0 + np.exp(-np.abs(x)))
-        )
+        p = _sigmoid(x)
         g = p - ys
         w = np.maximum(p * (1.0 - p), 1e-12)
         grad = np.array([(g * zs).sum(), g.sum()])
         hess = np.array([[(w * zs * zs).sum(), (w * zs).sum()], [(w * zs).sum(), w.sum()]])
         step = np.linalg.solve(hess + 1e-9 * np.eye(2), grad)
         for _ in range(60):
-            trial = _log_loss((a - step[0]) * zs + (b - step[1]), ys)
+            trial_x = (a - step[0]) * zs + (b - step[1])
+            trial = _log_loss(trial_x, ys)
             if trial <= loss:
                 break
             step = step / 2.0
         else:
             break  # no step lowers the loss: (a, b) is the minimum to float precision
-        a, b, loss = a - step[0], b - step[1], trial
+        a, b, x, loss = a - step[0], b - step[1], trial_x, trial
         if np.abs(step).max() < 1e-9:
             break
     return float(a), float(b)

@@ -229,15 +229,13 @@ def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig,
     valid = targets >= 0
     queries = states[valid]
     # Each member learns from its own softmax, so the members stay an ensemble (the sum is what serves).
-    loss = (
-        sum(
-            nn.functional.cross_entropy(*softmax.logits(q, v, targets[valid])[:2])
-            for q, v in zip(queries.chunk(cfg.members, -1), vectors.chunk(cfg.members, -1), strict=True)
-        )
-        / cfg.members
-    )
-    if cfg.rerank:
-        out = softmax.logits(queries, vectors, targets[valid])
+    outs = [
+        softmax.logits(q, v, targets[valid])
+        for q, v in zip(queries.chunk(cfg.members, -1), vectors.chunk(cfg.members, -1), strict=True)
+    ]
+    loss = sum(nn.functional.cross_entropy(out[0], out[1]) for out in outs) / cfg.members
+    if cfg.rerank:  # the re-ranker reads the served (summed) logits: one member's are those already
+        out = outs[0] if cfg.members == 1 else softmax.logits(queries, vectors, targets[valid])
         loss = loss + _rerank_loss(model, states, mask, targets, vectors, out, valid, cfg)
     # History-free prior over the whole catalog, against each window's first event.
     first = batch["items"].gather(1, mask.argmax(dim=1, keepdim=True)).squeeze(1)
