@@ -300,7 +300,7 @@ async def _replay_service(settings, stream: Stream, item_ids: list[str]) -> tupl
     from service.routes.events import post_events
     from service.routes.predict import recommend
     from service.schemas.events import Event, EventsRequest
-    from service.schemas.ranking import RecommendRequest
+    from service.schemas.ranking import RecommendRequest, RecommendResponse
 
     row = {item_id: i for i, item_id in enumerate(item_ids)}
     n = len(stream)
@@ -319,7 +319,7 @@ async def _replay_service(settings, stream: Stream, item_ids: list[str]) -> tupl
             user, target = stream.users[j], int(stream.items[j])
             started = time.perf_counter()
             request = RecommendRequest(user_id=user, top_k=TOP_K, exclude_seen=True)
-            answer = await recommend(request, services, model)
+            answer = RecommendResponse.model_validate_json((await recommend(request, services, model)).body)
             stats["latency_ms"].append((time.perf_counter() - started) * 1000)
             stats["degraded"] += bool(answer.degraded)
             stats["short_answers"] += len(answer.items) < TOP_K

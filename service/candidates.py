@@ -131,7 +131,8 @@ class CandidateSources:
         sources = last_distinct(recent, self.covisit_sources)
         if not sources:
             return {}
-        return covisit_scores((await self.store.candidate_lists(sources, trending=0)).covisit)
+        lists = await self.store.candidate_lists(sources, trending=0, fresh=False)
+        return covisit_scores(lists.covisit)
 
     @staticmethod
     def _allowed(item_ids: Sequence[str], exclude: Collection[str]) -> list[str]:

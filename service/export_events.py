@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from service.bulk import bulk_store
-from service.schemas.events import ContextEvent
+from service.schemas.events import StoredEvent
 from service.settings import Settings
 from service.store import HistoryStore
 
@@ -42,9 +42,9 @@ class ExportSummary:
         )
 
 
-def event_line(user_id: str, event: ContextEvent) -> str:
+def event_line(user_id: str, event: StoredEvent) -> str:
     """One exported line."""
-    fields = {"user_id": user_id, **event.model_dump(exclude_none=True)}
+    fields = {"user_id": user_id, **{k: v for k, v in event._asdict().items() if v is not None}}
     return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
 
 

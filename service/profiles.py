@@ -21,7 +21,7 @@ import numpy as np
 from models.segments import Segments, item_attributes
 from service.catalog import ItemCatalog
 from service.ranking import Ranker
-from service.schemas.events import ContextEvent
+from service.schemas.events import StoredEvent
 from service.store import HistoryStore
 
 INTEREST_HALF_LIFE_S = 30 * 86400.0
@@ -62,7 +62,7 @@ class Profiles:
             "representative_items": self._representative(events, user_vector),
         }
 
-    def _interests(self, events: list[ContextEvent]) -> list[dict[str, Any]]:
+    def _interests(self, events: list[StoredEvent]) -> list[dict[str, Any]]:
         newest = events[-1].timestamp
         weights: Counter[str] = Counter()
         texts = self.catalog.texts_of([e.item_id for e in events])
@@ -76,7 +76,7 @@ class Profiles:
         ]
 
     def _representative(
-        self, events: list[ContextEvent], user_vector: np.ndarray | None
+        self, events: list[StoredEvent], user_vector: np.ndarray | None
     ) -> list[dict[str, Any]]:
         if user_vector is None:
             return []
@@ -94,7 +94,7 @@ class Profiles:
         ]
 
 
-def activity(events: list[ContextEvent]) -> dict[str, Any]:
+def activity(events: list[StoredEvent]) -> dict[str, Any]:
     """Counts and dates of a time-ordered, non-empty history."""
     days = {datetime.fromtimestamp(e.timestamp, UTC).date() for e in events}
     return {

@@ -28,14 +28,8 @@ from service.metrics import DEGRADED
 from service.redis_conn import StoreUnavailable
 from service.retrieval import Retrieval, UserScores, top_rows
 from service.runtime import OnnxModels, RankResult, encode_off_loop
-from service.schemas.events import ContextEvent
-from service.schemas.ranking import (
-    CandidateItem,
-    PredictRequest,
-    PredictResponse,
-    RecommendRequest,
-    RecommendResponse,
-)
+from service.schemas.events import ContextEvent, EventRecord
+from service.schemas.ranking import CandidateItem, PredictRequest, RecommendRequest
 from service.store import HistoryStore
 from service.window import Window, build_window, merge_events
 
@@ -79,8 +73,8 @@ def rank_predictions(
     """The candidates at ``order`` (``shown``), rank 1 first, as the ``Prediction`` fields, with the
     influences of each (aligned with ``order``) when explained.
 
-    Plain dicts, validated once with the whole answer (``model_validate``): for 100 predictions that is
-    74 µs against 212 µs for 100 ``Prediction.model_construct`` calls (measured)."""
+    Plain dicts, serialised once with the whole answer (``service.routes.predict``), never built as
+    pydantic objects: validating an answer the ranker built costs a fifth of the HTTP floor's time."""
     rows = order.tolist()
     ranked = enumerate(zip(rows, probabilities[rows].tolist(), strict=True), start=1)
     if explained is None:
@@ -106,7 +100,8 @@ class Ranker:
     covisit_weight: float = 0.0
     _prior: tuple[int, np.ndarray] | None = field(default=None, init=False, repr=False)  # revision, logits
 
-    async def predict(self, req: PredictRequest) -> PredictResponse:
+    async def predict(self, req: PredictRequest) -> dict[str, Any]:
+        """The ``PredictResponse`` fields, JSON-ready."""
         route = "/v1/predict"
         events, window, _, degraded = await self._history(req.user_id, req.context, route, with_seen=False)
         item_ids, vectors, unknown = await self._candidates(req.candidates)
@@ -128,10 +123,11 @@ class Ranker:
                 else None
             )
             predictions = rank_predictions(item_ids, probabilities, order, explained)
-        answer = {**self._answered(req.user_id, window, degraded), "predictions": predictions}
-        return PredictResponse.model_validate({**answer, "unknown_items": unknown})
+        answered = self._answered(req.user_id, window, degraded)
+        return {**answered, "predictions": predictions, "unknown_items": unknown}
 
-    async def recommend(self, req: RecommendRequest) -> RecommendResponse:
+    async def recommend(self, req: RecommendRequest) -> dict[str, Any]:
+        """The ``RecommendResponse`` fields, JSON-ready."""
         route = "/v1/recommend"
         with_seen = req.exclude_seen
         events, window, seen, degraded = await self._history(
@@ -176,13 +172,11 @@ class Ranker:
                 else None
             )
             items = rank_predictions(ids, probabilities, order, explained)
-        return RecommendResponse.model_validate(
-            {**self._answered(req.user_id, window, degraded), "items": items}
-        )
+        return {**self._answered(req.user_id, window, degraded), "items": items}
 
     async def _explain(
         self,
-        events: Sequence[ContextEvent],
+        events: Sequence[EventRecord],
         window: Window,
         candidate_vectors: np.ndarray,
         probabilities: np.ndarray,
@@ -206,7 +200,7 @@ class Ranker:
         deltas = probabilities[None, :] - without
         return [influences(deltas[:, c], distinct) for c in range(len(candidate_vectors))]
 
-    async def user_vector(self, events: Sequence[ContextEvent]) -> np.ndarray | None:
+    async def user_vector(self, events: Sequence[EventRecord]) -> np.ndarray | None:
         """The user vector the ranker computes from these events (None: none of them is a catalog item)."""
         window = build_window(events, self.catalog, self.history_length)
         return await self._user_vector(window) if len(window) else None
@@ -301,7 +295,7 @@ class Ranker:
 
     async def _history(
         self, user_id: str, context: Sequence[ContextEvent], route: str, *, with_seen: bool
-    ) -> tuple[list[ContextEvent], Window, set[str] | None, bool]:
+    ) -> tuple[list[EventRecord], Window, set[str] | None, bool]:
         """(stored + context events, their window, seen-set, degraded); an unreachable store gives the
         context alone, no seen-set, and degraded."""
         try:

@@ -32,6 +32,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from service.logs import ThrottledLog
 from service.lua_scripts import LuaScript, ScriptArg
 from service.metrics import REDIS_ERRORS, REDIS_LATENCY
+from service.multiplex import Address, Command, MultiplexedReads
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -78,10 +79,13 @@ class RedisConnection:
         timeout_s: float,
         probe: Callable[[], ProbeClient],
         wait_replicas: int = 0,
+        reads: MultiplexedReads | None = None,
     ) -> None:
+        """``reads``: where ``read`` sends its commands (else a redis-py pipeline)."""
         if timeout_s <= 0 or wait_replicas < 0:
             raise ValueError("timeout_s must be positive and wait_replicas >= 0")
         self._client = client
+        self._reads = reads
         self.timeout_s = timeout_s
         self.wait_replicas = wait_replicas
         self.cluster = isinstance(client, RedisCluster)
@@ -140,11 +144,22 @@ class RedisConnection:
             health_check_interval=30,
             retry=retry,
         )
+        address = Address.from_url(url)
+        reads = (
+            None
+            if address is None
+            else MultiplexedReads(
+                address,
+                connect_timeout_s=socket_timeout,
+                stale_after_s=max(1.0, timeout_s * OWN_WAIT_LIMIT_FACTOR),
+            )
+        )
         return cls(
             Redis.from_pool(pool),
             timeout_s=timeout_s,
             probe=lambda: redis.Redis.from_url(url, **probe_options),
             wait_replicas=wait_replicas,
+            reads=reads,
         )
 
     @classmethod
@@ -168,6 +183,19 @@ class RedisConnection:
     async def call(self, op: str, command: Callable[[Redis], Awaitable[T]]) -> T:
         """One command, e.g. ``call("forget", lambda r: r.delete(*keys))``."""
         return await self._timed(op, command(self._client))
+
+    async def read(self, op: str, commands: Sequence[Command]) -> list:
+        """The raw replies of read-only ``commands`` (RESP2 as hiredis gives it: bytes, ints, lists), in one
+        round trip: on a single Redis multiplexed with every concurrent read on one connection
+        (``service.multiplex``), on a cluster (or a URL with query options) a redis-py pipeline."""
+        if self._reads is not None:
+            return await self._timed(op, self._reads.execute(commands))
+
+        def queue(pipe: Pipeline) -> None:
+            for command in commands:
+                pipe.execute_command(*command)
+
+        return await self.pipeline(op, queue, transaction=False)
 
     async def pipeline(self, op: str, queue: Callable[[Pipeline], object], *, transaction: bool) -> list:
         """The replies of the commands ``queue`` adds to a pipeline: one round trip (MULTI/EXEC if
@@ -267,6 +295,8 @@ class RedisConnection:
 
     async def close(self) -> None:
         await self._client.aclose()
+        if self._reads is not None:
+            await self._reads.close()
         if self._probe_client is not None:
             self._probe_client.close()
 

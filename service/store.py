@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING
 from redis.asyncio.client import Pipeline
 
 from service.lua_scripts import Layout, LuaScript
+from service.multiplex import Command
 from service.redis_conn import RedisConnection, ScriptCall
 from service.redis_keys import KeyKind, KeyLayout
-from service.schemas.events import ContextEvent
+from service.schemas.events import ContextEvent, StoredEvent
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -108,11 +109,9 @@ COVISIT_APPLY = LuaScript.packaged(
 """``service/lua/covisit_apply.lua``: the co-visitation pairs of the source items of one slot (cluster)."""
 
 
-def _queue_scored(pipe: Pipeline, key: str, start: int, end: int, *, newest_first: bool = False) -> None:
-    """``Z[REV]RANGE key start end WITHSCORES`` as a raw command, read back by ``_scored``: redis-py's own
-    WITHSCORES reply handler turns every score into bytes and back in Python (a tenth of a predict's
-    event-loop time went there)."""
-    pipe.execute_command("ZREVRANGE" if newest_first else "ZRANGE", key, start, end, "WITHSCORES")
+def _scored_range(key: str, start: int, end: int, *, newest_first: bool = False) -> Command:
+    """``Z[REV]RANGE key start end WITHSCORES``, read back by ``_scored``."""
+    return ("ZREVRANGE" if newest_first else "ZRANGE", key, start, end, "WITHSCORES")
 
 
 def _scored(reply: list) -> list[tuple[bytes, float]]:
@@ -344,26 +343,23 @@ class HistoryStore:
 
     async def history(
         self, user_id: str, n: int, *, with_seen: bool = False
-    ) -> tuple[list[ContextEvent], set[str] | None]:
+    ) -> tuple[list[StoredEvent], set[str] | None]:
         """Last n events by timestamp, newest last, plus the seen-set if asked; one pipelined round trip."""
         n = max(int(n), 0)
         if n == 0 and not with_seen:
             return [], None
 
-        def queue(pipe: Pipeline) -> None:
-            if n:
-                _queue_scored(pipe, self.keys.user(KeyKind.HISTORY, user_id), -n, -1)
-            if with_seen:
-                pipe.smembers(self.keys.user(KeyKind.SEEN, user_id))
-
-        replies = await self._redis.pipeline("history", queue, transaction=False)
-        events: list[ContextEvent] = []
+        commands = [_scored_range(self.keys.user(KeyKind.HISTORY, user_id), -n, -1)] if n else []
+        if with_seen:
+            commands.append(("SMEMBERS", self.keys.user(KeyKind.SEEN, user_id)))
+        replies = await self._redis.read("history", commands)
+        events: list[StoredEvent] = []
         stored = _scored(replies[0]) if n else []
         if stored:
             # One JSON parse for all members, not one per member (a third of this method's time).
             fields = json.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in stored) + b"]")
             events = [
-                ContextEvent(item_id=item_id, type=kind, timestamp=score, value=value, event_id=event_id)
+                StoredEvent(item_id, kind, score, value, event_id)
                 for (item_id, kind, value, event_id), (_, score) in zip(fields, stored, strict=True)
             ]
         seen = {m.decode() for m in replies[-1]} if with_seen else None
@@ -414,12 +410,10 @@ class HistoryStore:
         trend_keys = self.keys.aggregate_shards(KeyKind.TRENDING)
         meta_keys = self.keys.aggregate_shards(KeyKind.TRENDING_META)
 
-        def queue(pipe: Pipeline) -> None:
-            for trend, meta in zip(trend_keys, meta_keys, strict=True):
-                _queue_scored(pipe, trend, 0, n - 1, newest_first=True)
-                pipe.hmget(meta, "ref", "latest")
-
-        replies = await self._redis.pipeline("trending", queue, transaction=False)
+        commands: list[Command] = []
+        for trend, meta in zip(trend_keys, meta_keys, strict=True):
+            commands += [_scored_range(trend, 0, n - 1, newest_first=True), ("HMGET", meta, "ref", "latest")]
+        replies = await self._redis.read("trending", commands)
         shards = [
             (_scored(rows), ref, latest)
             for rows, (ref, latest) in zip(replies[0::2], replies[1::2], strict=True)
@@ -442,11 +436,11 @@ class HistoryStore:
         if (cached := self._cached("fresh", self._fresh_size)) is not None:
             return cached
 
-        def queue(pipe: Pipeline) -> None:
-            for key in self.keys.aggregate_shards(KeyKind.FRESH):
-                _queue_scored(pipe, key, 0, self._fresh_size - 1, newest_first=True)
-
-        replies = await self._redis.pipeline("fresh", queue, transaction=False)
+        commands = [
+            _scored_range(key, 0, self._fresh_size - 1, newest_first=True)
+            for key in self.keys.aggregate_shards(KeyKind.FRESH)
+        ]
+        replies = await self._redis.read("fresh", commands)
         rows = [(member.decode(), t) for shard in replies for member, t in _scored(shard)]
         return self._remember(
             "fresh", self._fresh_size, heapq.nlargest(self._fresh_size, rows, key=lambda r: r[1])
@@ -472,33 +466,28 @@ class HistoryStore:
         self._merged.pop("fresh", None)
 
     async def candidate_lists(
-        self, sources: Sequence[str], *, trending: int, exclude: int = 0
+        self, sources: Sequence[str], *, trending: int, exclude: int = 0, fresh: bool = True
     ) -> SourceLists:
-        """The co-visitation set of each source item, the fresh items and the top ``trending`` (+ up to
-        ``exclude`` more, to make up for excluded ones) trending items: one pipelined round trip (on a
-        cluster the fresh and trending lists come from the merge cache, or a round trip each)."""
+        """The co-visitation set of each source item, the fresh items (unless ``fresh`` is False) and the
+        top ``trending`` (+ up to ``exclude`` more, to make up for excluded ones) trending items: one
+        pipelined round trip (on a cluster the fresh and trending lists come from the merge cache, or a
+        round trip each)."""
         extra = min(exclude, _OVERFETCH_MAX) if trending > 0 else 0
         cluster = self.keys.cluster
-
-        def queue(pipe: Pipeline) -> None:
-            for item_id in sources:
-                _queue_scored(pipe, self.keys.covisit(item_id), 0, -1, newest_first=True)
-            if not cluster:
-                pipe.zrevrange(self.keys.aggregate(KeyKind.FRESH), 0, self._fresh_size - 1)
-                if trending > 0:
-                    pipe.zrevrange(self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1)
-
-        replies = (
-            await self._redis.pipeline("candidates", queue, transaction=False)
-            if sources or not cluster
-            else []
-        )
+        commands = [_scored_range(self.keys.covisit(i), 0, -1, newest_first=True) for i in sources]
+        if not cluster:
+            if fresh:
+                commands.append(("ZREVRANGE", self.keys.aggregate(KeyKind.FRESH), 0, self._fresh_size - 1))
+            if trending > 0:
+                commands.append(("ZREVRANGE", self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1))
+        replies = await self._redis.read("candidates", commands) if commands else []
         covisit = [[(m.decode(), s) for m, s in _scored(rows)] for rows in replies[: len(sources)]]
+        rest = iter(replies[len(sources) :])
         if cluster:
-            fresh = [item_id for item_id, _ in await self._newest_fresh()]
+            fresh_ids = [item_id for item_id, _ in await self._newest_fresh()] if fresh else []
             ranked = await self._ranked_trending(trending + extra) if trending > 0 else []
             trend = [item_id for item_id, _ in ranked]
         else:
-            fresh = [m.decode() for m in replies[len(sources)]]
-            trend = [m.decode() for m in replies[len(sources) + 1]] if trending > 0 else []
-        return SourceLists(covisit=covisit, fresh=fresh, trending=trend)
+            fresh_ids = [m.decode() for m in next(rest)] if fresh else []
+            trend = [m.decode() for m in next(rest)] if trending > 0 else []
+        return SourceLists(covisit=covisit, fresh=fresh_ids, trending=trend)

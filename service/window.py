@@ -11,10 +11,10 @@ import numpy as np
 from models.features import event_type_id, gap_buckets, value_bucket
 from service.catalog import ItemCatalog
 from service.runtime import History, RankRequest
-from service.schemas.events import ContextEvent
+from service.schemas.events import EventRecord
 
 
-def merge_events(stored: Sequence[ContextEvent], context: Sequence[ContextEvent]) -> list[ContextEvent]:
+def merge_events(stored: Sequence[EventRecord], context: Sequence[EventRecord]) -> list[EventRecord]:
     """Stored events plus the request's context events, ordered by timestamp, newest last.
 
     A context event whose ``event_id`` is already stored is the same event sent twice and is skipped.
@@ -39,7 +39,7 @@ class Window:
         return RankRequest(self.history, np.ascontiguousarray(candidate_vectors, dtype=np.float32))
 
 
-def build_window(events: Sequence[ContextEvent], catalog: ItemCatalog, length: int) -> Window:
+def build_window(events: Sequence[EventRecord], catalog: ItemCatalog, length: int) -> Window:
     """The last ``length`` events (time-ordered) whose item is in the catalog, as ranker features.
 
     Unknown items are dropped before the cut, so the ranker always gets up to ``length`` real events.

@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from pydantic import ValidationError
 
 from service.redis_conn import RedisConnection, StoreUnavailable
-from service.schemas.events import ContextEvent
+from service.schemas.events import ContextEvent, StoredEvent
 from service.store import HistoryStore
 
 pytestmark = pytest.mark.anyio
@@ -56,8 +56,8 @@ async def test_history_is_time_ordered_newest_last_whatever_the_arrival_order(st
     events, seen = await store.history("u", 10)
     assert [e.item_id for e in events] == ["a", "b", "c", "d"]
     assert seen is None
-    assert events[2] == ContextEvent(item_id="c", type="rate", timestamp=T0 + 30, value=4.0, event_id="e3")
-    assert events[1] == ContextEvent(item_id="b", type="add_to_cart", timestamp=T0 + 20, event_id="e2")
+    assert events[2] == StoredEvent("c", "rate", T0 + 30, 4.0, "e3")
+    assert events[1] == StoredEvent("b", "add_to_cart", T0 + 20, None, "e2")
 
     last_two, seen = await store.history("u", 2, with_seen=True)
     assert [e.item_id for e in last_two] == ["c", "d"]
