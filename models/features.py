@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -45,6 +46,7 @@ def event_type_id(event_type: str) -> int:
     return EVENT_TYPE_IDS[event_type]
 
 
+@lru_cache(maxsize=4096)  # a served window asks for 50 at a time, nearly always the same few values
 def value_bucket(value: float | None) -> int:
     """Bucket of an event's optional numeric value (a star rating for ``rate`` events)."""
     if value is None or (isinstance(value, float) and math.isnan(value)):

@@ -5,7 +5,7 @@ Sources, with a history (at least one catalog item in the merged stored + contex
 - ``retrieval``: the sequence model's vector retrieval (computed by the ranker, which owns the model);
 - ``covisit``: the co-visitation sets ("what followed what", ``service.store``) of the user's last
   ``covisit_sources`` distinct items, each normalised to sum 1 and weighted 1/k for the k-th latest item,
-  merged, best ``covisit_candidates``;
+  merged, best ``covisit_candidates`` (a set read from Redis is reused for ``covisit_cache_s``);
 - ``fresh``: the newest ``fresh_candidates`` fresh items that are in the catalog;
 - ``trending``: the ``trending_candidates`` most trending items.
 
@@ -17,46 +17,129 @@ answer is built from the other sources and the failure is returned for the calle
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.catalog import ItemCatalog
-from service.metrics import CANDIDATES
+from service.metrics import CANDIDATES, COVISIT_CACHE
 from service.redis_conn import StoreUnavailable
 from service.store import HistoryStore, SourceLists
 
 PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``prior(k, excluded_rows)``: the ``k`` best rows by the history-free prior, never an excluded one."""
 
+_HITS, _MISSES = COVISIT_CACHE.labels(result="hit"), COVISIT_CACHE.labels(result="miss")
+FOLLOWER_CACHE_ITEMS = 100_000
+"""Items whose followers a replica keeps at most (about 1 KB each at the default ``covisit_size``)."""
+
 
 @dataclass(frozen=True, slots=True)
-class Gathered:
-    rows: np.ndarray  # int64 catalog rows, each once, in source order
-    store_error: StoreUnavailable | None  # the source read failed: the answer is degraded
-    covisit: dict[str, float]  # merged co-visitation score of each item linked to the user's latest items
+class Followers:
+    """One item's co-visitation set as catalog rows and weights, each divided by the whole set's total (its
+    items outside the catalog included): an estimate of "what follows this item", so a popular item's long
+    tail cannot drown a rarer item's strong links."""
 
+    rows: np.ndarray  # int64
+    weights: np.ndarray  # float64
 
-def covisit_scores(lists: Sequence[Sequence[tuple[str, float]]]) -> dict[str, float]:
-    """Merged co-visitation score of every item in the sources' lists (latest source first).
-
-    Each list is normalised by its total weight (an estimate of "what follows this item"), so a popular
-    item's long tail cannot drown a rarer item's strong links; the k-th latest source counts 1/k."""
-    scores: dict[str, float] = {}
-    for k, entries in enumerate(lists, start=1):
-        total = sum(score for _, score in entries)
+    @classmethod
+    def of(cls, entries: Sequence[tuple[str, float]], catalog: ItemCatalog) -> Followers:
+        """From a store's list of (item id, score)."""
+        scores = np.fromiter((score for _, score in entries), dtype=np.float64, count=len(entries))
+        total = float(scores.sum())
         if total <= 0:
-            continue
-        for item_id, score in entries:
-            scores[item_id] = scores.get(item_id, 0.0) + score / total / k
-    return scores
+            return NO_FOLLOWERS
+        rows = catalog.index_of([item_id for item_id, _ in entries])
+        known = rows >= 0
+        return cls(rows[known], scores[known] / total)
 
 
-def merge_covisit(lists: Sequence[Sequence[tuple[str, float]]], exclude: Collection[str]) -> list[str]:
-    """Items of the sources' co-visitation lists by merged score (``covisit_scores``), best first."""
-    scores = covisit_scores(lists)
-    return sorted((i for i in scores if i not in exclude), key=lambda item_id: -scores[item_id])
+NO_FOLLOWERS = Followers(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+
+
+@dataclass(frozen=True, slots=True)
+class Covisitation:
+    """The merged co-visitation score of every catalog row linked to the user's latest items: the sum of
+    its weights in their ``Followers``, the k-th latest item's counting 1/k."""
+
+    rows: np.ndarray  # int64, ascending, each once
+    scores: np.ndarray  # float64, > 0
+
+    @classmethod
+    def merge(cls, followers: Sequence[Followers]) -> Covisitation:
+        """``followers`` of the latest item first."""
+        if not followers:
+            return NO_COVISITATION
+        rows = np.concatenate([f.rows for f in followers])
+        if not len(rows):
+            return NO_COVISITATION
+        weights = np.concatenate([f.weights / k for k, f in enumerate(followers, start=1)])
+        order = np.argsort(rows, kind="stable")
+        rows, weights = rows[order], weights[order]
+        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each row's first place
+        return cls(rows[starts], np.add.reduceat(weights, starts))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def of(self, rows: np.ndarray) -> np.ndarray:
+        """The score of each of ``rows`` (0: not linked, or -1: not a catalog row)."""
+        if not len(self.rows):
+            return np.zeros(len(rows))
+        at = np.minimum(np.searchsorted(self.rows, rows), len(self.rows) - 1)
+        return np.where(self.rows[at] == rows, self.scores[at], 0.0)
+
+    def best(self, k: int, excluded_rows: np.ndarray) -> np.ndarray:
+        """The ``k`` rows with the highest scores, best first (ties: the lower row), never an excluded one."""
+        allowed = ~np.isin(self.rows, excluded_rows)
+        rows, scores = self.rows[allowed], self.scores[allowed]
+        return rows[np.argsort(-scores, kind="stable")[:k]]
+
+
+NO_COVISITATION = Covisitation(np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+
+
+class FollowerCache:
+    """Each item's ``Followers`` as read from the store, reused for ``ttl_s`` (0: never). Co-visitation is
+    an aggregate over all users that moves slowly, and a request reads the sets of its user's latest items:
+    under load most are read again within a second by other requests. At most ``max_items`` are kept."""
+
+    def __init__(self, ttl_s: float, max_items: int = FOLLOWER_CACHE_ITEMS) -> None:
+        self.ttl_s = ttl_s
+        self.max_items = max_items
+        self._entries: dict[str, tuple[float, Followers]] = {}
+
+    def split(self, items: Sequence[str]) -> tuple[dict[str, Followers], list[str]]:
+        """(the cached followers of ``items``, the items to read)."""
+        if self.ttl_s <= 0 or not items:
+            return {}, list(items)
+        now = time.monotonic()
+        found: dict[str, Followers] = {}
+        missing: list[str] = []
+        for item_id in items:
+            entry = self._entries.get(item_id)
+            if entry is not None and entry[0] > now:
+                found[item_id] = entry[1]
+            else:
+                missing.append(item_id)
+        _HITS.inc(len(found))
+        _MISSES.inc(len(missing))
+        return found, missing
+
+    def put(self, followers: dict[str, Followers]) -> None:
+        if self.ttl_s <= 0 or not followers:
+            return
+        now = time.monotonic()
+        if len(self._entries) + len(followers) > self.max_items:
+            self._entries = {k: v for k, v in self._entries.items() if v[0] > now}
+            if len(self._entries) + len(followers) > self.max_items:
+                self._entries.clear()
+        expires = now + self.ttl_s
+        for item_id, f in followers.items():
+            self._entries[item_id] = (expires, f)
 
 
 def last_distinct(item_ids: Sequence[str], n: int) -> list[str]:
@@ -70,9 +153,17 @@ def last_distinct(item_ids: Sequence[str], n: int) -> list[str]:
     return out
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True, slots=True)
+class Gathered:
+    rows: np.ndarray  # int64 catalog rows, each once, in source order
+    store_error: StoreUnavailable | None  # the source read failed: the answer is degraded
+    covisit: Covisitation  # of the user's latest items
+
+
+@dataclass(kw_only=True)
 class CandidateSources:
-    """Gathers the candidate rows of one recommend request (see the module docstring)."""
+    """Gathers the candidate rows of one recommend request (see the module docstring), and the merged
+    co-visitation that the ranker blends into predict and recommend."""
 
     catalog: ItemCatalog
     store: HistoryStore
@@ -80,6 +171,11 @@ class CandidateSources:
     covisit_candidates: int = 100
     fresh_candidates: int = 20
     trending_candidates: int = 10
+    covisit_cache_s: float = 0.0
+    _followers: FollowerCache = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._followers = FollowerCache(self.covisit_cache_s)
 
     async def gather(
         self,
@@ -97,18 +193,22 @@ class CandidateSources:
         with_history = retrieved is not None
         sources = last_distinct(recent, self.covisit_sources) if with_history else []
         trending_n = self.trending_candidates if with_history else 2 * top_k
+        cached, missing = self._followers.split(sources)
         lists, error = SourceLists([], [], []), None
         if use_store:
             try:
-                lists = await self.store.candidate_lists(sources, trending=trending_n, exclude=len(exclude))
+                lists = await self.store.candidate_lists(missing, trending=trending_n, exclude=len(exclude))
             except StoreUnavailable as exc:
                 error = exc
+        covisit = self._merged(
+            sources, cached, missing, lists.covisit if error is None and use_store else None
+        )
 
         parts: dict[str, np.ndarray] = {}
         if with_history:
             parts["retrieval"] = retrieved
             if sources:
-                parts["covisit"] = self._rows(merge_covisit(lists.covisit, exclude), self.covisit_candidates)
+                parts["covisit"] = covisit.best(self.covisit_candidates, excluded_rows)
             parts["trending"] = self._rows(self._allowed(lists.trending, exclude), self.trending_candidates)
         else:
             trending = self._rows(self._allowed(lists.trending, exclude), top_k)
@@ -123,16 +223,30 @@ class CandidateSources:
         _, first = np.unique(rows, return_index=True)
         rows = rows[np.sort(first)]
         CANDIDATES.labels(source="union").observe(len(rows))
-        return Gathered(rows=rows, store_error=error, covisit=covisit_scores(lists.covisit))
+        return Gathered(rows=rows, store_error=error, covisit=covisit)
 
-    async def covisit_of(self, recent: Sequence[str]) -> dict[str, float]:
-        """The merged co-visitation scores for a user whose item ids, oldest first, are ``recent`` (one
-        round trip; raises StoreUnavailable)."""
+    async def covisit_of(self, recent: Sequence[str]) -> Covisitation:
+        """The merged co-visitation of a user whose item ids, oldest first, are ``recent`` (at most one
+        round trip, none when every set is cached; raises StoreUnavailable)."""
         sources = last_distinct(recent, self.covisit_sources)
-        if not sources:
-            return {}
-        lists = await self.store.candidate_lists(sources, trending=0, fresh=False)
-        return covisit_scores(lists.covisit)
+        cached, missing = self._followers.split(sources)
+        read = (await self.store.candidate_lists(missing, trending=0, fresh=False)).covisit if missing else []
+        return self._merged(sources, cached, missing, read)
+
+    def _merged(
+        self,
+        sources: Sequence[str],
+        cached: dict[str, Followers],
+        missing: Sequence[str],
+        read: Sequence[Sequence[tuple[str, float]]] | None,
+    ) -> Covisitation:
+        """The sets of ``sources`` from the cache and from ``read`` (the store's lists of ``missing``, which
+        join the cache; None: the read failed, and those sets count as empty)."""
+        if read is not None:
+            fresh = {i: Followers.of(entries, self.catalog) for i, entries in zip(missing, read, strict=True)}
+            self._followers.put(fresh)
+            cached = {**cached, **fresh}
+        return Covisitation.merge([cached.get(item_id, NO_FOLLOWERS) for item_id in sources])
 
     @staticmethod
     def _allowed(item_ids: Sequence[str], exclude: Collection[str]) -> list[str]:

@@ -90,6 +90,12 @@ CANDIDATES = Histogram(
     buckets=(0, 1, 2, 5, 10, 20, 50, 100, 200, 300, 500, 1000),
 )
 
+COVISIT_CACHE = Counter(
+    "clickrank_covisit_cache_total",
+    "co-visitation sets a request needed, by where they came from (CLICKRANK_COVISIT_CACHE_S)",
+    ["result"],  # hit | miss (read from Redis)
+)
+
 
 def exposition() -> bytes:
     """The text exposition of every metric: this process's, or every worker's in multiprocess mode."""

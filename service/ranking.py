@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 
 from models.calibration import click_probabilities, logsumexp
 from service.batcher import MicroBatcher
-from service.candidates import CandidateSources
+from service.candidates import NO_COVISITATION, CandidateSources, Covisitation
 from service.catalog import ItemCatalog
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
@@ -104,7 +104,7 @@ class Ranker:
         """The ``PredictResponse`` fields, JSON-ready."""
         route = "/v1/predict"
         events, window, _, degraded = await self._history(req.user_id, req.context, route, with_seen=False)
-        item_ids, vectors, unknown = await self._candidates(req.candidates)
+        item_ids, rows, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[dict[str, Any]] = []
         if item_ids:
             result = await self._rank(window, vectors)
@@ -114,8 +114,8 @@ class Ranker:
                 try:
                     covisit = await self.sources.covisit_of([e.item_id for e in events])
                 except StoreUnavailable as exc:
-                    covisit, degraded = {}, self._degraded(route, exc)
-                probabilities = self._with_covisit(item_ids, probabilities, covisit, scores)
+                    covisit, degraded = NO_COVISITATION, self._degraded(route, exc)
+                probabilities = self._with_covisit(rows, probabilities, covisit, scores)
             order = shown(probabilities, req.top_k)
             explained = (
                 await self._explain(events, window, vectors[order], model_probabilities[order])
@@ -164,7 +164,7 @@ class Ranker:
             scores = scores or await self._scores(window, result)
             model_probabilities = probabilities = self._probabilities(result, scores)
             if len(window):
-                probabilities = self._with_covisit(ids, probabilities, found.covisit, scores)
+                probabilities = self._with_covisit(rows, probabilities, found.covisit, scores)
             order = shown(probabilities, req.top_k)
             explained = (
                 await self._explain(events, window, vectors[rows[order]], model_probabilities[order])
@@ -238,26 +238,24 @@ class Ranker:
 
     def _with_covisit(
         self,
-        item_ids: Sequence[str],
+        rows: np.ndarray,
         probabilities: np.ndarray,
-        covisit: dict[str, float],
+        covisit: Covisitation,
         scores: UserScores,
     ) -> np.ndarray:
-        """The model's distribution times exp(β · co-visitation score), renormalised over the catalog.
+        """The model's distribution times exp(β · co-visitation score), renormalised over the catalog;
+        ``rows`` are the candidates' catalog rows (-1: not in the catalog, never co-visited).
 
         Only the co-visited items change, so the new normaliser is 1 + Σ_j p_j (e^{β cv_j} − 1) over them
         (p_j from their retrieval logits): predict and recommend give the same number for an item."""
-        if self.covisit_weight <= 0 or not covisit:
+        if self.covisit_weight <= 0 or not len(covisit):
             return probabilities
-        linked = list(covisit)
-        rows = self.catalog.index_of(linked)
-        known = (rows >= 0) & (rows < scores.size)  # an item added since ``scores`` were read: skip
-        linked_cv = np.array([covisit[i] for i in linked])[known]
+        known = covisit.rows < scores.size  # an item added since ``scores`` were read: skip
         linked_p = click_probabilities(
-            scores.logits(rows[known]) - scores.log_partition, self.models.calibration
+            scores.logits(covisit.rows[known]) - scores.log_partition, self.models.calibration
         )
-        norm = 1.0 + float((linked_p * np.expm1(self.covisit_weight * linked_cv)).sum())
-        boost = np.exp(self.covisit_weight * np.array([covisit.get(i, 0.0) for i in item_ids]))
+        norm = 1.0 + float(np.dot(linked_p, np.expm1(self.covisit_weight * covisit.scores[known])))
+        boost = np.exp(self.covisit_weight * covisit.of(rows))
         return np.minimum(probabilities * boost / norm, 1.0)
 
     async def prior_logits(self) -> np.ndarray:
@@ -315,33 +313,33 @@ class Ranker:
         return True
 
     async def _candidates(
-        self, candidates: Iterable[str | CandidateItem]
-    ) -> tuple[list[str], np.ndarray, list[str]]:
-        """(scored ids, their vectors, unknown ids). Duplicates are scored once, first occurrence wins.
+        self, candidates: Sequence[str | CandidateItem]
+    ) -> tuple[list[str], np.ndarray, np.ndarray, list[str]]:
+        """(scored ids, their catalog rows (-1: encoded here), their vectors, unknown ids). Duplicates are
+        scored once, first occurrence wins.
 
         Known items use their catalog vector; unknown items given with text are encoded on the fly
         (not added to the catalog); unknown items without text are reported, not scored.
         """
         given: dict[str, str | None] = {}
-        for c in candidates:
-            item_id, text = (c, None) if isinstance(c, str) else (c.item_id, c.text)
-            given.setdefault(item_id, text)
-        rows = self.catalog.index_of(list(given)).tolist()
-        catalog_vectors = self.catalog.vectors
-        scored: list[tuple[str, int]] = []
-        unknown: list[str] = []
-        for (item_id, text), row in zip(given.items(), rows, strict=True):
-            if row < 0 and text is None:
-                unknown.append(item_id)
-            else:
-                scored.append((item_id, row))
-        new_items = [item_id for item_id, row in scored if row < 0]
-        to_encode = {item_id: k for k, item_id in enumerate(new_items)}
-        encoded = (
-            await encode_off_loop(self.models, [given[i] or "" for i in new_items]) if new_items else None
-        )
-
+        if all(type(c) is str for c in candidates):  # ids only, the common case
+            given = dict.fromkeys(candidates)  # type: ignore[arg-type]
+        else:
+            for c in candidates:
+                item_id, text = (c, None) if isinstance(c, str) else (c.item_id, c.text)
+                given.setdefault(item_id, text)
+        ids = list(given)
+        catalog_vectors = self.catalog.vectors  # one snapshot for the rows and the vectors
+        rows = self.catalog.index_of(ids)
+        outside = np.flatnonzero(rows < 0).tolist()
+        unknown = [ids[k] for k in outside if given[ids[k]] is None]
+        new = [k for k in outside if given[ids[k]] is not None]
+        scored = np.flatnonzero(rows >= 0)
+        if new:
+            scored = np.sort(np.concatenate([scored, np.asarray(new, dtype=np.int64)]))
         vectors = np.empty((len(scored), catalog_vectors.shape[1]), dtype=np.float32)
-        for k, (item_id, row) in enumerate(scored):
-            vectors[k] = catalog_vectors[row] if row >= 0 else encoded[to_encode[item_id]]  # type: ignore[index]
-        return [item_id for item_id, _ in scored], vectors, unknown
+        in_catalog = rows[scored] >= 0
+        vectors[in_catalog] = catalog_vectors[rows[scored[in_catalog]]]
+        if new:  # in request order, as they sit in ``scored``
+            vectors[~in_catalog] = await encode_off_loop(self.models, [given[ids[k]] or "" for k in new])
+        return [ids[k] for k in scored.tolist()], rows[scored], vectors, unknown

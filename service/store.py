@@ -119,8 +119,7 @@ def _scored(reply: list) -> list[tuple[bytes, float]]:
     scores, RESP2 alternates members and score strings."""
     if reply and isinstance(reply[0], list):
         return [(member, float(score)) for member, score in reply]
-    members = iter(reply)
-    return [(member, float(score)) for member, score in zip(members, members, strict=True)]
+    return list(zip(reply[0::2], map(float, reply[1::2]), strict=True))
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,8 @@ def merge_events(stored: Sequence[EventRecord], context: Sequence[EventRecord]) 
     A context event whose ``event_id`` is already stored is the same event sent twice and is skipped.
     The sort is stable: at equal timestamps stored events come before context events.
     """
+    if not context:
+        return list(stored)  # the store returns its events time-ordered already
     stored_ids = {e.event_id for e in stored if e.event_id is not None}
     extra = [c for c in context if c.event_id is None or c.event_id not in stored_ids]
     return sorted([*stored, *extra], key=lambda e: e.timestamp)

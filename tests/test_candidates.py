@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -20,7 +21,7 @@ from fastapi import FastAPI
 from helpers import app_settings, running_app, scraped_metric
 from oracle import ModelFiles
 
-from service.candidates import last_distinct, merge_covisit
+from service.candidates import Covisitation, FollowerCache, Followers, last_distinct
 
 pytestmark = pytest.mark.anyio
 
@@ -157,18 +158,63 @@ async def test_forget_keeps_working_and_leaves_the_aggregates(
         assert r.zrevrange(f"cr:cv:{catalog[500]}", 0, -1) == [catalog[501].encode(), catalog[502].encode()]
 
 
+async def test_a_cached_covisitation_set_is_reused_for_its_ttl_then_read_again(
+    redis_server: Any, redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    """With CLICKRANK_COVISIT_CACHE_S set, a predict within the TTL of another reads only the history (the
+    user's co-visitation sets come from the cache, same answer); after the TTL a change in Redis shows."""
+    settings = app_settings(redis_server.url, model_dir, covisit_weight=3.0, covisit_cache_s=0.5)
+    async with running_app(settings) as (c, _):
+        last, linked = catalog[600], catalog[601]
+        await post_events(c, [event("a", last, NOW - 900), event("a", linked, NOW - 890)])
+        await post_events(c, [event("me", last, NOW - 60)])
+        body = {"user_id": "me", "candidates": [linked, catalog[602]]}
+
+        async def predict() -> tuple[dict[str, float], float]:
+            got = (await c.post("/v1/predict", json=body)).json()["predictions"]
+            reads = await scraped_metric(c, "clickrank_redis_seconds_count", op="candidates")
+            return {p["item_id"]: p["click_probability"] for p in got}, reads
+
+        first, reads = await predict()
+        again, reads_again = await predict()
+        assert again == first and reads_again == reads  # no co-visitation read within the TTL
+        with redis.Redis.from_url(redis_url) as r:
+            r.delete(f"cr:cv:{last}")
+        time.sleep(0.6)
+        later, reads_later = await predict()
+        assert reads_later == reads + 1
+        assert later[linked] < first[linked]  # the link is gone: no boost any more
+
+
 # ------------------------------------------------------------------------------------------- merge logic
 
 
 def test_merge_normalises_each_source_and_weights_the_latest_most() -> None:
-    lists = [
-        [("x", 3.0), ("y", 1.0)],  # the latest item: x 0.75, y 0.25
-        [("y", 100.0), ("z", 100.0)],  # a popular older item: y 0.5 / 2, z 0.5 / 2
-        [],
-    ]
-    assert merge_covisit(lists, exclude=set()) == ["x", "y", "z"]
-    assert merge_covisit(lists, exclude={"x"}) == ["y", "z"]
-    assert merge_covisit([[("a", 0.0)]], exclude=set()) == []
+    rows = {"x": 0, "y": 1, "z": 2}
+    catalog = SimpleNamespace(index_of=lambda ids: np.array([rows.get(i, -1) for i in ids], dtype=np.int64))
+    latest = Followers.of([("x", 3.0), ("gone", 4.0), ("y", 1.0)], catalog)  # x 3/8, y 1/8; gone: no row
+    popular = Followers.of([("y", 100.0), ("z", 100.0)], catalog)  # an older item: y 0.5 / 2, z 0.5 / 2
+    merged = Covisitation.merge([latest, popular, Followers.of([], catalog)])
+    assert merged.rows.tolist() == [0, 1, 2]
+    assert merged.scores == pytest.approx([3 / 8, 1 / 8 + 0.25, 0.25])
+    assert merged.best(3, np.empty(0, dtype=np.int64)).tolist() == [0, 1, 2]
+    assert merged.best(3, np.array([1])).tolist() == [0, 2]  # excluded; ties keep the lower row first
+    assert merged.of(np.array([2, -1, 7, 0])) == pytest.approx([0.25, 0.0, 0.0, 3 / 8])
+    assert len(Covisitation.merge([Followers.of([("a", 0.0)], catalog)])) == 0
+
+
+def test_the_follower_cache_reuses_a_set_for_its_ttl_and_stays_bounded() -> None:
+    one = Followers(np.array([1]), np.array([1.0]))
+    cache = FollowerCache(ttl_s=0.2, max_items=3)
+    cache.put({"a": one, "b": one})
+    assert cache.split(["a", "c", "b"]) == ({"a": one, "b": one}, ["c"])
+    cache.put({"c": one, "d": one})  # over the bound: the cache starts again
+    assert cache.split(["a", "c", "d"]) == ({"c": one, "d": one}, ["a"])
+    time.sleep(0.25)
+    assert cache.split(["c"]) == ({}, ["c"])
+    off = FollowerCache(ttl_s=0.0)
+    off.put({"a": one})
+    assert off.split(["a"]) == ({}, ["a"])
 
 
 def test_last_distinct_is_latest_first() -> None:
