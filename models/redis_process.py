@@ -12,14 +12,24 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def free_port(below: int = 65536) -> int:
-    """A free loopback port under ``below``."""
+def free_port(below: int = 65536, *, bus_offset: int = 0) -> int:
+    """A free loopback port under ``below``; with ``bus_offset``, one whose port + bus_offset is free too
+    (a cluster node listens on both: a taken bus port aborts the node)."""
     while True:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port < below:
+        if port < below and (not bus_offset or _bindable(port + bus_offset)):
             return port
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def port_open(port: int) -> bool:
@@ -110,7 +120,7 @@ class RedisClusterProcess:
         args += ["--cluster-migration-barrier", "999", "--repl-diskless-sync-delay", "0"]
         self.nodes: list[RedisProcess] = []
         for _ in range(primaries * (1 + replicas)):
-            port = free_port(below=55536)  # a node's bus port is its port + 10000
+            port = free_port(below=55536, bus_offset=10000)  # a node's bus port is its port + 10000
             node_args = [*args, "--cluster-config-file", f"nodes-{port}.conf"]
             self.nodes.append(RedisProcess(self.workdir / str(port), port, node_args))
 
