@@ -2,11 +2,12 @@
 
 On two cores a Python load generator takes a core from the server; ``wrk`` (C, Debian package) does not.
 This starts a private redis-server, stores the workload users' MovieLens histories, spawns
-``clickrank serve`` and the echo floor (``loadtests/echo_app.py``: same FastAPI, uvicorn and pydantic
-models, no model, no Redis), and runs ``wrk`` at rising connection counts, the two servers alternating at
-every step so that both see the same machine. Per route it reports the best rate with p99 within the bound,
-no error and no degraded answer, for each server, and their ratio; ``report.json`` and ``report.md`` are
-written to ``--out``.
+``clickrank serve`` and the two echo floors (``loadtests/echo_app.py``: same FastAPI, uvicorn and pydantic
+request models, no model, no Redis; ``echo`` serialises its answers as the service does, ``echo-pydantic``
+builds them as pydantic objects that FastAPI validates), and runs ``wrk`` at rising connection counts, the
+servers taking turns at every step so that all see the same machine. Per route it reports the best rate with
+p99 within the bound, no error and no degraded answer, for each server, and the service's ratio to each
+echo; ``report.json`` and ``report.md`` are written to ``--out``.
 """
 
 from __future__ import annotations
@@ -115,17 +116,22 @@ def run_wrk(wrk: str, url: str, script: Path, connections: int, duration_s: floa
     return parse_wrk(out.stdout)
 
 
-class EchoServer:
-    """The echo floor under uvicorn on a free loopback port."""
+ECHOES = {"echo": "loadtests.echo_app:app", "echo-pydantic": "loadtests.echo_app:pydantic_app"}
+"""The echo floors by server name: answers serialised as the service does, and built as pydantic objects."""
 
-    def __init__(self, log_path: Path) -> None:
+
+class EchoServer:
+    """An echo floor (``app``, a uvicorn app path) under uvicorn on a free loopback port."""
+
+    def __init__(self, app: str, log_path: Path) -> None:
+        self.app = app
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self) -> EchoServer:
-        command = [sys.executable, "-m", "uvicorn", "loadtests.echo_app:app", "--port", str(self.port),
+        command = [sys.executable, "-m", "uvicorn", self.app, "--port", str(self.port),
                    "--log-level", "warning", "--no-access-log"]  # fmt: skip
         with self.log_path.open("ab") as out:
             self.proc = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -155,12 +161,19 @@ def best(steps: list[dict], server: str, bound_ms: float) -> dict | None:
 
 
 def summary(steps: list[dict], routes: list[str], bound_ms: float) -> list[dict]:
+    """Per route: each server's best step, and the service's rate ÷ each echo's (``ratio`` against
+    ``echo``, ``ratio_pydantic`` against ``echo-pydantic``)."""
     rows = []
     for route in routes:
         on_route = [s for s in steps if s["route"] == route]
-        service, echo = best(on_route, "service", bound_ms), best(on_route, "echo", bound_ms)
-        ratio = service["rps"] / echo["rps"] if service and echo else None
-        rows.append({"route": route, "service": service, "echo": echo, "ratio": ratio})
+        row: dict = {
+            "route": route,
+            **{server: best(on_route, server, bound_ms) for server in ("service", *ECHOES)},
+        }
+        for echo, key in (("echo", "ratio"), ("echo-pydantic", "ratio_pydantic")):
+            service, floor = row["service"], row[echo]
+            row[key] = service["rps"] / floor["rps"] if service and floor else None
+        rows.append(row)
     return rows
 
 
@@ -169,8 +182,9 @@ def markdown(report: dict) -> str:
     lines = [f"# Served path against its HTTP floor ({report['created']})", "",
              f"Best rate with p99 ≤ {bound:g} ms, no error, no degraded answer (`wrk -t1`, "
              f"{report['duration_s']:g} s a step).", "",
-             "| route | service rps (conns, p99 ms) | echo rps (conns, p99 ms) | ratio |",
-             "| --- | --- | --- | --- |"]  # fmt: skip
+             "| route | service rps (conns, p99 ms) | echo rps (conns, p99 ms) | ratio | "
+             "echo-pydantic rps (conns, p99 ms) | ratio to it |",
+             "| --- | --- | --- | --- | --- | --- |"]  # fmt: skip
 
     def cell(step: dict | None) -> str:
         return (
@@ -179,9 +193,14 @@ def markdown(report: dict) -> str:
             else (f"{step['rps']:,.0f} ({step['connections']}, {step['p99_ms']:.1f})")
         )
 
+    def times(ratio: float | None) -> str:
+        return "n/a" if ratio is None else f"{ratio:.2f}×"
+
     for row in report["summary"]:
-        ratio = "n/a" if row["ratio"] is None else f"{row['ratio']:.2f}×"
-        lines.append(f"| {row['route']} | {cell(row['service'])} | {cell(row['echo'])} | {ratio} |")
+        lines.append(
+            f"| {row['route']} | {cell(row['service'])} | {cell(row['echo'])} | {times(row['ratio'])} | "
+            f"{cell(row['echo-pydantic'])} | {times(row['ratio_pydantic'])} |"
+        )
     lines += ["", "| route | server | conns | rps | p50 ms | p99 ms | non-2xx | socket errors | degraded |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for s in report["steps"]:
@@ -250,8 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         service = SpawnedServer(
             Variant("service"), model_dir=args.model_dir, redis_url=redis.url, log_path=out / "service.log"
         )
-        with service, EchoServer(out / "echo.log") as echo:
-            urls = {"service": service.url, "echo": echo.url}
+        echoes = {name: EchoServer(app, out / f"{name}.log") for name, app in ECHOES.items()}
+        with service, echoes["echo"] as echo, echoes["echo-pydantic"] as echo_pydantic:
+            urls = {"service": service.url, "echo": echo.url, "echo-pydantic": echo_pydantic.url}
             steps = measure(wrk, urls, scripts, connections, args.duration)
     report = {
         "created": utc_stamp(now),

@@ -5,8 +5,8 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from loadtests.echo_app import app
-from loadtests.floor import best, parse_wrk, wrk_script
+from loadtests.echo_app import app, pydantic_app
+from loadtests.floor import best, parse_wrk, summary, wrk_script
 from service.schemas.ranking import PredictResponse, RecommendResponse
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
@@ -55,9 +55,27 @@ def test_the_wrk_script_cycles_the_bodies() -> None:
     assert script.count("[==[") == 2 and '"/v1/predict"' in script and "i % #bodies + 1" in script
 
 
+def test_the_summary_rates_the_service_against_each_echo() -> None:
+    def step(server: str, rps: float) -> dict:
+        return {
+            "route": "predict",
+            "server": server,
+            "rps": rps,
+            "p99_ms": 10.0,
+            "non_2xx": 0,
+            "socket_errors": 0,
+        }
+
+    (row,) = summary(
+        [step("service", 500.0), step("echo", 2000.0), step("echo-pydantic", 1000.0)], ["predict"], 50
+    )
+    assert (row["ratio"], row["ratio_pydantic"]) == (0.25, 0.5)
+
+
 @pytest.mark.anyio
-async def test_the_echo_floor_answers_the_served_shapes() -> None:
-    transport = httpx.ASGITransport(app=app)
+@pytest.mark.parametrize("echo", [app, pydantic_app], ids=["json", "pydantic"])
+async def test_the_echo_floor_answers_the_served_shapes(echo) -> None:
+    transport = httpx.ASGITransport(app=echo)
     async with httpx.AsyncClient(transport=transport, base_url="http://echo.test") as client:
         predicted = await client.post("/v1/predict", json={"user_id": "7", "candidates": ["1", "2", "3"]})
         recommended = await client.post("/v1/recommend", json={"user_id": "7", "top_k": 5})
