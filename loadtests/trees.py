@@ -4,9 +4,10 @@ What a change did to the served path, measured in one run on one machine: both t
 serve`` (``loadtests.server.SpawnedServer``, each importing its own tree's code) share one
 private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
 drives ``POST /v1/predict`` at each connection count, the trees alternating at every step. Per step:
-rate, p50/p99, non-2xx answers, degraded answers and shed requests (from each server's ``/metrics``), and
-where a tree times its refusals (``clickrank_shed_seconds``): the share of them answered within 5 ms in
-the server and the admitted requests' p99. Writes ``report.json`` into ``--out``.
+rate, p50/p99, the server's CPU time per request (``/proc``), non-2xx answers, degraded answers and shed
+requests (from each server's ``/metrics``), and where a tree times its refusals
+(``clickrank_shed_seconds``): the share of them answered within 5 ms in the server and the admitted
+requests' p99. Writes ``report.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 from loadtests.common import log
 from loadtests.floor import BODIES, DEGRADED, metric_sum, metrics_text, run_wrk, wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
-from loadtests.server import SpawnedServer, Variant
+from loadtests.server import SpawnedServer, Variant, cpu_seconds
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
@@ -33,15 +34,17 @@ SHED = "clickrank_queue_rejected_total"
 
 
 def measure(
-    wrk: str, urls: dict[str, str], script: Path, connections: list[int], duration_s: float
+    wrk: str, servers: dict[str, SpawnedServer], script: Path, connections: list[int], duration_s: float
 ) -> list[dict]:
     steps = []
-    for url in urls.values():  # warm both: the first requests pay for lazy imports
-        run_wrk(wrk, url, script, 2, 2)
+    for server in servers.values():  # warm both: the first requests pay for lazy imports
+        run_wrk(wrk, server.url, script, 2, 2)
     for c in connections:
-        for tree, url in urls.items():
-            before = metrics_text(url)
+        for tree, server in servers.items():
+            url, pid = server.url, server.proc.pid  # type: ignore[union-attr]
+            before, cpu_before = metrics_text(url), cpu_seconds(pid)
             result = run_wrk(wrk, url, script, c, duration_s)
+            cpu = cpu_seconds(pid) - cpu_before
             after = metrics_text(url)
             admission = admission_delta(before, after, ROUTES["predict"])
             step = {
@@ -57,9 +60,11 @@ def measure(
                 "shed": int(metric_sum(after, SHED) - metric_sum(before, SHED)),
                 "shed_within_5ms": admission["shed_within_5ms"],
                 "admitted_p99_le_ms": admission["admitted_p99_le_ms"],
+                "server_cpu_ms_per_request": round(cpu * 1000 / max(result.requests, 1), 3),
             }
             steps.append(step)
             log(f"trees {tree} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms, "
+                f"{step['server_cpu_ms_per_request']:.2f} ms server CPU a request, "
                 f"{step['degraded']} degraded, {step['shed']} shed ({step['shed_within_5ms']} within 5 ms), "
                 f"admitted p99 ≤ {step['admitted_p99_le_ms']} ms")  # fmt: skip
     return steps
@@ -90,14 +95,14 @@ def main(argv: list[str] | None = None) -> int:
         ExitStack() as stack,
     ):
         load_histories(redis.url, workload)
-        urls = {}
+        servers = {}
         for name, tree in (("old", args.old), ("new", args.new)):
             server = SpawnedServer(
                 Variant(name), model_dir=args.model_dir, redis_url=redis.url,
                 log_path=args.out / f"{name}.log", tree=tree,
             )  # fmt: skip
-            urls[name] = stack.enter_context(server).url
-        steps = measure(wrk, urls, script, connections, args.duration)
+            servers[name] = stack.enter_context(server)
+        steps = measure(wrk, servers, script, connections, args.duration)
     report = {
         "created": utc_stamp(datetime.now(UTC)),
         "machine": machine_info(),
