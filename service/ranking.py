@@ -140,7 +140,8 @@ class Ranker:
         retrieved = scores = None
         if len(window):
             # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.
-            scores = self.retrieval.scores(await self._user_vector(window))
+            user_vector = await self._user_vector(window)
+            scores = self.retrieval.scores(user_vector, search=self.retrieval_size + len(excluded))
             retrieved = self.retrieval.top(scores, self.retrieval_size, excluded)
         found = await self.sources.gather(
             retrieved,

@@ -13,7 +13,7 @@ from helpers import app_settings, running_app
 from models.calibration import logsumexp
 from models.model_dir import ModelDir
 from service.catalog import ItemCatalog
-from service.retrieval import Retrieval, top_rows
+from service.retrieval import Retrieval, _members, top_rows
 
 
 @pytest.fixture(scope="module")
@@ -101,3 +101,11 @@ async def test_the_service_answers_the_same_with_the_index_on(
     assert [i["item_id"] for i in ann_rec] == [i["item_id"] for i in exact_rec]
     for a, b in zip(ann_pred + ann_rec, exact_pred + exact_rec, strict=True):
         assert a["click_probability"] == pytest.approx(b["click_probability"], rel=1e-4)
+
+
+def test_sample_membership_by_binary_search_matches_isin() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        sample = np.sort(rng.choice(5000, 400, replace=False))
+        rows = rng.choice(5200, 40)  # some past the sample's last row
+        np.testing.assert_array_equal(_members(sample, rows), np.isin(sample, rows))
