@@ -147,10 +147,9 @@ class MultiplexedReads:
         commands sent again: they only read. Raises redis-py's ``ConnectionError`` (no connection) or
         ``ResponseError`` (an error reply)."""
         protocol = self._protocol
-        if protocol is None or protocol.closed:
-            return await (await self._connect()).send(commands)
-        if protocol.silent_for(time.monotonic()) > self.stale_after_s:
+        if protocol is not None and protocol.silent_for(time.monotonic()) > self.stale_after_s:
             protocol.abort(f"no reply from Redis for {self.stale_after_s:g} s: connection dropped")
+        if protocol is None or protocol.closed:
             return await (await self._connect()).send(commands)
         try:
             return await protocol.send(commands)
