@@ -3,11 +3,11 @@
 What a change did to the served path, measured in one run on one machine: both trees' ``clickrank
 serve`` (``loadtests.server.SpawnedServer``, each importing its own tree's code) share one
 private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
-drives ``POST /v1/predict`` at each connection count, the trees alternating at every step. Per step:
-rate, p50/p99, the server's CPU time per request (``/proc``), non-2xx answers, degraded answers and shed
-requests (from each server's ``/metrics``), and where a tree times its refusals
-(``clickrank_shed_seconds``): the share of them answered within 5 ms in the server and the admitted
-requests' p99. Writes ``report.json`` into ``--out``.
+drives ``POST /v1/predict`` (or ``--route recommend``) at each connection count, the trees alternating
+at every step. Per step: rate, p50/p99, the server's CPU time per request (``/proc``), non-2xx answers,
+degraded answers and shed requests (from each server's ``/metrics``), and where a tree times its
+refusals (``clickrank_shed_seconds``): the share of them answered within 5 ms in the server and the
+admitted requests' p99. Writes ``report.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,12 @@ SHED = "clickrank_queue_rejected_total"
 
 
 def measure(
-    wrk: str, servers: dict[str, SpawnedServer], script: Path, connections: list[int], duration_s: float
+    wrk: str,
+    servers: dict[str, SpawnedServer],
+    script: Path,
+    route: str,
+    connections: list[int],
+    duration_s: float,
 ) -> list[dict]:
     steps = []
     for server in servers.values():  # warm both: the first requests pay for lazy imports
@@ -46,8 +51,9 @@ def measure(
             result = run_wrk(wrk, url, script, c, duration_s)
             cpu = cpu_seconds(pid) - cpu_before
             after = metrics_text(url)
-            admission = admission_delta(before, after, ROUTES["predict"])
+            admission = admission_delta(before, after, ROUTES[route])
             step = {
+                "route": route,
                 "tree": tree,
                 "connections": c,
                 "rps": result.rps,
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
     parser.add_argument("--connections", default="8,64,256", help="comma-separated wrk connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
+    parser.add_argument("--route", choices=("predict", "recommend"), default="predict")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     wrk = shutil.which("wrk")
@@ -86,8 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.data_dir or default_data_dir(), "predict")
-    script = args.out / "predict.lua"
-    script.write_text(wrk_script([workload.predict_body() for _ in range(BODIES)], ROUTES["predict"]))
+    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[args.route]
+    script = args.out / f"{args.route}.lua"
+    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[args.route]))
     connections = [int(c) for c in args.connections.split(",")]
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -102,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 log_path=args.out / f"{name}.log", tree=tree,
             )  # fmt: skip
             servers[name] = stack.enter_context(server)
-        steps = measure(wrk, servers, script, connections, args.duration)
+        steps = measure(wrk, servers, script, args.route, connections, args.duration)
     report = {
         "created": utc_stamp(datetime.now(UTC)),
         "machine": machine_info(),

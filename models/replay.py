@@ -524,6 +524,7 @@ def run_replay(
                     redis_timeout_ms=5000.0,  # a replay on a busy machine must not turn into degraded answers
                     request_timeout_ms=60000.0,
                     covisit_cache_s=0.0,  # replayed time runs far faster than the wall clock a cache counts
+                    lists_cache_s=0.0,
                     log_format="text",
                     **({} if weight is None else {"covisit_weight": weight}),
                 )

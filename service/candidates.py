@@ -9,6 +9,9 @@ Sources, with a history (at least one catalog item in the merged stored + contex
 - ``fresh``: the newest ``fresh_candidates`` fresh items that are in the catalog;
 - ``trending``: the ``trending_candidates`` most trending items.
 
+The trending and fresh lists are the same for every user: read once, they are kept as catalog rows and
+reused for ``lists_cache_s``, so a request only drops its user's excluded rows from them.
+
 Without a history: trending items up to ``top_k``, topped up from the model's history-free ``prior``, plus
 the fresh items. Excluded (seen) items and items not in the catalog are dropped from every source. The
 Redis-backed lists are read in one pipelined round trip under the store's deadline; when it fails, the
@@ -26,7 +29,7 @@ import numpy as np
 from service.catalog import ItemCatalog
 from service.metrics import CANDIDATES, COVISIT_CACHE
 from service.redis_conn import StoreUnavailable
-from service.store import HistoryStore, SourceLists
+from service.store import TRENDING_OVERFETCH_MAX, HistoryStore, SourceLists
 
 PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``prior(k, excluded_rows)``: the ``k`` best rows by the history-free prior, never an excluded one."""
@@ -142,6 +145,29 @@ class FollowerCache:
             self._entries[item_id] = (expires, f)
 
 
+class ListCache:
+    """The store's trending and fresh lists as catalog rows (list order, items outside the catalog dropped),
+    reused for ``ttl_s`` (0: never): they are the same for every user, and converting a few hundred ids to
+    rows on every recommend cost more than the rest of its candidate gathering. Rows stay valid: the
+    catalog only appends rows."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._entries: dict[str, tuple[float, int, np.ndarray]] = {}  # name → (expires, entries read, rows)
+
+    def get(self, name: str, n: int) -> np.ndarray | None:
+        """The rows of list ``name`` if it was read with at least its top ``n`` entries within the TTL."""
+        entry = self._entries.get(name)
+        if entry is not None and entry[0] > time.monotonic() and entry[1] >= n:
+            return entry[2]
+        return None
+
+    def put(self, name: str, read: int, rows: np.ndarray) -> None:
+        """Keep ``rows``, from the top ``read`` entries of list ``name``."""
+        if self.ttl_s > 0:
+            self._entries[name] = (time.monotonic() + self.ttl_s, read, rows)
+
+
 def last_distinct(item_ids: Sequence[str], n: int) -> list[str]:
     """The ``n`` latest distinct ids of a time-ordered list, latest first."""
     out: list[str] = []
@@ -172,10 +198,13 @@ class CandidateSources:
     fresh_candidates: int = 20
     trending_candidates: int = 10
     covisit_cache_s: float = 0.0
+    lists_cache_s: float = 0.0
     _followers: FollowerCache = field(init=False, repr=False)
+    _lists: ListCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._followers = FollowerCache(self.covisit_cache_s)
+        self._lists = ListCache(self.lists_cache_s)
 
     async def gather(
         self,
@@ -193,29 +222,49 @@ class CandidateSources:
         with_history = retrieved is not None
         sources = last_distinct(recent, self.covisit_sources) if with_history else []
         trending_n = self.trending_candidates if with_history else 2 * top_k
+        # Read past the top trending_n to make up for excluded items; with the cache on, as far as any
+        # request may need, so the rows read serve every user until they expire.
+        overfetch = TRENDING_OVERFETCH_MAX if self._lists.ttl_s > 0 else len(exclude)
+        trending = self._lists.get("trending", trending_n + min(len(exclude), TRENDING_OVERFETCH_MAX))
+        fresh = self._lists.get("fresh", 0)
         cached, missing = self._followers.split(sources)
         lists, error = SourceLists([], [], []), None
         if use_store:
             try:
-                lists = await self.store.candidate_lists(missing, trending=trending_n, exclude=len(exclude))
+                lists = await self.store.candidate_lists(
+                    missing,
+                    trending=0 if trending is not None else trending_n,
+                    exclude=overfetch,
+                    fresh=fresh is None,
+                )
             except StoreUnavailable as exc:
                 error = exc
-        covisit = self._merged(
-            sources, cached, missing, lists.covisit if error is None and use_store else None
-        )
+        read = error is None and use_store
+        covisit = self._merged(sources, cached, missing, lists.covisit if read else None)
+        if trending is None:
+            trending = self.catalog.index_of(lists.trending)
+            trending = trending[trending >= 0]
+            if read:
+                self._lists.put("trending", trending_n + min(overfetch, TRENDING_OVERFETCH_MAX), trending)
+        if fresh is None:
+            fresh = self.catalog.index_of(lists.fresh)
+            fresh = fresh[fresh >= 0]
+            if read:
+                self._lists.put("fresh", 0, fresh)
 
         parts: dict[str, np.ndarray] = {}
         if with_history:
             parts["retrieval"] = retrieved
             if sources:
                 parts["covisit"] = covisit.best(self.covisit_candidates, excluded_rows)
-            parts["trending"] = self._rows(self._allowed(lists.trending, exclude), self.trending_candidates)
+            parts["trending"] = _first_allowed(trending, excluded_rows, self.trending_candidates)
         else:
-            trending = self._rows(self._allowed(lists.trending, exclude), top_k)
-            parts["trending"] = trending
-            if len(trending) < top_k:
-                parts["prior"] = await prior(top_k - len(trending), np.r_[excluded_rows, trending])
-        parts["fresh"] = self._rows(self._allowed(lists.fresh, exclude), self.fresh_candidates)
+            parts["trending"] = _first_allowed(trending, excluded_rows, top_k)
+            if len(parts["trending"]) < top_k:
+                parts["prior"] = await prior(
+                    top_k - len(parts["trending"]), np.r_[excluded_rows, parts["trending"]]
+                )
+        parts["fresh"] = _first_allowed(fresh, excluded_rows, self.fresh_candidates)
 
         for source, rows in parts.items():
             CANDIDATES.labels(source=source).observe(len(rows))
@@ -248,13 +297,9 @@ class CandidateSources:
             cached = {**cached, **fresh}
         return Covisitation.merge([cached.get(item_id, NO_FOLLOWERS) for item_id in sources])
 
-    @staticmethod
-    def _allowed(item_ids: Sequence[str], exclude: Collection[str]) -> list[str]:
-        return [item_id for item_id in item_ids if item_id not in exclude]
 
-    def _rows(self, item_ids: Sequence[str], k: int) -> np.ndarray:
-        """Catalog rows of the first ``k`` ids that are in the catalog."""
-        if not item_ids or k <= 0:
-            return np.empty(0, dtype=np.int64)
-        rows = self.catalog.index_of(item_ids)
-        return rows[rows >= 0][:k]
+def _first_allowed(rows: np.ndarray, excluded_rows: np.ndarray, k: int) -> np.ndarray:
+    """The first ``k`` of ``rows`` that are not excluded."""
+    if k <= 0 or not len(rows):
+        return np.empty(0, dtype=np.int64)
+    return rows[~np.isin(rows, excluded_rows)][:k]

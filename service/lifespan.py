@@ -107,6 +107,7 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
         fresh_candidates=settings.fresh_candidates,
         trending_candidates=settings.trending_candidates,
         covisit_cache_s=settings.covisit_cache_s,
+        lists_cache_s=settings.lists_cache_s,
     )
     retrieval = await asyncio.to_thread(
         Retrieval, catalog, ann_min_items=settings.ann_min_items, nprobe=settings.ann_nprobe

@@ -135,8 +135,8 @@ class Ranker:
         )
         exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
 
-        excluded = self.catalog.index_of(sorted(exclude)) if exclude else np.empty(0, dtype=np.int64)
-        excluded = excluded[excluded >= 0]
+        excluded = self.catalog.index_of(list(exclude)) if exclude else np.empty(0, dtype=np.int64)
+        excluded = np.sort(excluded[excluded >= 0])
         retrieved = scores = None
         if len(window):
             # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.

@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     covisit_candidates: int = Field(default=100, ge=0)
     # how long a replica reuses an item's co-visitation set read from Redis (0: read it every request)
     covisit_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
+    # how long a replica reuses the trending and fresh lists (as catalog rows) for recommend (0: never)
+    lists_cache_s: float = Field(default=1.0, ge=0.0, le=60.0)
     # β: probability × e^(β·co-visitation); 8 was best of 0, 1, 2, 4, 8 on the validation replay (README)
     covisit_weight: float = Field(default=8.0, ge=0.0, le=50.0)
     fresh_size: int = Field(default=200, ge=1, le=10000)

@@ -43,7 +43,7 @@ _SEQ_DIGITS = 16
 # Trending scores are stored as 2^((t - ref) / half_life); once an event is this many half-lives past
 # ref the whole set is rescaled to a new ref, so stored scores stay below ~2^64 per event.
 _RESCALE_EXPONENT = 64.0
-_OVERFETCH_MAX = 500
+TRENDING_OVERFETCH_MAX = 500
 """At most this many extra trending entries are read to make up for excluded (seen) items."""
 
 
@@ -471,7 +471,7 @@ class HistoryStore:
         top ``trending`` (+ up to ``exclude`` more, to make up for excluded ones) trending items: one
         pipelined round trip (on a cluster the fresh and trending lists come from the merge cache, or a
         round trip each)."""
-        extra = min(exclude, _OVERFETCH_MAX) if trending > 0 else 0
+        extra = min(exclude, TRENDING_OVERFETCH_MAX) if trending > 0 else 0
         cluster = self.keys.cluster
         commands = [_scored_range(self.keys.covisit(i), 0, -1, newest_first=True) for i in sources]
         if not cluster:

@@ -29,7 +29,8 @@ TEST_DEVICE = os.environ.get("CLICKRANK_TEST_DEVICE", "cpu")
 def app_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
     """Settings of an app under test, on ``TEST_DEVICE`` (the CPU), with deadlines generous for the shared
     test machine (2 s for Redis, 20 s for a request) unless ``overrides`` sets them: the fault tests do.
-    Co-visitation sets are read every request unless ``covisit_cache_s`` is set."""
+    Co-visitation sets and the trending and fresh lists are read every request unless ``covisit_cache_s``
+    and ``lists_cache_s`` are set."""
     return Settings(
         **{
             "redis_url": redis_url,
@@ -38,6 +39,7 @@ def app_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
             "redis_timeout_ms": 2000.0,
             "request_timeout_ms": 20000.0,
             "covisit_cache_s": 0.0,  # tests read their own writes at once (test_candidates tests the cache)
+            "lists_cache_s": 0.0,  # likewise for the trending and fresh lists
             **overrides,
         }
     )

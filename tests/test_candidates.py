@@ -186,6 +186,48 @@ async def test_a_cached_covisitation_set_is_reused_for_its_ttl_then_read_again(
         assert later[linked] < first[linked]  # the link is gone: no boost any more
 
 
+async def test_the_fresh_list_is_reused_for_its_ttl_and_each_user_still_loses_what_they_saw(
+    redis_server: Any, model_dir: Path, catalog: list[str]
+) -> None:
+    """With CLICKRANK_LISTS_CACHE_S set, the fresh list read by one recommend serves the next ones until it
+    expires (an item added meanwhile waits for it), while the user's own exclusions apply at once."""
+    settings = app_settings(
+        redis_server.url,
+        model_dir,
+        retrieval_size=1,
+        trending_candidates=0,
+        fresh_size=3,
+        fresh_candidates=3,
+        lists_cache_s=0.5,
+    )
+    async with running_app(settings) as (c, _):
+        await history_user(c, "lc", catalog[710:713])
+        stamp = time.time_ns()
+        first, second = f"lc-first:{stamp}", f"lc-second:{stamp}"
+
+        async def upsert(item_id: str) -> None:
+            items = {"items": [{"item_id": item_id, "text": "Another New Film (2026) | Comedy"}]}
+            assert (await c.post("/v1/items", json=items)).json() == {"upserted": 1}
+
+        async def fresh_shown() -> tuple[float, set[str]]:
+            before = await scraped_metric(c, "clickrank_candidates_sum", source="fresh")
+            items = {i["item_id"] for i in (await recommend(c, "lc"))["items"]}
+            return await scraped_metric(c, "clickrank_candidates_sum", source="fresh") - before, items
+
+        await upsert(first)
+        count, items = await fresh_shown()
+        assert count == 1 and first in items  # read now: first; catalog[710:713] are the user's own
+        await upsert(second)
+        count, items = await fresh_shown()
+        assert count == 1 and first in items  # the list read a moment ago (re-read: second and first, 2)
+        await post_events(c, [event("lc", first, NOW)])
+        count, items = await fresh_shown()
+        assert count == 0 and first not in items  # the user saw it: dropped from the cached list too
+        time.sleep(0.6)
+        count, items = await fresh_shown()
+        assert count == 1 and second in items  # read again: second, first (seen), catalog[712] (seen)
+
+
 # ------------------------------------------------------------------------------------------- merge logic
 
 
