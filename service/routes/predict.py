@@ -1,17 +1,17 @@
 """``POST /v1/predict`` and ``POST /v1/recommend``: the two answers of the ranker.
 
-The ranker builds each answer as plain JSON-ready values and it is serialised once, in Rust
-(``pydantic_core.to_json``): no pydantic object per prediction and no second validation of an answer the
-service built itself (``response_model`` still documents it). The contract tests check the answers
-against the OpenAPI document.
+The ranker builds each answer as plain JSON-ready values and it is serialised once, in C (``orjson``: a
+third of ``pydantic_core.to_json``'s time on a 100-prediction answer): no pydantic object per prediction
+and no second validation of an answer the service built itself (``response_model`` still documents it).
+The contract tests check the answers against the OpenAPI document.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from fastapi import Response
-from pydantic_core import to_json
 
 from service.deps import ModelDep, ServicesDep, v1_router, within_deadline
 from service.errors import documented
@@ -21,7 +21,7 @@ router = v1_router()
 
 
 def json_answer(answer: dict[str, Any]) -> Response:
-    return Response(to_json(answer), media_type="application/json")
+    return Response(orjson.dumps(answer), media_type="application/json")
 
 
 @router.post("/predict", response_model=PredictResponse, responses=documented(503, 504))
