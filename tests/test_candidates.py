@@ -22,23 +22,22 @@ from helpers import app_settings, running_app, scraped_metric
 from oracle import ModelFiles
 
 from service.candidates import Covisitation, FollowerCache, Followers, last_distinct
+from service.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 NOW = time.time()
 
 
+def narrow_settings(redis_url: str, model_dir: Path, **overrides: Any) -> Settings:
+    """One retrieved item, no trending items, the three newest fresh items."""
+    narrow = {"retrieval_size": 1, "trending_candidates": 0, "fresh_size": 3, "fresh_candidates": 3}
+    return app_settings(redis_url, model_dir, **narrow, **overrides)
+
+
 @pytest.fixture(scope="module")
 async def narrow(redis_server: Any, model_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, FastAPI]]:
-    settings = app_settings(
-        redis_server.url,
-        model_dir,
-        retrieval_size=1,
-        trending_candidates=0,
-        fresh_size=3,
-        fresh_candidates=3,
-    )
-    async with running_app(settings) as handle:
+    async with running_app(narrow_settings(redis_server.url, model_dir)) as handle:
         yield handle
 
 
@@ -191,16 +190,7 @@ async def test_the_fresh_list_is_reused_for_its_ttl_and_each_user_still_loses_wh
 ) -> None:
     """With CLICKRANK_LISTS_CACHE_S set, the fresh list read by one recommend serves the next ones until it
     expires (an item added meanwhile waits for it), while the user's own exclusions apply at once."""
-    settings = app_settings(
-        redis_server.url,
-        model_dir,
-        retrieval_size=1,
-        trending_candidates=0,
-        fresh_size=3,
-        fresh_candidates=3,
-        lists_cache_s=0.5,
-    )
-    async with running_app(settings) as (c, _):
+    async with running_app(narrow_settings(redis_server.url, model_dir, lists_cache_s=0.5)) as (c, _):
         await history_user(c, "lc", catalog[710:713])
         stamp = time.time_ns()
         first, second = f"lc-first:{stamp}", f"lc-second:{stamp}"
