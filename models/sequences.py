@@ -69,9 +69,18 @@ class Windows:
     gaps: np.ndarray  # [W, L]
     mask: np.ndarray  # [W, L] float32
     targets: np.ndarray  # [W, L] int64, -1 where there is no next item
+    earlier: np.ndarray  # [W, 2] int64: the span of ``user_items`` holding the user's items before the window
+    user_items: np.ndarray  # the windowed users' item sequences, concatenated
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def earlier_items(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(k, item) pairs: the items the user of window ``rows[k]`` had before that window."""
+        spans = self.earlier[rows]
+        lengths = spans[:, 1] - spans[:, 0]
+        firsts = np.repeat(spans[:, 0] - np.cumsum(lengths) + lengths, lengths)
+        return np.repeat(np.arange(len(rows)), lengths), self.user_items[firsts + np.arange(lengths.sum())]
 
 
 def history_arrays(seq: UserSequence, length: int) -> tuple[np.ndarray, ...]:
@@ -92,6 +101,8 @@ def make_windows(sequences: list[UserSequence], length: int, stride: int, min_co
     with ``min_context = length + 1 - stride`` every event is a target exactly once, read with at least
     that many events before it, as the served user state reads the last ``length``."""
     rows: list[tuple[np.ndarray, ...]] = []
+    earlier: list[tuple[int, int]] = []
+    offset = 0
     for seq in sequences:
         n = len(seq)
         if n < 2:
@@ -106,7 +117,10 @@ def make_windows(sequences: list[UserSequence], length: int, stride: int, min_co
             if start > 0 and min_context > 1:
                 targets[: length - k + min_context - 1] = -1
             rows.append((items, types, values, gaps, mask, targets))
+            earlier.append((offset, offset + start))
             if start == 0:
                 break
+        offset += n
     stacked = [np.stack(col) for col in zip(*rows, strict=True)]
-    return Windows(*stacked)
+    user_items = np.concatenate([s.items for s in sequences if len(s) >= 2])
+    return Windows(*stacked, np.asarray(earlier, dtype=np.int64).reshape(-1, 2), user_items)

@@ -2,8 +2,9 @@
 
 Retrieval: the causal state at every position of a window scores every training item by dot product and
 is trained with softmax cross-entropy over the whole catalog (Klenitskiy & Vasilev, RecSys 2023: this,
-not the architecture, is what makes SASRec strong). Above ``full_softmax_max_items`` the softmax is
-sampled instead: many negatives drawn by popularity^0.75, with the logQ correction.
+not the architecture, is what makes SASRec strong), less the items the user had before the target
+(``exclude_seen``). Above ``full_softmax_max_items`` the softmax is sampled instead: many negatives drawn
+by popularity^0.75, with the logQ correction.
 
 Re-ranking (``rerank``, off by default: it ranked below retrieval on validation): at a few positions per
 window, a softmax of the full logit (target attention + MLP on top of the dot product) over a shortlist
@@ -62,6 +63,11 @@ class FitConfig:
     window excepted), see ``models.sequences.make_windows``. None: ``history_length + 1 - stride``, so each
     event is a target once, read with at least 41 events before it at the defaults (as RecBole's SASRec
     reads each target's last 50); 0: every slot of every window, an event in several windows."""
+    exclude_seen: bool = True
+    """The user's earlier items are not answers in the training softmax, as evaluation and
+    ``/v1/recommend`` never rank them (False: every catalog item competes at every position, SASRec).
+    Chosen on validation (seed 0): NDCG@10 0.1661 against 0.1512 (the window's inputs alone: 0.1557).
+    The ID-only baseline keeps SASRec's unmasked softmax (README, ablations)."""
     full_softmax_max_items: int = 50_000
     """Whole-catalog softmax up to this many items; a sampled softmax with logQ correction above."""
     sampled_negatives: int = 4096
@@ -94,7 +100,7 @@ class FitConfig:
 
     def baseline(self) -> FitConfig:
         """The ID-only baseline's recipe: the same training on items alone, retrieval scores only, with
-        SASRec's (RecBole's default) dropout."""
+        SASRec's (RecBole's default) dropout and softmax over every item (the user's earlier ones too)."""
         return dataclasses.replace(
             self,
             dim=self.dim // self.members,
@@ -102,6 +108,7 @@ class FitConfig:
             rerank=False,
             event_features=False,
             dropout=SASREC_DROPOUT,
+            exclude_seen=False,
         )
 
 
@@ -220,6 +227,42 @@ class _Softmax:
         return logits.masked_fill(same, MASKED), own, ids
 
 
+def _seen_pairs(batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(m, item) pairs for the M trained positions (``valid``, row-major): the items the user had before
+    position m's target, those before its window (``earlier_*``) and the window's inputs up to m."""
+    windows, positions = valid.nonzero(as_tuple=True)
+    slots = torch.arange(valid.shape[1])
+    read = (slots.unsqueeze(0) <= positions.unsqueeze(1)) & (batch["mask"][windows] > 0)
+    in_window_rows, in_window_slots = read.nonzero(as_tuple=True)
+    in_window_items = batch["items"][windows[in_window_rows], in_window_slots]
+    # The earlier items are grouped by window (``Windows.earlier_items``): each position takes its window's.
+    per_window = torch.bincount(batch["earlier_rows"], minlength=valid.shape[0])
+    offsets = torch.cumsum(per_window, 0) - per_window
+    lengths = per_window[windows]
+    firsts = torch.repeat_interleave(offsets[windows] - torch.cumsum(lengths, 0) + lengths, lengths)
+    earlier_items = batch["earlier_items"][firsts + torch.arange(int(lengths.sum()))]
+    rows = torch.cat([in_window_rows, torch.repeat_interleave(torch.arange(len(windows)), lengths)])
+    return rows, torch.cat([in_window_items, earlier_items])
+
+
+def _without_seen(
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None],
+    seen: tuple[torch.Tensor, torch.Tensor],
+    num_items: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Softmax logits with each row's seen items masked (the row's target never)."""
+    logits, target_cols, ids = out
+    rows, items = seen
+    if ids is None:  # the whole catalog: one column per item
+        masked = torch.zeros_like(logits, dtype=torch.bool)
+        masked[rows, items] = True
+    else:  # sampled columns: look each (row, column item) pair up among the seen pairs
+        columns = torch.arange(len(logits)).unsqueeze(1) * num_items + ids.unsqueeze(0)
+        masked = torch.isin(columns, rows * num_items + items)
+    masked[torch.arange(len(target_cols)), target_cols] = False
+    return logits.masked_fill(masked, MASKED), target_cols, ids
+
+
 def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig, softmax: _Softmax):
     vectors = model.tower()
     mask = batch["mask"]
@@ -233,9 +276,14 @@ def _batch_loss(model: RecModel, batch: dict[str, torch.Tensor], cfg: FitConfig,
         softmax.logits(q, v, targets[valid])
         for q, v in zip(queries.chunk(cfg.members, -1), vectors.chunk(cfg.members, -1), strict=True)
     ]
+    if cfg.exclude_seen:
+        seen = _seen_pairs(batch, valid)
+        outs = [_without_seen(out, seen, len(vectors)) for out in outs]
     loss = sum(nn.functional.cross_entropy(out[0], out[1]) for out in outs) / cfg.members
     if cfg.rerank:  # the re-ranker reads the served (summed) logits: one member's are those already
         out = outs[0] if cfg.members == 1 else softmax.logits(queries, vectors, targets[valid])
+        if cfg.members > 1 and cfg.exclude_seen:
+            out = _without_seen(out, seen, len(vectors))
         loss = loss + _rerank_loss(model, states, mask, targets, vectors, out, valid, cfg)
     # History-free prior over the whole catalog, against each window's first event.
     first = batch["items"].gather(1, mask.argmax(dim=1, keepdim=True)).squeeze(1)
@@ -338,7 +386,11 @@ def fit(
         total = 0.0
         for s in range(steps):
             idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            loss = _batch_loss(model, {k: v[idx] for k, v in tensors.items()}, cfg, softmax)
+            batch = {k: v[idx] for k, v in tensors.items()}
+            if cfg.exclude_seen:
+                earlier = windows.earlier_items(idx.numpy())
+                batch["earlier_rows"], batch["earlier_items"] = map(torch.from_numpy, earlier)
+            loss = _batch_loss(model, batch, cfg, softmax)
             optim.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 5.0)

@@ -104,3 +104,23 @@ def test_min_context_trains_every_event_once_with_a_long_context(data_dir: Path)
         assert slots.min() == length - stride  # slot s is read with s + 1 events before it
     everything = make_windows([seq], length=length, stride=stride)
     assert (everything.targets >= 0).sum() > len(trained), "without it every slot of every window trains"
+
+
+def test_each_window_knows_the_items_its_user_had_before_it(data_dir: Path) -> None:
+    """``earlier_items``: for every window, exactly the user's items before its first input (what the
+    training softmax masks beside the window's own inputs)."""
+    sequences = sorted(user_sequences(load_dataset(data_dir)), key=len)[-3:]
+    windows = make_windows(sequences, length=20, stride=10, min_context=11)
+    starts = []  # (user, first input) of each window, in make_windows' order
+    for seq in sequences:
+        for end in range(len(seq), 1, -10):
+            starts.append((seq, max(0, end - 21)))
+            if end <= 21:
+                break
+    assert len(starts) == len(windows)
+    rows = np.array([0, len(windows) - 1, 7, 3, 30])
+    pair_rows, items = windows.earlier_items(rows)
+    for k, row in enumerate(rows):
+        seq, first = starts[row]
+        assert sorted(items[pair_rows == k].tolist()) == sorted(seq.items[:first].tolist())
+        assert windows.items[row][windows.mask[row] > 0][0] == seq.items[first]

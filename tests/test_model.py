@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from models.calibration import Calibration
-from models.data import Dataset, Item
+from models.data import Dataset, Item, load_dataset
 from models.evaluate import make_split, rank_metrics
 from models.export import RANKER_INPUTS, export_ranker, random_ranker_inputs, ranker_parity
 from models.pipeline import (
@@ -24,8 +24,8 @@ from models.pipeline import (
     fit_exported_model,
 )
 from models.ranker import RankerConfig, SequenceRanker, load_ranker
-from models.sequences import UserSequence
-from models.train import FitConfig, fit
+from models.sequences import UserSequence, make_windows, user_sequences
+from models.train import MASKED, FitConfig, _seen_pairs, _without_seen, fit
 
 SHAPES = [(1, 1, 1), (1, 50, 100), (3, 7, 5), (8, 20, 64), (32, 13, 300), (64, 50, 100)]
 
@@ -144,6 +144,38 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
     else:
         np.testing.assert_allclose(served, retrieval)
         np.testing.assert_allclose(ranked, retrieval)
+
+
+def test_the_training_softmax_masks_each_positions_earlier_items(data_dir: Path) -> None:
+    """``exclude_seen``: at every trained position the user's earlier items (before the window and in it,
+    up to the position) are masked, the target never; the sampled softmax masks the same (row, item)
+    pairs as the whole-catalog one."""
+    sequences = sorted(user_sequences(load_dataset(data_dir)), key=len)[-4:]
+    windows = make_windows(sequences, length=20, stride=10, min_context=11)
+    rows = np.array([0, 1, 5, len(windows) - 1])
+    batch = {k: torch.from_numpy(getattr(windows, k)[rows]) for k in ("items", "mask", "targets")}
+    batch["earlier_rows"], batch["earlier_items"] = map(torch.from_numpy, windows.earlier_items(rows))
+    valid = batch["targets"] >= 0
+    targets = batch["targets"][valid]
+    items = 1682
+    logits = torch.randn(len(targets), items)
+    full, _, _ = _without_seen((logits, targets, None), _seen_pairs(batch, valid), items)
+    offsets = np.cumsum([0] + [len(s) for s in sequences]).tolist()
+    m = 0
+    for k, row in enumerate(rows):
+        seq = sequences[offsets.index(windows.earlier[row][0])]  # the window's user (tests/test_data.py)
+        for target in batch["targets"][k][valid[k]].tolist():
+            earlier = seq.items[: int(np.flatnonzero(seq.items == target)[0])]
+            expected = np.zeros(items, dtype=bool)
+            expected[earlier] = True
+            assert ((full[m] <= MASKED / 2).numpy() == expected).all()
+            m += 1
+    assert m == len(targets)
+    ids = torch.cat([targets, torch.randint(items, (300,))])
+    sampled, _, _ = _without_seen(
+        (logits[:, ids], torch.arange(len(targets)), ids), _seen_pairs(batch, valid), items
+    )
+    assert torch.equal(sampled, full[:, ids])
 
 
 def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
