@@ -29,7 +29,7 @@ import numpy as np
 from service.catalog import ItemCatalog
 from service.metrics import CANDIDATES, COVISIT_CACHE
 from service.redis_conn import StoreUnavailable
-from service.store import TRENDING_OVERFETCH_MAX, HistoryStore, SourceLists
+from service.store import TRENDING_OVERFETCH_MAX, HistoryStore, SourceLists, trending_depth
 
 PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
 """``prior(k, excluded_rows)``: the ``k`` best rows by the history-free prior, never an excluded one."""
@@ -225,7 +225,7 @@ class CandidateSources:
         # Read past the top trending_n to make up for excluded items; with the cache on, as far as any
         # request may need, so the rows read serve every user until they expire.
         overfetch = TRENDING_OVERFETCH_MAX if self._lists.ttl_s > 0 else len(exclude)
-        trending = self._lists.get("trending", trending_n + min(len(exclude), TRENDING_OVERFETCH_MAX))
+        trending = self._lists.get("trending", trending_depth(trending_n, len(exclude)))
         fresh = self._lists.get("fresh", 0)
         cached, missing = self._followers.split(sources)
         lists, error = SourceLists([], [], []), None
@@ -242,13 +242,11 @@ class CandidateSources:
         read = error is None and use_store
         covisit = self._merged(sources, cached, missing, lists.covisit if read else None)
         if trending is None:
-            trending = self.catalog.index_of(lists.trending)
-            trending = trending[trending >= 0]
+            trending = self.catalog.known_rows(lists.trending)
             if read:
-                self._lists.put("trending", trending_n + min(overfetch, TRENDING_OVERFETCH_MAX), trending)
+                self._lists.put("trending", trending_depth(trending_n, overfetch), trending)
         if fresh is None:
-            fresh = self.catalog.index_of(lists.fresh)
-            fresh = fresh[fresh >= 0]
+            fresh = self.catalog.known_rows(lists.fresh)
             if read:
                 self._lists.put("fresh", 0, fresh)
 

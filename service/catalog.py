@@ -98,6 +98,11 @@ class ItemCatalog:
         index = self._state.index
         return np.fromiter(map(index.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
 
+    def known_rows(self, item_ids: Sequence[str]) -> np.ndarray:
+        """int64 rows of the ids in the catalog, in their order (unknown ids dropped)."""
+        rows = self.index_of(item_ids)
+        return rows[rows >= 0]
+
     @property
     def item_ids(self) -> list[str]:
         """Catalog order; do not mutate (it is shared with the current snapshot)."""

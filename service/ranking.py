@@ -135,8 +135,7 @@ class Ranker:
         )
         exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
 
-        excluded = self.catalog.index_of(list(exclude)) if exclude else np.empty(0, dtype=np.int64)
-        excluded = np.sort(excluded[excluded >= 0])
+        excluded = np.sort(self.catalog.known_rows(list(exclude)))
         retrieved = scores = None
         if len(window):
             # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.

@@ -47,6 +47,12 @@ TRENDING_OVERFETCH_MAX = 500
 """At most this many extra trending entries are read to make up for excluded (seen) items."""
 
 
+def trending_depth(trending: int, exclude: int) -> int:
+    """How many trending entries a read of the top ``trending`` takes, with up to ``exclude`` more
+    (at most ``TRENDING_OVERFETCH_MAX``) to make up for excluded items."""
+    return trending + min(exclude, TRENDING_OVERFETCH_MAX) if trending > 0 else 0
+
+
 APPEND = LuaScript.packaged(
     "append",
     keys=Layout(
@@ -471,22 +477,22 @@ class HistoryStore:
         top ``trending`` (+ up to ``exclude`` more, to make up for excluded ones) trending items: one
         pipelined round trip (on a cluster the fresh and trending lists come from the merge cache, or a
         round trip each)."""
-        extra = min(exclude, TRENDING_OVERFETCH_MAX) if trending > 0 else 0
+        depth = trending_depth(trending, exclude)
         cluster = self.keys.cluster
         commands = [_scored_range(self.keys.covisit(i), 0, -1, newest_first=True) for i in sources]
         if not cluster:
             if fresh:
                 commands.append(("ZREVRANGE", self.keys.aggregate(KeyKind.FRESH), 0, self._fresh_size - 1))
-            if trending > 0:
-                commands.append(("ZREVRANGE", self.keys.aggregate(KeyKind.TRENDING), 0, trending + extra - 1))
+            if depth > 0:
+                commands.append(("ZREVRANGE", self.keys.aggregate(KeyKind.TRENDING), 0, depth - 1))
         replies = await self._redis.read("candidates", commands) if commands else []
         covisit = [[(m.decode(), s) for m, s in _scored(rows)] for rows in replies[: len(sources)]]
         rest = iter(replies[len(sources) :])
         if cluster:
             fresh_ids = [item_id for item_id, _ in await self._newest_fresh()] if fresh else []
-            ranked = await self._ranked_trending(trending + extra) if trending > 0 else []
+            ranked = await self._ranked_trending(depth) if depth > 0 else []
             trend = [item_id for item_id, _ in ranked]
         else:
             fresh_ids = [m.decode() for m in next(rest)] if fresh else []
-            trend = [m.decode() for m in next(rest)] if trending > 0 else []
+            trend = [m.decode() for m in next(rest)] if depth > 0 else []
         return SourceLists(covisit=covisit, fresh=fresh_ids, trending=trend)
