@@ -79,8 +79,12 @@ class Windows:
         """(k, item) pairs: the items the user of window ``rows[k]`` had before that window."""
         spans = self.earlier[rows]
         lengths = spans[:, 1] - spans[:, 0]
-        firsts = np.repeat(spans[:, 0] - np.cumsum(lengths) + lengths, lengths)
-        return np.repeat(np.arange(len(rows)), lengths), self.user_items[firsts + np.arange(lengths.sum())]
+        return np.repeat(np.arange(len(rows)), lengths), self.user_items[span_indices(spans[:, 0], lengths)]
+
+
+def span_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The indices ``starts[k] .. starts[k] + lengths[k] - 1`` of every span k, concatenated."""
+    return np.repeat(starts - np.cumsum(lengths) + lengths, lengths) + np.arange(lengths.sum())
 
 
 def history_arrays(seq: UserSequence, length: int) -> tuple[np.ndarray, ...]:

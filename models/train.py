@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from models.evaluate import Case, evaluate_cases
 from models.ranker import HistoryTensors, ItemTower, RankerConfig, SequenceRanker
-from models.sequences import UserSequence, Windows, history_arrays, make_windows
+from models.sequences import UserSequence, Windows, history_arrays, make_windows, span_indices
 
 MASKED = -1e4
 """Logit of an item that is not a valid answer (padding of the catalog, items without training data)."""
@@ -239,8 +239,7 @@ def _seen_pairs(batch: dict[str, torch.Tensor], valid: torch.Tensor) -> tuple[to
     per_window = torch.bincount(batch["earlier_rows"], minlength=valid.shape[0])
     offsets = torch.cumsum(per_window, 0) - per_window
     lengths = per_window[windows]
-    firsts = torch.repeat_interleave(offsets[windows] - torch.cumsum(lengths, 0) + lengths, lengths)
-    earlier_items = batch["earlier_items"][firsts + torch.arange(int(lengths.sum()))]
+    earlier_items = batch["earlier_items"][span_indices(offsets[windows].numpy(), lengths.numpy())]
     rows = torch.cat([in_window_rows, torch.repeat_interleave(torch.arange(len(windows)), lengths)])
     return rows, torch.cat([in_window_items, earlier_items])
 

@@ -159,7 +159,8 @@ def test_the_training_softmax_masks_each_positions_earlier_items(data_dir: Path)
     targets = batch["targets"][valid]
     items = 1682
     logits = torch.randn(len(targets), items)
-    full, _, _ = _without_seen((logits, targets, None), _seen_pairs(batch, valid), items)
+    seen = _seen_pairs(batch, valid)
+    full, _, _ = _without_seen((logits, targets, None), seen, items)
     offsets = np.cumsum([0] + [len(s) for s in sequences]).tolist()
     m = 0
     for k, row in enumerate(rows):
@@ -172,9 +173,7 @@ def test_the_training_softmax_masks_each_positions_earlier_items(data_dir: Path)
             m += 1
     assert m == len(targets)
     ids = torch.cat([targets, torch.randint(items, (300,))])
-    sampled, _, _ = _without_seen(
-        (logits[:, ids], torch.arange(len(targets)), ids), _seen_pairs(batch, valid), items
-    )
+    sampled, _, _ = _without_seen((logits[:, ids], torch.arange(len(targets)), ids), seen, items)
     assert torch.equal(sampled, full[:, ids])
 
 
