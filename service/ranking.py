@@ -109,7 +109,7 @@ class Ranker:
         if item_ids:
             result = await self._rank(window, vectors)
             scores = await self._scores(window, result)
-            model_probabilities = probabilities = self._probabilities(result, scores)
+            model_probabilities = probabilities = self._probabilities(result.logits, scores)
             if self.covisit_weight > 0 and len(window) and not degraded:
                 try:
                     covisit = await self.sources.covisit_of([e.item_id for e in events])
@@ -160,14 +160,20 @@ class Ranker:
             # Rows are append-only: those found above are valid in the catalog as it is now.
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             ids = [item_ids[r] for r in rows.tolist()]
-            result = await self._rank(window, vectors[rows])
-            scores = scores or await self._scores(window, result)
-            model_probabilities = probabilities = self._probabilities(result, scores)
+            candidate_vectors = vectors[rows]
+            if scores is not None and self.models.dot_logits:
+                # The ranker's logits with a history are these dot products: no second pass over the window.
+                logits = candidate_vectors @ scores.user_vector
+            else:
+                result = await self._rank(window, candidate_vectors)
+                scores = scores or await self._scores(window, result)
+                logits = result.logits
+            model_probabilities = probabilities = self._probabilities(logits, scores)
             if len(window):
                 probabilities = self._with_covisit(rows, probabilities, found.covisit, scores)
             order = shown(probabilities, req.top_k)
             explained = (
-                await self._explain(events, window, vectors[rows[order]], model_probabilities[order])
+                await self._explain(events, window, candidate_vectors[order], model_probabilities[order])
                 if req.explain
                 else None
             )
@@ -195,7 +201,10 @@ class Ranker:
         ]
         results = await asyncio.gather(*(self._rank(v, candidate_vectors) for v in variants))
         without = np.stack(
-            [self._probabilities(r, await self._scores(v, r)) for v, r in zip(variants, results, strict=True)]
+            [
+                self._probabilities(r.logits, await self._scores(v, r))
+                for v, r in zip(variants, results, strict=True)
+            ]
         )  # [items, candidates]
         deltas = probabilities[None, :] - without
         return [influences(deltas[:, c], distinct) for c in range(len(candidate_vectors))]
@@ -230,10 +239,10 @@ class Ranker:
         prior = await self.prior_logits()
         return UserScores(result.user_vector, self.catalog.vectors, float(logsumexp(prior)), prior)
 
-    def _probabilities(self, result: RankResult, scores: UserScores) -> np.ndarray:
-        """Calibrated click probabilities of the ranked candidates (``models.calibration``): each logit's
-        log-softmax against the catalog (``scores``), through the model's fitted Platt scaling."""
-        z = np.asarray(result.logits, dtype=np.float64) - scores.log_partition
+    def _probabilities(self, logits: np.ndarray, scores: UserScores) -> np.ndarray:
+        """Calibrated click probabilities of the candidates' ``logits`` (``models.calibration``): each
+        logit's log-softmax against the catalog (``scores``), through the model's fitted Platt scaling."""
+        z = np.asarray(logits, dtype=np.float64) - scores.log_partition
         return click_probabilities(z, self.models.calibration)
 
     def _with_covisit(

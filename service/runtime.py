@@ -122,6 +122,9 @@ class OnnxModels:
         self.history_length: int = config["history_length"]
         self.max_text_tokens: int = config["max_text_tokens"]
         self.history_buckets = history_buckets(self.history_length)
+        self.dot_logits: bool = config.get("rerank") is False
+        """With a history, a candidate's logit is ⟨user vector, item vector⟩ (no re-ranker, see
+        ``models.ranker``): recommend computes it from the user vector instead of a second ranker pass."""
         self.calibration = Calibration.from_json(self.manifest.get("calibration"))
 
         options = session_options(intra_op_threads)
