@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,13 +65,14 @@ def shown(probabilities: np.ndarray, top_k: int | None) -> np.ndarray:
 
 
 def rank_predictions(
-    item_ids: Sequence[str],
+    item_ids: Sequence[str] | Mapping[int, str],
     probabilities: np.ndarray,
     order: np.ndarray,
     explained: Sequence[list[dict[str, Any]]] | None = None,
 ) -> list[dict[str, Any]]:
     """The candidates at ``order`` (``shown``), rank 1 first, as the ``Prediction`` fields, with the
-    influences of each (aligned with ``order``) when explained.
+    influences of each (aligned with ``order``) when explained. ``item_ids`` maps a candidate's index to
+    its id (at least those of ``order``).
 
     Plain dicts, serialised once with the whole answer (``service.routes.predict``), never built as
     pydantic objects: validating an answer the ranker built costs a fifth of the HTTP floor's time."""
@@ -159,7 +160,6 @@ class Ranker:
         if len(rows):
             # Rows are append-only: those found above are valid in the catalog as it is now.
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
-            ids = [item_ids[r] for r in rows.tolist()]
             candidate_vectors = vectors[rows]
             if scores is not None and self.models.dot_logits:
                 # The ranker's logits with a history are these dot products: no second pass over the window.
@@ -177,6 +177,8 @@ class Ranker:
                 if req.explain
                 else None
             )
+            # Ids of the shown candidates only: in a large catalog each lookup is a cache miss.
+            ids = dict(zip(order.tolist(), [item_ids[r] for r in rows[order].tolist()], strict=True))
             items = rank_predictions(ids, probabilities, order, explained)
         return {**self._answered(req.user_id, window, degraded), "items": items}
 

@@ -144,8 +144,9 @@ class Retrieval:
         found = scores.nearest
         if k + len(excluded) > len(found):
             found = self._index.search(scores.user_vector, k + len(excluded))
-        rows = np.union1d(found, self._index.oversized)
-        keep = rows[~np.isin(rows, excluded) & (rows < len(scores.vectors))]
+        oversized = self._index.oversized
+        rows = np.union1d(found, oversized) if len(oversized) else found  # the index's rows are distinct
+        keep = rows[~_contained(rows, np.sort(excluded)) & (rows < len(scores.vectors))]
         logits = scores.logits(keep)
         order = np.argsort(-logits, kind="stable")[:k]
         return keep[order]
@@ -158,7 +159,7 @@ class Retrieval:
         index = self._index
         assert index is not None
         added = np.arange(index.built, len(vectors), dtype=np.int64)
-        head = np.union1d(top, added)
+        head = np.union1d(top, added) if len(added) else top  # the index's rows are distinct
         in_tail = ~_members(index.sample, head)
         rest = index.built - int(np.count_nonzero(head < index.built))
         parts = [vectors[head] @ user_vector]
@@ -177,6 +178,15 @@ def _members(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
     at, rows = at[inside], rows[inside]
     found[at[sorted_rows[at] == rows]] = True
     return found
+
+
+def _contained(rows: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+    """Which of ``rows`` are in ``sorted_rows`` (ascending): ``np.isin`` by binary search, without its
+    sort of both arrays."""
+    if not len(sorted_rows):
+        return np.zeros(len(rows), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_rows, rows), len(sorted_rows) - 1)
+    return sorted_rows[at] == rows
 
 
 def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:

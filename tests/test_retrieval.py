@@ -13,7 +13,7 @@ from helpers import app_settings, metric, running_app
 from models.calibration import logsumexp
 from models.model_dir import ModelDir
 from service.catalog import ItemCatalog
-from service.retrieval import Retrieval, _members, top_rows
+from service.retrieval import Retrieval, _contained, _members, top_rows
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,11 @@ async def test_recommend_takes_the_dot_product_logits_without_a_second_ranker_pa
         assert a["click_probability"] == pytest.approx(b["click_probability"], rel=1e-4)
 
 
-def test_sample_membership_by_binary_search_matches_isin() -> None:
+def test_membership_by_binary_search_matches_isin() -> None:
     rng = np.random.default_rng(3)
     for _ in range(100):
         sample = np.sort(rng.choice(5000, 400, replace=False))
         rows = rng.choice(5200, 40)  # some past the sample's last row
         np.testing.assert_array_equal(_members(sample, rows), np.isin(sample, rows))
+        np.testing.assert_array_equal(_contained(rows, sample), np.isin(rows, sample))
+    assert not _contained(np.arange(3), np.empty(0, dtype=np.int64)).any()
