@@ -108,9 +108,8 @@ class Ranker:
         item_ids, rows, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[dict[str, Any]] = []
         if item_ids:
-            result = await self._rank(window, vectors)
-            scores = await self._scores(window, result)
-            model_probabilities = probabilities = self._probabilities(result.logits, scores)
+            logits, scores = await self._logits(window, vectors)
+            model_probabilities = probabilities = self._probabilities(logits, scores)
             if self.covisit_weight > 0 and len(window) and not degraded:
                 try:
                     covisit = await self.sources.covisit_of([e.item_id for e in events])
@@ -161,13 +160,7 @@ class Ranker:
             # Rows are append-only: those found above are valid in the catalog as it is now.
             item_ids, vectors = self.catalog.item_ids, self.catalog.vectors
             candidate_vectors = vectors[rows]
-            if scores is not None and self.models.dot_logits:
-                # The ranker's logits with a history are these dot products: no second pass over the window.
-                logits = candidate_vectors @ scores.user_vector
-            else:
-                result = await self._rank(window, candidate_vectors)
-                scores = scores or await self._scores(window, result)
-                logits = result.logits
+            logits, scores = await self._logits(window, candidate_vectors, scores)
             model_probabilities = probabilities = self._probabilities(logits, scores)
             if len(window):
                 probabilities = self._with_covisit(rows, probabilities, found.covisit, scores)
@@ -232,6 +225,20 @@ class Ranker:
     async def _prior_rows(self, k: int, excluded: np.ndarray) -> np.ndarray:
         """The ``k`` best rows by the history-free prior, never one of ``excluded``."""
         return top_rows(await self.prior_logits(), k, excluded)
+
+    async def _logits(
+        self, window: Window, candidate_vectors: np.ndarray, scores: UserScores | None = None
+    ) -> tuple[np.ndarray, UserScores]:
+        """The candidates' logits, and the scores they are normalised over (``scores`` when the caller has
+        them). With a history and a model without re-ranker (``OnnxModels.dot_logits``) the graph's logit is
+        the dot product of the user vector and the item vector: one ranker request for the user vector,
+        none over the candidates. Otherwise the ranker runs over the candidates."""
+        if len(window) and self.models.dot_logits:
+            if scores is None:
+                scores = self.retrieval.scores(await self._user_vector(window))
+            return candidate_vectors @ scores.user_vector, scores
+        result = await self._rank(window, candidate_vectors)
+        return result.logits, scores if scores is not None else await self._scores(window, result)
 
     async def _scores(self, window: Window, result: RankResult) -> UserScores:
         """What the probabilities are normalised over: the catalog's retrieval logits under the user

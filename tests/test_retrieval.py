@@ -104,12 +104,13 @@ async def test_the_service_answers_the_same_with_the_index_on(
 
 
 @pytest.mark.anyio
-async def test_recommend_takes_the_dot_product_logits_without_a_second_ranker_pass(
+async def test_with_a_history_the_candidates_logits_are_dot_products_not_a_ranker_pass(
     redis_url: str, model_dir: Path, catalog: list[str]
 ) -> None:
     """The exported model has no re-ranker, so with a history a candidate's logit is the dot product of
-    the user vector and its item vector: recommend computes the candidates' logits from the one ranker
-    request that gives the user vector, and answers what the ranker graph itself gives over them."""
+    the user vector and its item vector: recommend and predict compute the candidates' logits from the one
+    ranker request that gives the user vector (an item encoded from its text too), and answer what the
+    ranker graph itself gives over them."""
     events = [
         {"user_id": "d", "item_id": catalog[i], "type": "click", "timestamp": 1.7e9 + i, "event_id": f"d{i}"}
         for i in range(0, 40, 5)
@@ -119,15 +120,18 @@ async def test_recommend_takes_the_dot_product_logits_without_a_second_ranker_pa
         assert models.dot_logits, "the tiny export is trained without the re-ranker"
         await client.post("/v1/events", json={"events": events})
         answers, ranker_requests = [], []
+        candidates = [*catalog[200:230], {"item_id": "unseen", "text": "a new documentary about trains"}]
         for dot_logits in (True, False):
             models.dot_logits = dot_logits
             before = metric((await client.get("/metrics")).text, "clickrank_batch_size_sum")
             rec = await client.post("/v1/recommend", json={"user_id": "d", "top_k": 20})
             after = metric((await client.get("/metrics")).text, "clickrank_batch_size_sum")
-            answers.append(rec.json()["items"])
+            pred = await client.post("/v1/predict", json={"user_id": "d", "candidates": candidates})
+            answers.append(rec.json()["items"] + pred.json()["predictions"])
             ranker_requests.append(after - before)
     assert ranker_requests == [1, 2], "the user vector's request alone, against a second pass over the window"
     dot, graph = answers
+    assert len(dot) == 20 + len(candidates)
     assert [i["item_id"] for i in dot] == [i["item_id"] for i in graph]
     for a, b in zip(dot, graph, strict=True):
         assert a["click_probability"] == pytest.approx(b["click_probability"], rel=1e-4)
