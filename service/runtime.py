@@ -124,7 +124,8 @@ class OnnxModels:
         self.history_buckets = history_buckets(self.history_length)
         self.dot_logits: bool = config.get("rerank") is False
         """With a history, a candidate's logit is ⟨user vector, item vector⟩ (no re-ranker, see
-        ``models.ranker``): recommend computes it from the user vector instead of a second ranker pass."""
+        ``models.ranker``): predict and recommend compute it from the user vector (``Ranker._logits``)
+        instead of running the graph over the candidates."""
         self.calibration = Calibration.from_json(self.manifest.get("calibration"))
 
         options = session_options(intra_op_threads)
