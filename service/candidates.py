@@ -29,6 +29,7 @@ import numpy as np
 from service.catalog import ItemCatalog
 from service.metrics import CANDIDATES, COVISIT_CACHE
 from service.redis_conn import StoreUnavailable
+from service.retrieval import contained
 from service.store import TRENDING_OVERFETCH_MAX, HistoryStore, SourceLists, trending_depth
 
 PriorRows = Callable[[int, np.ndarray], Awaitable[np.ndarray]]
@@ -96,8 +97,9 @@ class Covisitation:
         return np.where(self.rows[at] == rows, self.scores[at], 0.0)
 
     def best(self, k: int, excluded_rows: np.ndarray) -> np.ndarray:
-        """The ``k`` rows with the highest scores, best first (ties: the lower row), never an excluded one."""
-        allowed = ~np.isin(self.rows, excluded_rows)
+        """The ``k`` rows with the highest scores, best first (ties: the lower row), never one of
+        ``excluded_rows`` (ascending)."""
+        allowed = ~contained(self.rows, excluded_rows)
         rows, scores = self.rows[allowed], self.scores[allowed]
         return rows[np.argsort(-scores, kind="stable")[:k]]
 
@@ -218,7 +220,8 @@ class CandidateSources:
         prior: PriorRows,
     ) -> Gathered:
         """``retrieved`` is None without a history; ``recent`` the user's item ids, oldest first;
-        ``use_store`` False skips the Redis read (the history read already failed)."""
+        ``excluded_rows`` their catalog rows, ascending; ``use_store`` False skips the Redis read (the history
+        read already failed)."""
         with_history = retrieved is not None
         sources = last_distinct(recent, self.covisit_sources) if with_history else []
         trending_n = self.trending_candidates if with_history else 2 * top_k
@@ -297,7 +300,7 @@ class CandidateSources:
 
 
 def _first_allowed(rows: np.ndarray, excluded_rows: np.ndarray, k: int) -> np.ndarray:
-    """The first ``k`` of ``rows`` that are not excluded."""
+    """The first ``k`` of ``rows`` that are not in ``excluded_rows`` (ascending)."""
     if k <= 0 or not len(rows):
         return np.empty(0, dtype=np.int64)
-    return rows[~np.isin(rows, excluded_rows)][:k]
+    return rows[~contained(rows, excluded_rows)][:k]

@@ -135,7 +135,7 @@ class Ranker:
         )
         exclude = (seen or set()) | {e.item_id for e in events} if req.exclude_seen else set()
 
-        excluded = np.sort(self.catalog.known_rows(list(exclude)))
+        excluded = np.sort(self.catalog.known_rows(list(exclude)))  # ascending, as every source needs
         retrieved = scores = None
         if len(window):
             # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.

@@ -137,7 +137,8 @@ class Retrieval:
         return UserScores(user_vector, vectors, log_z, None, nearest)
 
     def top(self, scores: UserScores, k: int, excluded: np.ndarray) -> np.ndarray:
-        """Rows of the ``k`` highest logits, best first, never one of ``excluded``."""
+        """Rows of the ``k`` highest logits, best first, never one of ``excluded`` (ascending, as recommend
+        sorts them once for every source)."""
         if scores.exact is not None:
             return top_rows(scores.exact, k, excluded)
         assert self._index is not None and scores.nearest is not None
@@ -146,7 +147,7 @@ class Retrieval:
             found = self._index.search(scores.user_vector, k + len(excluded))
         oversized = self._index.oversized
         rows = np.union1d(found, oversized) if len(oversized) else found  # the index's rows are distinct
-        keep = rows[~_contained(rows, np.sort(excluded)) & (rows < len(scores.vectors))]
+        keep = rows[~contained(rows, excluded) & (rows < len(scores.vectors))]
         logits = scores.logits(keep)
         order = np.argsort(-logits, kind="stable")[:k]
         return keep[order]
@@ -180,9 +181,9 @@ def _members(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return found
 
 
-def _contained(rows: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
+def contained(rows: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:
     """Which of ``rows`` are in ``sorted_rows`` (ascending): ``np.isin`` by binary search, without its
-    sort of both arrays."""
+    sort of both arrays (recommend drops the user's excluded rows from every candidate source with it)."""
     if not len(sorted_rows):
         return np.zeros(len(rows), dtype=bool)
     at = np.minimum(np.searchsorted(sorted_rows, rows), len(sorted_rows) - 1)
