@@ -251,6 +251,7 @@ def run_bench(
             "machine": {**machine, "loadavg_at_end": load_average()},
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
+            "service_device": device if model_dir is not None else None,
             "shape": shape.__dict__,
             "candidates": candidates,
             "weights": source,
@@ -280,7 +281,9 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# Ranker alone: ONNX Runtime vs PyTorch eager",
         "",
-        f"- machine: {meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}), no GPU; "
+        f"- machine: {meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}), "
+        f"{'GPU ' + meta['machine']['gpu'] if meta['machine'].get('gpu') else 'no GPU'}; "
+        f"torch and ort on the CPU, service on {meta.get('service_device') or '–'}; "
         f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; load average at start "
         f"{meta['machine']['loadavg_at_start']}, at end {meta['machine']['loadavg_at_end']}",
         f"- shape: dim {meta['shape']['dim']}, {meta['shape']['history_length']}-event histories, "

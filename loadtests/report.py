@@ -14,6 +14,8 @@ import json
 import math
 import os
 import platform
+import shutil
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -55,6 +57,18 @@ def load_average() -> list[float] | None:
         return None
 
 
+def gpu_name() -> str | None:
+    """The first NVIDIA GPU's name and memory (``nvidia-smi``), or None where there is none."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    query = ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"]
+    try:
+        found = subprocess.run(query, capture_output=True, text=True, timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return found.splitlines()[0].strip() if found.strip() else None
+
+
 def machine_info() -> dict[str, Any]:
     """nproc, CPU model and memory of this machine (Linux /proc), for the report header."""
     cpu = platform.processor() or "unknown"
@@ -75,7 +89,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": cpu,
         "memory_gib": memory_gib,
         "python": platform.python_version(),
-        "gpu": None,
+        "gpu": gpu_name(),
         "loadavg_at_start": load_average(),
     }
 
@@ -256,7 +270,8 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
     lines = [
         f"# clickrank benchmark, {meta['created']}",
         "",
-        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, no GPU; "
+        f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
+        f"{'GPU ' + machine['gpu'] if machine.get('gpu') else 'no GPU'}; "
         f"load average at start {machine.get('loadavg_at_start')}, at end {meta.get('loadavg_at_end')}",
         f"- command: `{meta['command']}`",
         f"- scenario: {meta['scenario']} ({meta['workload']}), arrivals: {meta['arrivals']}",
@@ -272,7 +287,7 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
             "",
             f"- env: `{' '.join(f'{k}={v}' for k, v in variant['env'].items()) or '(defaults)'}`, "
             f"workers: {variant['workers'] or 'n/a (external service)'}, model {model.get('version')}, "
-            f"batching {model.get('batching')}",
+            f"batching {model.get('batching')}, providers {model.get('providers')}",
             "- sustainable rate (highest passing open-loop step): "
             f"**{_fmt(variant['sustainable_rps'])} rps**",
             "",
