@@ -49,10 +49,11 @@ def run(argv: Sequence[str]) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument("--devices", default="cpu", help="comma-separated: cpu, cuda, auto")
+    parser.add_argument("--items", type=int, default=None, help="only the catalog's first N texts")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="default reports/encoder-bench-<timestamp>")
     args = parser.parse_args(list(argv))
-    texts = [item["text"] for item in json.loads((args.model_dir / "items.json").read_text())]
+    texts = [item["text"] for item in json.loads((args.model_dir / "items.json").read_text())][: args.items]
     rows, reference = [], None
     for device in args.devices.split(","):
         vectors, row = encode_all(args.model_dir, device, texts, args.repeats)

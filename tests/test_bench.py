@@ -1,6 +1,7 @@
 """The benchmark tools, for real: the load generator against `clickrank serve` spawned on loopback (real
 Redis, real exported model), its figures checked for consistency with the service's own /metrics; the
-model benchmark on a real export; and the pure parts (arrivals, step figures, metric deltas)."""
+model and item-encoder benchmarks on a real export; and the pure parts (arrivals, step figures, metric
+deltas)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from loadtests import bench, model_bench
+from loadtests import bench, encoder_bench, model_bench
 from loadtests.bench import parse_variant
 from loadtests.client import ProtocolError, RawHttpClient, Sample, StepRun, arrival_offsets, send, summarize
 from loadtests.report import server_delta
@@ -85,6 +86,24 @@ def test_bench_run_against_a_spawned_service(redis_url: str, model_dir: Path, da
     assert rss["growth_pct"] == pytest.approx(100 * (rss["end_mib"] / rss["baseline_mib"] - 1), abs=0.01)
     summary = (out / "summary.md").read_text()
     assert "sustainable rate" in summary and "Soak" in summary
+
+
+def test_encoder_bench_encodes_the_catalog_on_each_device_with_the_same_vectors(
+    model_dir: Path, tmp_path: Path
+) -> None:
+    result = encoder_bench.run(
+        ["--model-dir", str(model_dir), "--devices", "cpu,auto", "--items", "40", "--repeats", "2",
+         "--out", str(tmp_path)]
+    )  # fmt: skip
+    assert json.loads((tmp_path / "encoder_bench.json").read_text()) == result
+    cpu, auto = result["results"]
+    assert (cpu["device"], cpu["providers"][0], cpu["items"]) == ("cpu", "CPUExecutionProvider", 40)
+    assert cpu["max_abs_diff_from_first"] == 0.0
+    assert auto["max_abs_diff_from_first"] < 1e-3  # CUDA where offered: the same vectors, not merely a run
+    for row in result["results"]:
+        assert len(row["repeats_s"]) == 2
+        assert row["items_per_s"] == pytest.approx(40 / row["median_s"], rel=1e-2)
+    assert "| cpu | CPUExecutionProvider | 40 |" in (tmp_path / "encoder_bench.md").read_text()
 
 
 def test_model_bench_compares_ort_and_eager_on_the_same_weights(model_dir: Path, tmp_path: Path):
