@@ -12,9 +12,11 @@
 #      under test load the model on CUDA);
 #   3. runs the model-stage benchmarks: the ranker (loadtests.model_bench --device cuda) and the item
 #      encoder on the CPU and on CUDA side by side (loadtests.encoder_bench, with the vectors' |Δ|);
-#   4. serves the model with CLICKRANK_DEVICE=cuda, and beside it with CLICKRANK_DEVICE=cpu, and runs a
-#      short end-to-end `clickrank bench` (predict, 1/8/32 connections, 10 s each); with device cuda a
-#      model that cannot start CUDA is not loaded, so steps 2 to 4 fail rather than fall back to the CPU;
+#   4. serves the model with CLICKRANK_DEVICE=cuda, and beside it with CLICKRANK_DEVICE=cpu, each with one
+#      uvicorn worker and with GPU_CHECK_WORKERS (default 4; all on the one GPU), and runs a short
+#      end-to-end `clickrank bench` (predict, 1/8/32/64 connections, 8 s each, the servers interleaved);
+#      with device cuda a model that cannot start CUDA is not loaded, so steps 2 to 4 fail rather than
+#      fall back to the CPU;
 #   5. writes the figures as a markdown section (benchmarks-section.md in the report folder) and, on a
 #      GPU in a checkout (not with GPU_CHECK_BUNDLE), appends it to docs/benchmarks.md.
 # Every step runs even when an earlier one failed; the script exits 1 if any did.
@@ -94,15 +96,24 @@ encoder_devices=cpu
 $python -m loadtests.encoder_bench --model-dir "$model" --devices "$encoder_devices" --repeats 3 \
     --out "$out/encoder-bench" 2>&1 | tee "$out/encoder-bench.log" || fail encoder-bench
 
-step "end to end on $device (and on the CPU beside it)"
-variants=(--variant "$device:DEVICE=$device,MAX_BATCH_DELAY_MS=2")
-[[ "$device" == cpu ]] || variants+=(--variant "cpu:DEVICE=cpu,MAX_BATCH_DELAY_MS=2")
+workers="${GPU_CHECK_WORKERS:-4}"
+devices=("$device")
+[[ "$device" == cpu ]] || devices+=(cpu)
+counts=(1)
+[[ "$workers" -le 1 ]] || counts+=("$workers")
+variants=()
+step "end to end on ${devices[*]}, ${counts[*]} worker(s)"
+for n in "${counts[@]}"; do
+    for d in "${devices[@]}"; do
+        variants+=(--variant "$d-w$n:DEVICE=$d,MAX_BATCH_DELAY_MS=2,WORKERS=$n")
+    done
+done
 redis_port=$($python -c "from models.redis_process import free_port; print(free_port())")
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
     --dir "$out" --logfile "$out/redis.log" || fail redis
 trap 'redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true' EXIT
 $python -m clickrank.cli bench --spawn --model-dir "$model" --redis-url "redis://127.0.0.1:$redis_port/0" \
-    --load-history "${variants[@]}" --scenario predict --concurrency 1,8,32 --duration 10 --out "$out/e2e" \
+    --load-history "${variants[@]}" --scenario predict --concurrency 1,8,32,64 --duration 8 --out "$out/e2e" \
     >"$out/e2e.log" 2>&1 || fail e2e
 tail -n 5 "$out/e2e.log"
 
