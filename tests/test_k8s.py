@@ -68,7 +68,8 @@ def test_settings_are_real_and_valid(overlay: str, monkeypatch: pytest.MonkeyPat
     cpus = float(resources(overlay)["limits"]["cpu"])
     assert 1 <= settings.intra_op_threads <= cpus and settings.workers <= cpus
     if overlay == "gpu":
-        assert settings.device == "cuda" and settings.workers == 1
+        # One worker per CPU of the pod, all sharing the GPU (docs/benchmarks.md, "GPU check": 3.4x one).
+        assert settings.device == "cuda" and settings.workers == cpus
         assert resources("gpu")["limits"]["nvidia.com/gpu"] == "1"
     else:
         assert settings.device == "cpu" and "nvidia.com/gpu" not in resources(overlay)["limits"]

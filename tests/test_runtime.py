@@ -85,6 +85,14 @@ def test_auto_device_uses_cuda_only_when_offered(served: ServedModel) -> None:
     assert providers[0] == (expected or "CPUExecutionProvider")
 
 
+def test_cuda_runs_in_full_float32(served: ServedModel) -> None:
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        pytest.skip("this onnxruntime offers no CUDA")
+    models = OnnxModels(served, device="cuda")
+    for session in (models._ranker, models._encoder):
+        assert session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "0"
+
+
 def test_cuda_device_without_cuda_is_a_load_error(served: ServedModel) -> None:
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime offers CUDA")
