@@ -1,10 +1,10 @@
-"""Small helpers shared by the benchmark tools: the progress log and comma-separated list options."""
+"""Small helpers shared by the benchmark tools: the progress log, comma-separated lists and ``main``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 Number = TypeVar("Number", int, float)
@@ -33,3 +33,14 @@ def float_list(text: str) -> list[float]:
 def int_list(text: str) -> list[int]:
     """Argument type: ``"1,8,32"`` → ``[1, 8, 32]``, every value a positive integer."""
     return _positive_list(text, int, "integers")
+
+
+def run_main(tool: str, run: Callable[[Sequence[str]], object], argv: Sequence[str] | None) -> int:
+    """A benchmark tool's ``main``: ``run`` on the arguments; a bad option or file is one line on stderr
+    and status 2, not a traceback."""
+    try:
+        run(sys.argv[1:] if argv is None else argv)
+    except (ValueError, OSError) as exc:
+        print(f"{tool}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0

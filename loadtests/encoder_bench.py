@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from loadtests.common import run_main
 from loadtests.report import default_out_dir, machine_info, utc_stamp
 
 
@@ -91,12 +92,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, OSError) as exc:
-        print(f"encoder-bench: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("encoder-bench", run, argv)
 
 
 if __name__ == "__main__":

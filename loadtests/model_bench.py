@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from loadtests.common import int_list
+from loadtests.common import int_list, run_main
 from loadtests.report import default_out_dir, load_average, machine_info, pyplot, save_figure, utc_stamp
 from models.features import RANKER_INPUTS as INPUTS
 
@@ -421,12 +421,7 @@ def run(argv: Sequence[str]) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    try:
-        run(sys.argv[1:] if argv is None else argv)
-    except (ValueError, OSError) as exc:
-        print(f"model-bench: error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_main("model-bench", run, argv)
 
 
 if __name__ == "__main__":
