@@ -35,7 +35,15 @@ from typing import Any
 import numpy as np
 
 from loadtests.common import int_list, run_main
-from loadtests.report import default_out_dir, load_average, machine_info, pyplot, save_figure, utc_stamp
+from loadtests.report import (
+    default_out_dir,
+    gpu_label,
+    load_average,
+    machine_info,
+    pyplot,
+    save_figure,
+    utc_stamp,
+)
 from models.features import RANKER_INPUTS as INPUTS
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -282,7 +290,7 @@ def markdown(result: dict[str, Any]) -> str:
         "# Ranker alone: ONNX Runtime vs PyTorch eager",
         "",
         f"- machine: {meta['machine']['nproc']} CPUs ({meta['machine']['cpu_model']}), "
-        f"{'GPU ' + meta['machine']['gpu'] if meta['machine'].get('gpu') else 'no GPU'}; "
+        f"{gpu_label(meta['machine'])}; "
         f"torch and ort on the CPU, service on {meta.get('service_device') or '–'}; "
         f"torch {meta['torch']}, onnxruntime {meta['onnxruntime']}; load average at start "
         f"{meta['machine']['loadavg_at_start']}, at end {meta['machine']['loadavg_at_end']}",

@@ -69,6 +69,11 @@ def gpu_name() -> str | None:
     return found.splitlines()[0].strip() if found.strip() else None
 
 
+def gpu_label(machine: Mapping[str, Any]) -> str:
+    """``GPU <name>`` or ``no GPU``, for a report header from ``machine_info``."""
+    return f"GPU {machine['gpu']}" if machine.get("gpu") else "no GPU"
+
+
 def machine_info() -> dict[str, Any]:
     """nproc, CPU model and memory of this machine (Linux /proc), for the report header."""
     cpu = platform.processor() or "unknown"
@@ -271,7 +276,7 @@ def summary_markdown(report: Mapping[str, Any]) -> str:
         f"# clickrank benchmark, {meta['created']}",
         "",
         f"- machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory_gib']} GiB, "
-        f"{'GPU ' + machine['gpu'] if machine.get('gpu') else 'no GPU'}; "
+        f"{gpu_label(machine)}; "
         f"load average at start {machine.get('loadavg_at_start')}, at end {meta.get('loadavg_at_end')}",
         f"- command: `{meta['command']}`",
         f"- scenario: {meta['scenario']} ({meta['workload']}), arrivals: {meta['arrivals']}",

@@ -54,7 +54,6 @@ if [[ -n "$bundle" ]]; then
     cuda_libs="$(python3 -c 'import nvidia, pathlib; print(":".join(sorted({str(p.parent) for root in nvidia.__path__ for p in pathlib.Path(root).rglob("lib*.so*")})))' 2>/dev/null)"
     export LD_LIBRARY_PATH="${cuda_libs}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     model="$bundle/model"
-    python=python3
 else
     venv="${GPU_CHECK_VENV:-.venv-gpu}"
     step "venv $venv"
@@ -63,16 +62,15 @@ else
     fi
     # shellcheck disable=SC1091
     . "$venv/bin/activate"
-    python=python
     if ! command -v redis-server >/dev/null; then
         step "installing redis-server"
         apt-get update -qq && apt-get install -y -qq redis-server >/dev/null || exit 1
     fi
     model="$out/model"
     step "training the tiny model"
-    $python -m clickrank.cli train --tiny --skip-eval --model-dir "$model" >"$out/train.log" 2>&1 || exit 1
+    python3 -m clickrank.cli train --tiny --skip-eval --model-dir "$model" >"$out/train.log" 2>&1 || exit 1
 fi
-$python - "$device" <<'EOF' | tee "$out/onnxruntime.txt" || exit 1
+python3 - "$device" <<'EOF' | tee "$out/onnxruntime.txt" || exit 1
 import sys
 import onnxruntime as ort
 providers = ort.get_available_providers()
@@ -83,17 +81,17 @@ EOF
 
 step "runtime, retrieval and API contract tests on $device"
 CLICKRANK_TEST_DEVICE="$device" CLICKRANK_TEST_MODEL_DIR="$model" \
-    $python -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_api.py tests/test_retrieval.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_api.py tests/test_retrieval.py \
     >"$out/tests.log" 2>&1 || fail tests
 tail -n 3 "$out/tests.log"
 
 step "model-stage benchmarks"
-$python -m loadtests.model_bench --model-dir "$model" --device "$device" --threads 1,4 \
+python3 -m loadtests.model_bench --model-dir "$model" --device "$device" --threads 1,4 \
     --batch-sizes 1,8,64,256 --repeats 3 --out "$out/model-bench" >"$out/model-bench.log" 2>&1 || fail model-bench
 tail -n 3 "$out/model-bench.log"
 encoder_devices=cpu
 [[ "$device" == cpu ]] || encoder_devices="cpu,$device"
-$python -m loadtests.encoder_bench --model-dir "$model" --devices "$encoder_devices" --repeats 3 \
+python3 -m loadtests.encoder_bench --model-dir "$model" --devices "$encoder_devices" --repeats 3 \
     --out "$out/encoder-bench" 2>&1 | tee "$out/encoder-bench.log" || fail encoder-bench
 
 workers="${GPU_CHECK_WORKERS:-4}"
@@ -108,11 +106,11 @@ for n in "${counts[@]}"; do
         variants+=(--variant "$d-w$n:DEVICE=$d,MAX_BATCH_DELAY_MS=2,WORKERS=$n")
     done
 done
-redis_port=$($python -c "from models.redis_process import free_port; print(free_port())")
+redis_port=$(python3 -c "from models.redis_process import free_port; print(free_port())")
 redis-server --port "$redis_port" --bind 127.0.0.1 --save "" --appendonly no --daemonize yes \
     --dir "$out" --logfile "$out/redis.log" || fail redis
 trap 'redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true' EXIT
-$python -m clickrank.cli bench --spawn --model-dir "$model" --redis-url "redis://127.0.0.1:$redis_port/0" \
+python3 -m clickrank.cli bench --spawn --model-dir "$model" --redis-url "redis://127.0.0.1:$redis_port/0" \
     --load-history "${variants[@]}" --scenario predict --concurrency 1,8,32,64 --duration 8 --out "$out/e2e" \
     >"$out/e2e.log" 2>&1 || fail e2e
 tail -n 5 "$out/e2e.log"
