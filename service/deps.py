@@ -93,13 +93,14 @@ async def within_deadline(services: Services, work: Awaitable[T]) -> T:
         raise ApiError(504, "deadline_exceeded", f"the request took longer than {timeout_ms:g} ms") from None
 
 
-def v1_router() -> APIRouter:
+def v1_router(route_class: type[APIRoute] = APIRoute) -> APIRouter:
     """A router of the versioned API: under ``/v1``, behind the API key and the query check.
 
     Each resource module makes its own: with FastAPI's nested routers the matched route would only know
     its path below the prefix, and metrics and access lines name the full route template."""
     return APIRouter(
         prefix="/v1",
+        route_class=route_class,
         dependencies=[Depends(require_api_key), Depends(check_query)],
         responses=documented(401, 413, 422, 500),
     )

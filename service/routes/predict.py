@@ -14,10 +14,11 @@ import orjson
 from fastapi import Response
 
 from service.deps import ModelDep, ServicesDep, v1_router, within_deadline
+from service.direct_route import DirectRoute
 from service.errors import documented
 from service.schemas.ranking import PredictRequest, PredictResponse, RecommendRequest, RecommendResponse
 
-router = v1_router()
+router = v1_router(DirectRoute)
 
 
 def json_answer(answer: dict[str, Any]) -> Response:
