@@ -80,10 +80,14 @@ class Covisitation:
         rows = np.concatenate([f.rows for f in followers])
         if not len(rows):
             return NO_COVISITATION
-        weights = np.concatenate([f.weights / k for k, f in enumerate(followers, start=1)])
+        ranks = np.repeat(np.arange(1.0, len(followers) + 1.0), [len(f.rows) for f in followers])
+        weights = np.concatenate([f.weights for f in followers]) / ranks
         order = np.argsort(rows, kind="stable")
         rows, weights = rows[order], weights[order]
-        starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])  # each row's first place
+        first = np.empty(len(rows), dtype=bool)  # each row's first place
+        first[0] = True
+        np.not_equal(rows[1:], rows[:-1], out=first[1:])
+        starts = np.flatnonzero(first)
         return cls(rows[starts], np.add.reduceat(weights, starts))
 
     def __len__(self) -> int:
@@ -303,4 +307,5 @@ def _first_allowed(rows: np.ndarray, excluded_rows: np.ndarray, k: int) -> np.nd
     """The first ``k`` of ``rows`` that are not in ``excluded_rows`` (ascending)."""
     if k <= 0 or not len(rows):
         return np.empty(0, dtype=np.int64)
+    rows = rows[: k + len(excluded_rows)]  # at most len(excluded_rows) of them can be dropped
     return rows[~contained(rows, excluded_rows)][:k]

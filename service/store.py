@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import orjson
 from redis.asyncio.client import Pipeline
 
 from service.lua_scripts import Layout, LuaScript
@@ -361,8 +362,8 @@ class HistoryStore:
         events: list[StoredEvent] = []
         stored = _scored(replies[0]) if n else []
         if stored:
-            # One JSON parse for all members, not one per member (a third of this method's time).
-            fields = json.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in stored) + b"]")
+            # One JSON parse for all members, not one per member (a third of this method's time), in C.
+            fields = orjson.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in stored) + b"]")
             events = [
                 StoredEvent(item_id, kind, score, value, event_id)
                 for (item_id, kind, value, event_id), (_, score) in zip(fields, stored, strict=True)
