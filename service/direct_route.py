@@ -35,8 +35,8 @@ def _is_json(content_type: str | None) -> bool:
 
 
 class DirectRoute(APIRoute):
-    """An endpoint ``async def f(body: SomeModel, services: ServicesDep, model: ModelDep) -> Response``
-    under the v1 router; any other signature is refused when the route is built."""
+    """An endpoint ``async def f(body: SomeModel, services: ServicesDep, model: ModelDep) -> Response`` (any
+    parameter names) under the v1 router; other dependencies are refused when the route is built."""
 
     def get_route_handler(self) -> Handler:
         standard = super().get_route_handler()
@@ -44,6 +44,9 @@ class DirectRoute(APIRoute):
         if calls != RESOLVED or self.body_field is None or len(self.dependant.body_params) != 1:
             raise TypeError(f"{self.path}: a DirectRoute resolves exactly {RESOLVED}, got {calls}")
         body_model: type[BaseModel] = self.body_field.field_info.annotation  # type: ignore[assignment]
+        body_name = self.dependant.body_params[0].name
+        names = {dependency.call: dependency.name for dependency in self.dependant.dependencies}
+        services_name, model_name = names[get_services], names[get_model]
         endpoint = self.endpoint
 
         async def handle(request: Request) -> Response:
@@ -58,6 +61,7 @@ class DirectRoute(APIRoute):
             await require_api_key(services, request.headers.get("x-api-key"))
             if request.scope["query_string"]:
                 await check_query(request)
-            return await endpoint(body, services, await get_model(services))
+            model = await get_model(services)
+            return await endpoint(**{body_name: body, services_name: services, model_name: model})
 
         return handle
