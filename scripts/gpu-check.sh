@@ -81,7 +81,8 @@ EOF
 
 step "runtime, retrieval and API contract tests on $device"
 CLICKRANK_TEST_DEVICE="$device" CLICKRANK_TEST_MODEL_DIR="$model" \
-    python3 -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_api.py tests/test_retrieval.py \
+    python3 -m pytest -q -p no:cacheprovider tests/test_runtime.py tests/test_api.py tests/test_direct_route.py \
+    tests/test_retrieval.py \
     >"$out/tests.log" 2>&1 || fail tests
 tail -n 3 "$out/tests.log"
 
