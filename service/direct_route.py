@@ -9,7 +9,8 @@ dependency functions itself, in the order FastAPI would (API key, query check, s
 
 Everything else (another content type, an empty body, invalid JSON, a body that does not validate) is
 handed to FastAPI's own handler for the route, so every error answer is FastAPI's, as before. OpenAPI is
-unchanged: the route is declared like any other.
+unchanged: the route is declared like any other. ``app.dependency_overrides`` reaches only FastAPI's handler,
+not the direct path (the service and its tests use none).
 """
 
 from __future__ import annotations
