@@ -121,6 +121,7 @@ class Stream:
     timestamps: np.ndarray  # int64
     returning: np.ndarray  # bool: the user has pre-cutoff events
     new_item: np.ndarray  # bool: the item has no pre-cutoff rating
+    new_rows: np.ndarray  # int64, ascending: the catalog rows with no pre-cutoff rating
     pre: dict[str, UserSequence]  # pre-cutoff sequence per user (value buckets, as the model reads)
 
     def __len__(self) -> int:
@@ -163,6 +164,7 @@ def build_stream(data: Dataset, cut: int, limit: int | None) -> Stream:
         timestamps=r.timestamps[cut:stop],
         returning=np.array([u in pre for u in users], dtype=bool),
         new_item=~known_items[items],
+        new_rows=np.flatnonzero(~known_items),
         pre=pre,
     )
 
@@ -369,6 +371,18 @@ def shown_calibration(run: ModelRun, targets: np.ndarray) -> dict:
     return summary
 
 
+def new_items_shown(shown: np.ndarray, new_rows: np.ndarray) -> dict[str, int | float]:
+    """How far the items without a pre-cutoff rating (``new_rows``) reach the shown lists (``shown``:
+    [events, 10] catalog rows, -1 padded): the distinct ones shown at least once, and the share of lists
+    that show one."""
+    is_new = np.isin(shown, new_rows)
+    return {
+        "distinct": len(np.unique(shown[is_new])),
+        "of": len(new_rows),
+        "lists": float(is_new.any(1).mean()) if len(shown) else 0.0,
+    }
+
+
 def summarize(runs: dict[str, ModelRun], stream: Stream, features: np.ndarray, catalog_size: int) -> dict:
     masks = stream.segment_masks()
     out = {}
@@ -378,6 +392,7 @@ def summarize(runs: dict[str, ModelRun], stream: Stream, features: np.ndarray, c
             "segments": {seg: accuracy(run.ranks[mask]) for seg, mask in masks.items()},
             "coverage@10": coverage_at_k(run.shown, catalog_size, SHOWN),
             "ILD@10": intra_list_diversity(run.shown, features, SHOWN, metric="jaccard"),
+            "new items shown": new_items_shown(run.shown, stream.new_rows),
         }
     return out
 
@@ -389,9 +404,17 @@ def format_replay_table(result: dict) -> str:
         for name, res in models.items():
             m = res["segments"][seg]
             lines.append(f"| {seg} | {counts[seg]} | {name} | {m['NDCG@10']:.4f} | {m['HR@10']:.4f} |")
-    lines += ["", f"| model | coverage@10 | ILD@10 ({DIVERSITY} distance) |", "|---|---|---|"]
+    lines += [
+        "",
+        f"| model | coverage@10 | ILD@10 ({DIVERSITY} distance) | new items shown | lists showing one |",
+        "|---|---|---|---|---|",
+    ]
     for name, res in models.items():
-        lines.append(f"| {name} | {res['coverage@10']:.4f} | {res['ILD@10']:.4f} |")
+        new = res["new items shown"]
+        lines.append(
+            f"| {name} | {res['coverage@10']:.4f} | {res['ILD@10']:.4f} "
+            f"| {new['distinct']} of {new['of']} | {new['lists']:.4f} |"
+        )
     cal = result.get("calibration")
     if cal:
         lines += [
@@ -562,6 +585,8 @@ def run_replay(
             "coverage@10": "distinct items ever shown in a top 10 / catalog size",
             "ILD@10": "mean over shown lists of the mean pairwise genre Jaccard distance "
             "1 - |G_a & G_b| / |G_a | G_b| of the 10 shown items",
+            "new items shown": "distinct catalog items without a rating before the cutoff shown in any top "
+            "10 (of how many there are), and the fraction of top-10 lists that show at least one",
             "calibration": "shown (event, item) pairs: click_probability vs 1 if the item was the real "
             f"next item; ECE over {CALIBRATION_BINS} {CALIBRATION_STRATEGY} bins of the pairs sorted "
             "by probability, sum_b n_b/N |mean p_b - hit rate_b|; ratio = mean p / hit rate",

@@ -30,6 +30,7 @@ from models.replay import (
     SEGMENTS,
     ModelRun,
     accuracy,
+    new_items_shown,
     shown_calibration,
     time_cut,
     write_grouplens,
@@ -93,6 +94,13 @@ def test_evaluate_cases_reports_coverage_and_diversity() -> None:
     assert "coverage@10 | ILD@10 |" in table.splitlines()[0] and "| 0.3333 | 0.5556 |" in table
     old = {"m": {"warm": {k: 0.5 for k in ("HR@10", "NDCG@10", "MRR", "AUC")}, "cold": m}}
     assert "coverage" not in format_table(old)  # a table saved before these columns existed
+
+
+def test_new_items_shown_counts_distinct_items_and_lists() -> None:
+    shown = np.array([[5, 1, -1], [2, 5, 7], [0, 1, 2], [-1, -1, -1]])
+    new = new_items_shown(shown, new_rows=np.array([5, 7, 9]))
+    assert new == {"distinct": 2, "of": 3, "lists": 0.5}  # 5 and 7; lists 0 and 1 of four
+    assert new_items_shown(shown[:0], np.array([5]))["lists"] == 0.0
 
 
 def test_cosine_and_jaccard_distances() -> None:
@@ -269,6 +277,9 @@ def test_replay_end_to_end(data_dir: Path, tmp_path: Path) -> None:
                 assert 0.0 <= m["NDCG@10"] <= m["HR@10"] <= 1.0
         assert 0.0 < res["coverage@10"] <= 1.0
         assert 0.0 <= res["ILD@10"] <= 1.0
+        new = res["new items shown"]
+        assert 0 <= new["distinct"] <= new["of"] and 0.0 <= new["lists"] <= 1.0
+        assert (new["distinct"] == 0) == (new["lists"] == 0.0)
     cal = result["calibration"]
     assert cal["predictions"] > 0 and 0.0 < cal["mean_probability"] < 1.0
     assert 0.0 <= cal["ece"] <= 1.0 and sum(b["count"] for b in cal["bins"]) == cal["predictions"]
