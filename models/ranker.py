@@ -58,12 +58,24 @@ class ItemTower(nn.Module):
         return self.text_vectors() + ids
 
 
-class CausalBlock(nn.Module):
-    """Pre-LN transformer block with an explicit causal+padding mask (no NaN on empty rows)."""
+def _distances(length: int, max_distance: int, device: torch.device) -> torch.Tensor:
+    """[L, L] distance t − j from query slot t back to key slot j, clamped to 0..``max_distance``."""
+    slots = torch.arange(length, device=device)
+    return (slots.unsqueeze(1) - slots.unsqueeze(0)).clamp(0, max_distance)
 
-    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+
+class CausalBlock(nn.Module):
+    """Pre-LN transformer block with an explicit causal+padding mask (no NaN on empty rows).
+
+    With ``max_len`` > 0, each head adds a learned bias per query-key distance to its attention scores
+    (zero at the start, so training begins from plain attention): how far back an event lies is then
+    read directly, whatever the history's length, which the absolute positions (counted from the
+    window's oldest event) do not give."""
+
+    def __init__(self, dim: int, heads: int, dropout: float, max_len: int = 0) -> None:
         super().__init__()
         self.heads = heads
+        self.distance_bias = nn.Parameter(torch.zeros(heads, max_len)) if max_len > 0 else None
         self.ln1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -76,6 +88,9 @@ class CausalBlock(nn.Module):
         hd = dim // self.heads
         q, k, v = self.qkv(self.ln1(x)).reshape(b, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
+        if self.distance_bias is not None:
+            distances = _distances(length, self.distance_bias.shape[1] - 1, x.device)
+            scores = scores + self.distance_bias[:, distances]
         scores = scores.masked_fill(~allowed.unsqueeze(1), NEG_INF)
         att = torch.softmax(scores, dim=-1)
         y = (att @ v).transpose(1, 2).reshape(b, length, dim)
@@ -86,9 +101,9 @@ class CausalBlock(nn.Module):
 class CausalEncoder(nn.Module):
     """``layers`` causal blocks and a final LayerNorm: one member of a ``SequenceRanker``."""
 
-    def __init__(self, dim: int, heads: int, layers: int, dropout: float) -> None:
+    def __init__(self, dim: int, heads: int, layers: int, dropout: float, max_len: int = 0) -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout, max_len) for _ in range(layers))
         self.final_ln = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -130,6 +145,9 @@ class RankerConfig:
     event_features: bool = True
     """False: the events' type, value and time gap are not read (the ID-only SASRec baseline reads items
     and positions only)."""
+    recency_bias: bool = False
+    """True: every attention head adds a learned bias per query-key distance (``CausalBlock``); False (the
+    SASRec baseline, and exports made before it): absolute positions only."""
     members: int = 1
     """Independent causal encoders, member k reading slice k of the ``dim // members`` columns of every
     vector: the user state is their states side by side, so its dot product with an item vector is the
@@ -165,7 +183,13 @@ class SequenceRanker(nn.Module):
         if dim % config.members:
             raise ValueError(f"dim {dim} is not divisible into {config.members} members")
         self.encoders = nn.ModuleList(
-            CausalEncoder(dim // config.members, config.heads, config.layers, dropout)
+            CausalEncoder(
+                dim // config.members,
+                config.heads,
+                config.layers,
+                dropout,
+                config.max_len if config.recency_bias else 0,
+            )
             for _ in range(config.members)
         )
         self.query = nn.Linear(dim, dim, bias=False)

@@ -23,7 +23,7 @@ from models.pipeline import (
     export_manifest,
     fit_exported_model,
 )
-from models.ranker import RankerConfig, SequenceRanker, load_ranker
+from models.ranker import HistoryTensors, RankerConfig, SequenceRanker, load_ranker
 from models.sequences import UserSequence, make_windows, user_sequences
 from models.train import MASKED, FitConfig, _seen_pairs, _without_seen, fit
 
@@ -229,6 +229,27 @@ def test_members_are_an_ensemble_in_one_graph(tmp_path: Path) -> None:
     assert not np.allclose(moved[:, half:].numpy(), user[:, half:].numpy())
     export_ranker(model.ranker, tmp_path / "ranker.onnx")
     assert ranker_parity(model.ranker, tmp_path / "ranker.onnx") <= 1e-4
+
+
+def test_the_distance_bias_reads_how_far_back_an_event_lies(tmp_path: Path) -> None:
+    """With ``recency_bias`` a head can attend by distance, whatever the history's length: a strongly
+    negative bias beyond distance 0 leaves the newest state blind to every earlier event (plain attention
+    reads them), and the exported graph agrees with PyTorch with a bias in it."""
+    ranker = SequenceRanker(RankerConfig(dim=8, max_len=6, rerank=False, recency_bias=True)).eval()
+    _, types, values, gaps, _, _ = random_ranker_inputs(4, 6, 3, 8, torch.Generator().manual_seed(0))
+    full = torch.ones(4, 6)
+    history = HistoryTensors(torch.randn(4, 6, 8), types.clamp(min=1), values.clamp(min=1), gaps, full)
+    earlier_changed = history._replace(vectors=torch.cat([torch.randn(4, 5, 8), history.vectors[:, 5:]], 1))
+    blocks = ranker.encoders[0].blocks
+    with torch.no_grad():
+        assert not torch.allclose(ranker.encode(earlier_changed)[:, -1], ranker.encode(history)[:, -1])
+        for block in blocks:
+            block.distance_bias[:, 1:] = -1e4
+        torch.testing.assert_close(ranker.encode(earlier_changed)[:, -1], ranker.encode(history)[:, -1])
+        for block in blocks:
+            block.distance_bias.normal_(generator=torch.Generator().manual_seed(1))
+    export_ranker(ranker, tmp_path / "ranker.onnx")
+    assert ranker_parity(ranker, tmp_path / "ranker.onnx") <= 1e-4
 
 
 def test_a_head_saved_before_members_existed_loads(tmp_path: Path) -> None:
