@@ -83,13 +83,14 @@ class CausalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+        """``allowed`` [B, L, L]: which keys each query reads; ``distances`` [L, L]: ``_distances`` up to
+        ``max_len`` − 1, built once per forward pass and shared by every block."""
         b, length, dim = x.shape
         hd = dim // self.heads
         q, k, v = self.qkv(self.ln1(x)).reshape(b, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         if self.distance_bias is not None:
-            distances = _distances(length, self.distance_bias.shape[1] - 1, x.device)
             scores = scores + self.distance_bias[:, distances]
         scores = scores.masked_fill(~allowed.unsqueeze(1), NEG_INF)
         att = torch.softmax(scores, dim=-1)
@@ -106,9 +107,9 @@ class CausalEncoder(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout, max_len) for _ in range(layers))
         self.final_ln = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
-            x = block(x, allowed)
+            x = block(x, allowed, distances)
         return self.final_ln(x)
 
 
@@ -215,9 +216,11 @@ class SequenceRanker(nn.Module):
         allowed = (causal.unsqueeze(0) & mask.unsqueeze(1)) | torch.eye(
             length, dtype=torch.bool, device=x.device
         )
+        distances = _distances(length, self.config.max_len - 1, x.device)
         parts = x.chunk(len(self.encoders), dim=-1)
         x = torch.cat(
-            [encoder(part, allowed) for encoder, part in zip(self.encoders, parts, strict=True)], -1
+            [encoder(part, allowed, distances) for encoder, part in zip(self.encoders, parts, strict=True)],
+            -1,
         )
         return x * history.mask.unsqueeze(-1)
 
