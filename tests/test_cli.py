@@ -18,6 +18,9 @@ from models.data import DATA_DIR_ENV
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["train", "evaluate", "serve", "load-history"]
+CLI_TIMEOUT_S = 300
+"""A guard against a hung command, not a speed check: ``evaluate --tiny`` fits two small models, which took
+over 120 s on the 2-core machine while other training runs shared it."""
 
 
 def run_cli(
@@ -30,7 +33,12 @@ def run_cli(
     shim = f"sys.modules[{absent!r}] = None; " if absent else ""
     code = f"import sys; {shim}from clickrank.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
-        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=environ
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        cwd=cwd,
+        env=environ,
     )
 
 
