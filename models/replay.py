@@ -120,12 +120,16 @@ class Stream:
     values: np.ndarray  # float ratings
     timestamps: np.ndarray  # int64
     returning: np.ndarray  # bool: the user has pre-cutoff events
-    new_item: np.ndarray  # bool: the item has no pre-cutoff rating
     new_rows: np.ndarray  # int64, ascending: the catalog rows with no pre-cutoff rating
     pre: dict[str, UserSequence]  # pre-cutoff sequence per user (value buckets, as the model reads)
 
     def __len__(self) -> int:
         return len(self.users)
+
+    @property
+    def new_item(self) -> np.ndarray:
+        """Per event, bool: its item has no pre-cutoff rating."""
+        return np.isin(self.items, self.new_rows)
 
     def segment_masks(self) -> dict[str, np.ndarray]:
         return {
@@ -163,7 +167,6 @@ def build_stream(data: Dataset, cut: int, limit: int | None) -> Stream:
         values=r.ratings[cut:stop].astype(np.float64),
         timestamps=r.timestamps[cut:stop],
         returning=np.array([u in pre for u in users], dtype=bool),
-        new_item=~known_items[items],
         new_rows=np.flatnonzero(~known_items),
         pre=pre,
     )
