@@ -19,7 +19,7 @@ fi
 pip install -q -e ".[cpu,train,dev]"
 
 if [ ! -f "$CLICKRANK_MODEL_DIR/manifest.json" ] && [ ! -f "$CLICKRANK_MODEL_DIR/current" ]; then
-  echo "no model in $CLICKRANK_MODEL_DIR: training one (8 to 13 minutes on 2 cores)"
+  echo "no model in $CLICKRANK_MODEL_DIR: training one (6 to 13 minutes on 2 cores)"
   clickrank train --model-dir "$CLICKRANK_MODEL_DIR"
 fi
 
