@@ -131,6 +131,12 @@ class Stream:
         """Per event, bool: its item has no pre-cutoff rating."""
         return np.isin(self.items, self.new_rows)
 
+    def new_item_events(self) -> dict[str, int]:
+        """The "new items" segment's events and their distinct items: each item's first event there is its
+        first rating ever, so ``items`` of the ``events`` are scored with only the item's text known."""
+        new = self.new_item
+        return {"events": int(new.sum()), "items": len(np.unique(self.items[new]))}
+
     def segment_masks(self) -> dict[str, np.ndarray]:
         return {
             "all": np.ones(len(self), dtype=bool),
@@ -579,10 +585,13 @@ def run_replay(
         "model_version": manifest["version"],
         "catalog_size": num_items,
         "segments": {seg: int(mask.sum()) for seg, mask in stream.segment_masks().items()},
+        "new item events": stream.new_item_events(),
         "definitions": {
             "returning users": "events of users with at least one rating before the cutoff",
             "new users": "events of users first seen after the cutoff",
             "new items": "events of items with no rating before the cutoff (either kind of user)",
+            "new item events": "the new-items segment's events and their distinct items; each item's "
+            "first event there is its first rating ever (only its text known when it is scored)",
             "NDCG@10": "mean of 1/log2(1 + rank) of the real item if ranked 1..10, else 0",
             "HR@10": "fraction of events whose real item is among the 10 shown",
             "coverage@10": "distinct items ever shown in a top 10 / catalog size",

@@ -29,6 +29,7 @@ from models.redis_process import RedisProcess, port_open
 from models.replay import (
     SEGMENTS,
     ModelRun,
+    Stream,
     accuracy,
     new_items_shown,
     shown_calibration,
@@ -101,6 +102,21 @@ def test_new_items_shown_counts_distinct_items_and_lists() -> None:
     new = new_items_shown(shown, new_rows=np.array([5, 7, 9]))
     assert new == {"distinct": 2, "of": 3, "lists": 0.5}  # 5 and 7; lists 0 and 1 of four
     assert new_items_shown(shown[:0], np.array([5]))["lists"] == 0.0
+
+
+def test_new_item_events_count_events_and_items() -> None:
+    """Items 5 and 7 have no pre-cutoff rating (5 is rated twice in the stream, 7 once); item 1 had one."""
+    items = np.array([5, 1, 5, 7, 1])
+    stream = Stream(
+        users=["a", "b", "c", "d", "e"],
+        items=items,
+        values=np.ones(5),
+        timestamps=np.arange(5),
+        returning=np.zeros(5, dtype=bool),
+        new_rows=np.array([5, 7, 9]),
+        pre={},
+    )
+    assert stream.new_item_events() == {"events": 3, "items": 2}
 
 
 def test_cosine_and_jaccard_distances() -> None:
@@ -260,6 +276,9 @@ def test_replay_end_to_end(data_dir: Path, tmp_path: Path) -> None:
     assert result["replayed"] == counts["all"] == 200
     assert counts["returning users"] + counts["new users"] == counts["all"]
     assert 0 <= counts["new items"] <= counts["all"]
+    new_events = result["new item events"]
+    assert new_events["events"] == counts["new items"]
+    assert 0 < new_events["items"] <= new_events["events"] or new_events == {"events": 0, "items": 0}
     assert result["train_ratings"] + result["withheld"] == 90_000
     models = result["models"]
     assert set(models) == {
