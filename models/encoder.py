@@ -57,10 +57,21 @@ class TextProjection(nn.Module):
         return self.net(pooled)
 
 
+class StackedProjection(nn.Module):
+    """The text projections of an ensemble's members side by side: member k's vector is slice k."""
+
+    def __init__(self, dim: int, members: int) -> None:
+        super().__init__()
+        self.parts = nn.ModuleList(TextProjection(dim) for _ in range(members))
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part(pooled) for part in self.parts], dim=-1)
+
+
 class ItemTextEncoder(nn.Module):
     """The exported ``item_encoder.onnx``: token ids → item text vector."""
 
-    def __init__(self, bert: nn.Module, projection: TextProjection) -> None:
+    def __init__(self, bert: nn.Module, projection: nn.Module) -> None:
         super().__init__()
         self.bert = bert
         self.projection = projection

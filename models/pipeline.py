@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import multiprocessing
+import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, datetime
@@ -18,6 +19,7 @@ from models.calibration import Calibration, click_probabilities, fit_platt, log_
 from models.covisit import SERVED_WEIGHT, CovisitTable, served_scorer
 from models.data import Dataset, load_dataset
 from models.encoder import load_minilm, pooled_embeddings
+from models.ensemble import fit_members
 from models.evaluate import (
     Case,
     Scorer,
@@ -56,6 +58,9 @@ class TrainConfig:
     """After the harness: epochs of warm-started training on *all* events (the held-out last events and
     the withheld cold items included) before export; 0 exports the evaluated model as it is."""
     threads: int = 0  # 0: torch's default
+    member_jobs: int = 0
+    """An ensemble's members fitted at once, each in a process with its share of the threads (0: one per
+    member, up to the cores)."""
 
     @classmethod
     def tiny(cls) -> TrainConfig:
@@ -75,6 +80,10 @@ class TrainConfig:
             ),
             refit_epochs=0,
         )
+
+    def jobs(self) -> int:
+        """How many members are fitted at once (``member_jobs``)."""
+        return self.member_jobs or min(self.fit.members, os.cpu_count() or 1)
 
     def replace(self, *, seed: int | None = None, epochs: int | None = None) -> TrainConfig:
         changes = {k: v for k, v in (("seed", seed), ("epochs", epochs)) if v is not None}
@@ -124,8 +133,8 @@ def run_harness(
         fits["id-only"] = fit(
             "id-only", windows, split.valid, split.train_items, num_items, None, cfg.baseline()
         )
-    fits["clickrank"] = fit(
-        "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg
+    fits["clickrank"] = fit_members(
+        "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg, config.jobs()
     )
     model = fits["clickrank"].model
     genres = genre_features(data.items)
@@ -150,8 +159,8 @@ def run_harness(
     }
     return {
         "rows": rows,
-        "curves": {name: result.curve for name, result in fits.items()},
-        "best_epoch": fits["clickrank"].best_epoch,
+        "curves": {label: curve for name, result in fits.items() for label, curve in curves(name, result)},
+        "best_epoch": best_epochs(fits["clickrank"]),
         "split": {
             "train_users": len(split.train),
             "test_cases": len(split.test),
@@ -168,22 +177,38 @@ def run_harness(
     }
 
 
+def curves(name: str, result: FitResult) -> list[tuple[str, list[dict[str, float]]]]:
+    """(label, training curve) of each model a fit trained: the fit's, or each ensemble member's."""
+    if not result.members:
+        return [(name, result.curve)]
+    return [(f"{name} {k + 1}/{len(result.members)}", m.curve) for k, m in enumerate(result.members)]
+
+
+def best_epochs(result: FitResult) -> list[int]:
+    """The epoch kept of each model a fit trained (one per ensemble member)."""
+    return [part.best_epoch for part in result.parts()]
+
+
 def refit_on_all_events(
     name: str,
     sequences: list[UserSequence],
     num_items: int,
     text_features: torch.Tensor | None,
-    cfg: FitConfig,
+    config: TrainConfig,
     epochs: int,
-    init: RecModel | None = None,
+    init: FitResult | None = None,
 ) -> FitResult:
     """``epochs`` of training on every event (no validation): the model that gets exported, warm-started
-    from ``init`` (the harness's model) at a quarter of the learning rate, a gentle nudge, or from scratch.
-    Only items with events are softmax targets: the others keep their text vectors untouched."""
+    from ``init`` (the harness's fit, member by member) at a quarter of the learning rate, a gentle nudge,
+    or from scratch. Only items with events are softmax targets: the others keep their text vectors
+    untouched."""
+    cfg = config.fit
     windows = cfg.windows(sequences)
     refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
     rated = items_with_events(sequences)
-    return fit(f"{name} (all data)", windows, [], rated, num_items, text_features, refit, init=init)
+    return fit_members(
+        f"{name} (all data)", windows, [], rated, num_items, text_features, refit, config.jobs(), init
+    )
 
 
 def _case_scores(
@@ -347,29 +372,23 @@ def fit_exported_model(
     ``refit_epochs`` (kept as evaluated when that is 0), or without a harness one fit on all events."""
     if harness is None:
         final = refit_on_all_events(
-            "clickrank", sequences, num_items, text_features, config.fit, config.fit.epochs
+            "clickrank", sequences, num_items, text_features, config, config.fit.epochs
         )
         return final, "fit on all events"
     if config.refit_epochs == 0:
         return harness["fit"], "the harness's model, as evaluated"
     final = refit_on_all_events(
-        "clickrank",
-        sequences,
-        num_items,
-        text_features,
-        config.fit,
-        config.refit_epochs,
-        harness["fit"].model,
+        "clickrank", sequences, num_items, text_features, config, config.refit_epochs, harness["fit"]
     )
     return final, "the harness's model, refitted on all events"
 
 
 def write_reports(out: ModelDir, harness: dict | None, final: FitResult) -> None:
     """``training_curve.png`` (every fit's curve) and, after a harness, ``metrics.json``."""
-    curves = dict(harness["curves"]) if harness else {}
+    plotted = dict(harness["curves"]) if harness else {}
     if harness is None or final is not harness["fit"]:
-        curves["clickrank (all data)"] = final.curve
-    _plot_curves(curves, out.file(TRAINING_CURVE))
+        plotted |= dict(curves("clickrank (all data)", final))
+    _plot_curves(plotted, out.file(TRAINING_CURVE))
     if harness:
         out.file(METRICS).write_text(json.dumps(harness_metrics(harness), indent=2))
 
@@ -403,7 +422,7 @@ def export_manifest(
         "data_dir": str(data_dir),
         "data_hash": data.data_hash,
         "seed": final.config.seed,
-        "fit": {"recipe": recipe, "final_epoch": final.best_epoch},
+        "fit": {"recipe": recipe, "final_epoch": best_epochs(final)},
         "config": {
             **dataclasses.asdict(final.config),
             "max_text_tokens": config.max_text_tokens,
@@ -417,7 +436,7 @@ def export_manifest(
         "metrics": harness_metrics(harness),
         "calibration": calibration.to_json(),
         "parity": {"ranker_max_abs_prob_diff": parity, "tolerance": PARITY_TOLERANCE},
-        "graphs": graph_shapes(final.config.dim),
+        "graphs": graph_shapes(final.model.ranker.config.dim),
         "num_items": len(data.items),
     }
 
@@ -452,8 +471,9 @@ def evaluate_command(
         config = config or TrainConfig()
         configs = [config.replace(seed=s, epochs=epochs) for s in range(seeds)]
         if jobs > 1:
-            # One process per seed, one torch thread each: seeds are independent, the harness is serial.
-            configs = [dataclasses.replace(c, threads=1) for c in configs]
+            # One process per seed, one torch thread each: seeds are independent, the harness (and its
+            # ensemble's members) serial.
+            configs = [dataclasses.replace(c, threads=1, member_jobs=1) for c in configs]
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(min(jobs, seeds), mp_context=context) as pool:
                 runs = list(pool.map(_seed_rows, [data_dir] * seeds, configs))

@@ -18,20 +18,32 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from models.encoder import TextProjection
+from models.encoder import StackedProjection, TextProjection
 from models.features import NUM_EVENT_TYPES, NUM_GAP_BUCKETS, NUM_VALUE_BUCKETS
 
 NEG_INF = -1e9
 SCORE_CLAMP = 30.0
 SIMILARITY_TEMPERATURE = 0.1
 """Softmax temperature of the cosine similarities that explain a prediction without the re-ranker."""
+SCORE_FEATURES = 5
+"""Blocks of the MLP's input (``SequenceRanker.score``): user, context, candidate and two products."""
+MLP_HIDDEN = 64
+"""Hidden units of the MLP per member."""
 
 
 class ItemTower(nn.Module):
-    """Vectors for every catalog item: text projection (+ ID embedding), or ID embedding only."""
+    """Vectors for every catalog item: text projection (+ ID embedding), or ID embedding only.
+
+    With ``members`` > 1 the tower of an ensemble: slice k of every vector is member k's tower
+    (``load_members``)."""
 
     def __init__(
-        self, num_items: int, dim: int, text_features: torch.Tensor | None, id_dropout: float
+        self,
+        num_items: int,
+        dim: int,
+        text_features: torch.Tensor | None,
+        id_dropout: float,
+        members: int = 1,
     ) -> None:
         super().__init__()
         self.use_text = text_features is not None
@@ -40,10 +52,20 @@ class ItemTower(nn.Module):
         if self.use_text:
             # Zero-init: an item's ID part only grows where its interactions pull it; unseen items keep 0.
             nn.init.zeros_(self.id_embedding.weight)
-            self.projection = TextProjection(dim)
+            self.projection = (
+                TextProjection(dim) if members == 1 else StackedProjection(dim // members, members)
+            )
             self.register_buffer("text_features", text_features, persistent=False)
         else:
             nn.init.normal_(self.id_embedding.weight, std=0.05)
+
+    @torch.no_grad()
+    def load_members(self, towers: list[ItemTower]) -> None:
+        """This ensemble tower's weights from its members' one-model towers, in order."""
+        self.id_embedding.weight.copy_(torch.cat([t.id_embedding.weight for t in towers], -1))
+        if self.use_text:
+            for part, tower in zip(self.projection.parts, towers, strict=True):
+                part.load_state_dict(tower.projection.state_dict())
 
     def text_vectors(self) -> torch.Tensor:
         return self.projection(self.text_features)
@@ -152,7 +174,7 @@ class RankerConfig:
     members: int = 1
     """Independent causal encoders, member k reading slice k of the ``dim // members`` columns of every
     vector: the user state is their states side by side, so its dot product with an item vector is the
-    sum of the members' scores, an ensemble in one graph (each member is trained on its own loss)."""
+    sum of the members' scores, an ensemble in one graph (``SequenceRanker.load_members``)."""
 
 
 class HistoryTensors(NamedTuple):
@@ -195,7 +217,40 @@ class SequenceRanker(nn.Module):
         )
         self.query = nn.Linear(dim, dim, bias=False)
         self.key = nn.Linear(dim, dim, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(5 * dim, 64), nn.GELU(), nn.Dropout(dropout), nn.Linear(64, 1))
+        hidden = MLP_HIDDEN * config.members
+        self.mlp = nn.Sequential(
+            nn.Linear(SCORE_FEATURES * dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, 1)
+        )
+
+    @torch.no_grad()
+    def load_members(self, rankers: list[SequenceRanker]) -> None:
+        """This K-member ranker's weights from K one-member rankers of width ``dim / K``, so that its
+        logit is the sum of theirs: embeddings side by side, member k's encoder on slice k, and an MLP
+        whose k-th block of hidden units reads member k's slice of each input block. The target attention
+        (``query``, ``key``) becomes block-diagonal, which makes no sum: an ensemble ranks without the
+        re-ranker."""
+        k, d = self.config.members, self.config.dim // self.config.members
+        if len(rankers) != k or self.config.rerank:
+            raise ValueError(f"{k} members without the re-ranker are needed, got {len(rankers)}")
+        for name in ("type_embedding", "value_embedding", "gap_embedding", "position_embedding"):
+            getattr(self, name).weight.copy_(torch.cat([getattr(r, name).weight for r in rankers], -1))
+        first, last = self.mlp[0], self.mlp[-1]
+        for linear in (first, self.query, self.key):
+            linear.weight.zero_()
+        last.bias.zero_()
+        for j, ranker in enumerate(rankers):
+            if ranker.config.members != 1 or ranker.config.dim != d:
+                raise ValueError(f"member {j} is not one model of width {d}")
+            self.encoders[j].load_state_dict(ranker.encoders[0].state_dict())
+            own, units = slice(j * d, (j + 1) * d), slice(j * MLP_HIDDEN, (j + 1) * MLP_HIDDEN)
+            self.query.weight[own, own] = ranker.query.weight
+            self.key.weight[own, own] = ranker.key.weight
+            for block in range(SCORE_FEATURES):
+                columns = slice(block * self.config.dim + j * d, block * self.config.dim + (j + 1) * d)
+                first.weight[units, columns] = ranker.mlp[0].weight[:, block * d : (block + 1) * d]
+            first.bias[units] = ranker.mlp[0].bias
+            last.weight[:, units] = ranker.mlp[-1].weight
+            last.bias.add_(ranker.mlp[-1].bias)
 
     def encode(self, history: HistoryTensors) -> torch.Tensor:
         """Causal states [B, L, D]; state t has read events 0..t."""

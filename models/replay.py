@@ -481,7 +481,8 @@ def _fit_id_only(pre: Dataset, config) -> tuple[object, np.ndarray]:
     result = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
     if config.refit_epochs <= 0:
         return result.model, split.train_items
-    final = refit_on_all_events("id-only", sequences, num_items, None, cfg, config.refit_epochs, result.model)
+    baseline = dataclasses.replace(config, fit=cfg)
+    final = refit_on_all_events("id-only", sequences, num_items, None, baseline, config.refit_epochs, result)
     trained = np.unique(np.concatenate([s.items for s in sequences]))
     return final.model, trained
 

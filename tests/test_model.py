@@ -13,6 +13,8 @@ import torch
 
 from models.calibration import Calibration
 from models.data import Dataset, Item, load_dataset
+from models.encoder import MINILM_DIM
+from models.ensemble import fit_members
 from models.evaluate import make_split, rank_metrics
 from models.export import RANKER_INPUTS, export_ranker, random_ranker_inputs, ranker_parity
 from models.pipeline import (
@@ -117,7 +119,7 @@ def _toy_sequences(users: int, items: int, length: int, seed: int) -> list[UserS
 def _ring_config(**overrides) -> FitConfig:
     """A recipe that learns the toy ring in a few seconds."""
     recipe = dict(
-        dim=16, history_length=10, epochs=6, batch_size=32, dropout=0.1, lr=1e-2, stride=5,
+        dim=16, members=1, history_length=10, epochs=6, batch_size=32, dropout=0.1, lr=1e-2, stride=5,
         min_epochs=0, patience=6,
     )  # fmt: skip
     return FitConfig(**(recipe | overrides))
@@ -183,7 +185,15 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     items = 40
     sequences = _toy_sequences(60, items, 20, seed=1)
     cfg = FitConfig(
-        dim=8, history_length=10, epochs=2, batch_size=64, stride=5, lr=1e-2, min_epochs=0, seed=3
+        dim=8,
+        members=1,
+        history_length=10,
+        epochs=2,
+        batch_size=64,
+        stride=5,
+        lr=1e-2,
+        min_epochs=0,
+        seed=3,
     )
     config = TrainConfig(fit=cfg, refit_epochs=1)
     split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
@@ -197,38 +207,47 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     manifest = export_manifest(data, Path("toy"), config, harness, final, recipe, parity=0.0)
     assert (manifest["config"]["epochs"], manifest["config"]["lr"]) == (1, pytest.approx(cfg.lr / 4))
     assert (manifest["harness_config"]["epochs"], manifest["harness_config"]["lr"]) == (2, cfg.lr)
-    assert manifest["fit"] == {"recipe": "the harness's model, refitted on all events", "final_epoch": 1}
+    assert manifest["fit"] == {"recipe": "the harness's model, refitted on all events", "final_epoch": [1]}
     assert manifest["seed"] == 3 and manifest["calibration"]["slope"] == 0.5
     assert manifest["version"].endswith("-abababab") and manifest["num_items"] == items
 
 
-def test_members_are_an_ensemble_in_one_graph(tmp_path: Path) -> None:
-    """Two members learn the ring each from its own loss, each alone ranking well; member 0's half of the
-    user state reads only its half of the vectors; the served logit is the sum of the members' scores and
-    the exported graph agrees with PyTorch."""
+def test_an_ensemble_scores_the_sum_of_its_members(tmp_path: Path) -> None:
+    """Two members fitted apart (each alone ranks the ring well) join into one model whose scores, with a
+    history and without one (the prior), are the sums of theirs; its ranker exports to ONNX and agrees
+    with PyTorch. Fitting them in two processes gives the same members. The re-ranker cannot be joined."""
     items, half = 40, 8
     split = make_split(_toy_sequences(120, items, 30, seed=2), items, cold_fraction=0.0, seed=0)
     cfg = _ring_config(dim=2 * half, members=2)
-    model = fit("toy", cfg.windows(split.train), split.valid, split.train_items, items, None, cfg).model
-    cases = split.test[:32]
-    targets = np.array([c.target for c in cases])
+    text = torch.randn(items, MINILM_DIM, generator=torch.Generator().manual_seed(0))
+    args = ("toy", cfg.windows(split.train), split.valid, split.train_items, items, text, cfg)
+    with pytest.raises(ValueError, match="one model"):
+        fit(*args)
+    with pytest.raises(ValueError, match="re-ranker"):
+        _ring_config(dim=2 * half, members=2, rerank=True)
+    result = fit_members(*args)
+    first, second = (m.model for m in result.members)
+    assert [m.config.seed for m in result.members] == [cfg.seed, cfg.seed + 100]
+    assert [m.config.dim for m in result.members] == [half, half]
+    histories = [c.history for c in split.test[:32]]
+    targets = np.array([c.target for c in split.test[:32]])
+    for member in (first, second):
+        top10 = np.argsort(-member.score_all(histories), axis=1)[:, :10]
+        assert (top10 == targets[:, None]).any(1).mean() > 0.6  # chance is 10 / 40
+    joined = result.model
+    expected = first.score_all(histories) + second.score_all(histories)
+    np.testing.assert_allclose(joined.score_all(histories), expected, rtol=1e-5, atol=1e-4)
     with torch.no_grad():
-        vectors = model.tower()
-        history = model._inputs([c.history for c in cases], vectors)
-        user = model.ranker.encode(history)[:, -1]
-        for member in (slice(0, half), slice(half, 2 * half)):
-            scores = (user[:, member] @ vectors[:, member].T).numpy()
-            top10 = np.argsort(-scores, axis=1)[:, :10]
-            assert (top10 == targets[:, None]).any(1).mean() > 0.6  # chance is 10 / 40
-        np.testing.assert_allclose(model.score_all([c.history for c in cases]), (user @ vectors.T).numpy())
-        changed = history._replace(
-            vectors=torch.cat([history.vectors[..., :half], -history.vectors[..., half:]], -1)
-        )
-        moved = model.ranker.encode(changed)[:, -1]
-    np.testing.assert_allclose(moved[:, :half].numpy(), user[:, :half].numpy(), atol=1e-6)
-    assert not np.allclose(moved[:, half:].numpy(), user[:, half:].numpy())
-    export_ranker(model.ranker, tmp_path / "ranker.onnx")
-    assert ranker_parity(model.ranker, tmp_path / "ranker.onnx") <= 1e-4
+        vectors = joined.tower()
+        torch.testing.assert_close(vectors, torch.cat([first.tower(), second.tower()], -1))
+        prior = joined.ranker.prior_logits(vectors)
+        parts = first.ranker.prior_logits(first.tower()) + second.ranker.prior_logits(second.tower())
+    torch.testing.assert_close(prior, parts)
+    export_ranker(joined.ranker, tmp_path / "ranker.onnx")
+    assert ranker_parity(joined.ranker, tmp_path / "ranker.onnx") <= 1e-4
+    in_processes = fit_members(*args, jobs=2)
+    assert [m.best_epoch for m in in_processes.members] == [m.best_epoch for m in result.members]
+    np.testing.assert_allclose(in_processes.model.score_all(histories), expected, rtol=1e-4, atol=1e-3)
 
 
 def test_the_distance_bias_reads_how_far_back_an_event_lies(tmp_path: Path) -> None:

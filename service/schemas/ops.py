@@ -38,7 +38,7 @@ class ModelInfo(ApiModel):
         {
             "version": "20261123T101500Z-3f2a9c1d",
             "created": "2026-11-23T10:15:00Z",
-            "dim": 64,
+            "dim": 128,
             "history_length": 50,
             "catalog_size": 1682,
             "metrics": {"table": [{"model": "clickrank", "HR@10": 0.1}]},
