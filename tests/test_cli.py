@@ -19,8 +19,9 @@ from models.data import DATA_DIR_ENV
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = ["train", "evaluate", "serve", "load-history"]
 CLI_TIMEOUT_S = 300
-"""A guard against a hung command, not a speed check: ``evaluate --tiny`` fits two small models, which took
-over 120 s on the 2-core machine while other training runs shared it."""
+"""A guard against a hung command, not a speed check: ``evaluate --tiny`` fits three small models (the ID-only
+baseline and clickrank's two), which took over 120 s on the 2-core machine while other training runs shared
+it."""
 
 
 def run_cli(
