@@ -27,6 +27,8 @@ SIMILARITY_TEMPERATURE = 0.1
 """Softmax temperature of the cosine similarities that explain a prediction without the re-ranker."""
 SCORE_FEATURES = 5
 """Blocks of the MLP's input (``SequenceRanker.score``): user, context, candidate and two products."""
+CANDIDATE_BLOCK = 2
+"""The candidate's block among them: the only one that is not zero without a history."""
 MLP_HIDDEN = 64
 """Hidden units of the MLP per member."""
 
@@ -351,9 +353,13 @@ class SequenceRanker(nn.Module):
         return self.score(self.gather_states(states, positions).unsqueeze(2), context, candidates)
 
     def prior_logits(self, candidates: torch.Tensor) -> torch.Tensor:
-        """Logits with an empty history (user state and context are zero)."""
-        zeros = torch.zeros_like(candidates)
-        return self.score(zeros, zeros, candidates)
+        """Logits with an empty history: ``score`` with user state and context zero, which leaves the MLP
+        on the candidate alone, so only the candidate's columns of its first layer are multiplied (the
+        graph computes this for every candidate of every request: a fifth of the work on zeros)."""
+        d = self.config.dim
+        first = self.mlp[0]
+        columns = first.weight[:, CANDIDATE_BLOCK * d : (CANDIDATE_BLOCK + 1) * d]
+        return self.mlp[1:](nn.functional.linear(candidates, columns, first.bias)).squeeze(-1)
 
 
 def save_ranker(ranker: SequenceRanker, path) -> None:

@@ -271,6 +271,18 @@ def test_the_distance_bias_reads_how_far_back_an_event_lies(tmp_path: Path) -> N
     assert ranker_parity(ranker, tmp_path / "ranker.onnx") <= 1e-4
 
 
+def test_the_prior_is_the_score_of_an_empty_history() -> None:
+    """``prior_logits`` multiplies only the candidate's columns: the same logits as ``score`` with user
+    state and context zero, for one model and for two joined ones."""
+    for members in (1, 2):
+        ranker = SequenceRanker(RankerConfig(dim=8, max_len=5, rerank=False, members=members)).eval()
+        candidates = torch.randn(3, 7, 8, generator=torch.Generator().manual_seed(members))
+        zeros = torch.zeros_like(candidates)
+        with torch.no_grad():
+            expected = ranker.score(zeros, zeros, candidates)
+            torch.testing.assert_close(ranker.prior_logits(candidates), expected)
+
+
 def test_a_head_saved_before_members_existed_loads(tmp_path: Path) -> None:
     """``ranker.pt`` files exported before ``members`` keep their encoder at the top level of the state."""
     ranker = SequenceRanker(RankerConfig(dim=8, max_len=5)).eval()
