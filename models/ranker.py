@@ -178,6 +178,12 @@ class RankerConfig:
     vector: the user state is their states side by side, so its dot product with an item vector is the
     sum of the members' scores, an ensemble in one graph (``SequenceRanker.load_members``)."""
 
+    def __post_init__(self) -> None:
+        if self.dim % self.members:
+            raise ValueError(f"dim {self.dim} is not divisible into {self.members} members")
+        if self.members > 1 and self.rerank:
+            raise ValueError("the re-ranker needs members=1: joined target attentions do not add up")
+
 
 class HistoryTensors(NamedTuple):
     """One batch of left-padded histories [B, L(, D)]: the first five inputs of the serving signature."""
@@ -205,8 +211,6 @@ class SequenceRanker(nn.Module):
             nn.init.zeros_(emb.weight)
         nn.init.normal_(self.position_embedding.weight, std=0.02)
         self.input_drop = nn.Dropout(dropout)
-        if dim % config.members:
-            raise ValueError(f"dim {dim} is not divisible into {config.members} members")
         self.encoders = nn.ModuleList(
             CausalEncoder(
                 dim // config.members,
@@ -232,8 +236,8 @@ class SequenceRanker(nn.Module):
         (``query``, ``key``) becomes block-diagonal, which makes no sum: an ensemble ranks without the
         re-ranker."""
         k, d = self.config.members, self.config.dim // self.config.members
-        if len(rankers) != k or self.config.rerank:
-            raise ValueError(f"{k} members without the re-ranker are needed, got {len(rankers)}")
+        if len(rankers) != k:
+            raise ValueError(f"{k} members are needed, got {len(rankers)}")
         for name in ("type_embedding", "value_embedding", "gap_embedding", "position_embedding"):
             getattr(self, name).weight.copy_(torch.cat([getattr(r, name).weight for r in rankers], -1))
         first, last = self.mlp[0], self.mlp[-1]

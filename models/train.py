@@ -100,10 +100,21 @@ class FitConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dim % self.members:
-            raise ValueError(f"dim {self.dim} does not split into {self.members} members")
-        if self.members > 1 and self.rerank:
-            raise ValueError("the re-ranker needs members=1: joined target attentions do not add up")
+        self.ranker_config()  # its checks, before any fit
+
+    def ranker_config(self) -> RankerConfig:
+        """The shape of the head this recipe trains (the joined one for an ensemble)."""
+        return RankerConfig(
+            self.dim,
+            self.history_length,
+            self.heads,
+            self.layers,
+            self.dropout,
+            rerank=self.rerank,
+            event_features=self.event_features,
+            recency_bias=self.recency_bias,
+            members=self.members,
+        )
 
     def windows(self, sequences: list[UserSequence]) -> Windows:
         """The training windows of ``sequences`` under this recipe."""
@@ -138,19 +149,7 @@ class RecModel(nn.Module):
     def __init__(self, num_items: int, text_features: torch.Tensor | None, cfg: FitConfig) -> None:
         super().__init__()
         self.tower = ItemTower(num_items, cfg.dim, text_features, cfg.id_dropout, cfg.members)
-        self.ranker = SequenceRanker(
-            RankerConfig(
-                cfg.dim,
-                cfg.history_length,
-                cfg.heads,
-                cfg.layers,
-                cfg.dropout,
-                rerank=cfg.rerank,
-                event_features=cfg.event_features,
-                recency_bias=cfg.recency_bias,
-                members=cfg.members,
-            )
-        )
+        self.ranker = SequenceRanker(cfg.ranker_config())
         self.history_length = cfg.history_length
         self.rerank_size = cfg.rerank_size if cfg.rerank else 0
 
