@@ -107,18 +107,30 @@ class CausalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor, newest_only: bool = False
+    ) -> torch.Tensor:
         """``allowed`` [B, L, L]: which keys each query reads; ``distances`` [L, L]: ``_distances`` up to
-        ``max_len`` − 1, built once per forward pass and shared by every block."""
+        ``max_len`` − 1, built once per forward pass and shared by every block. ``newest_only``: the
+        output of the newest slot alone, [B, 1, D] (its query reads every slot's key and value), which is
+        all a user vector needs from the last block."""
         b, length, dim = x.shape
         hd = dim // self.heads
-        q, k, v = self.qkv(self.ln1(x)).reshape(b, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        h = self.ln1(x)
+        if newest_only:
+            weight, bias = self.qkv.weight, self.qkv.bias
+            q = nn.functional.linear(h[:, -1:], weight[:dim], bias[:dim]).reshape(b, 1, self.heads, hd)
+            kv = nn.functional.linear(h, weight[dim:], bias[dim:]).reshape(b, length, 2, self.heads, hd)
+            q, (k, v) = q.transpose(1, 2), kv.permute(2, 0, 3, 1, 4)
+            x, allowed, distances = x[:, -1:], allowed[:, -1:], distances[-1:]
+        else:
+            q, k, v = self.qkv(h).reshape(b, length, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
         scores = (q @ k.transpose(-1, -2)) / math.sqrt(hd)
         if self.distance_bias is not None:
             scores = scores + self.distance_bias[:, distances]
         scores = scores.masked_fill(~allowed.unsqueeze(1), NEG_INF)
         att = torch.softmax(scores, dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(b, length, dim)
+        y = (att @ v).transpose(1, 2).reshape(b, x.shape[1], dim)
         x = x + self.drop(self.out(y))
         return x + self.drop(self.ffn(self.ln2(x)))
 
@@ -131,9 +143,13 @@ class CausalEncoder(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout, max_len) for _ in range(layers))
         self.final_ln = nn.LayerNorm(dim)
 
-    def forward(self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, allowed, distances)
+    def forward(
+        self, x: torch.Tensor, allowed: torch.Tensor, distances: torch.Tensor, newest_only: bool = False
+    ) -> torch.Tensor:
+        """States [B, L, D], or the newest slot's alone [B, 1, D] (``CausalBlock``)."""
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, allowed, distances, newest_only and i == last)
         return self.final_ln(x)
 
 
@@ -260,6 +276,14 @@ class SequenceRanker(nn.Module):
 
     def encode(self, history: HistoryTensors) -> torch.Tensor:
         """Causal states [B, L, D]; state t has read events 0..t."""
+        return self._encoded(history, newest_only=False) * history.mask.unsqueeze(-1)
+
+    def user_state(self, history: HistoryTensors) -> torch.Tensor:
+        """The newest slot's state [B, D] (``encode(history)[:, -1]``; zero for an empty history), with the
+        last block computed for that slot alone: what retrieval and the serving graph read."""
+        return self._encoded(history, newest_only=True)[:, -1] * history.mask[:, -1:]
+
+    def _encoded(self, history: HistoryTensors, newest_only: bool) -> torch.Tensor:
         length = history.vectors.shape[1]
         mask = history.mask > 0.5
         positions = (torch.cumsum(history.mask, dim=1) - 1.0).clamp(0, self.config.max_len - 1).long()
@@ -279,11 +303,13 @@ class SequenceRanker(nn.Module):
         )
         distances = _distances(length, self.config.max_len - 1, x.device)
         parts = x.chunk(len(self.encoders), dim=-1)
-        x = torch.cat(
-            [encoder(part, allowed, distances) for encoder, part in zip(self.encoders, parts, strict=True)],
+        return torch.cat(
+            [
+                encoder(part, allowed, distances, newest_only)
+                for encoder, part in zip(self.encoders, parts, strict=True)
+            ],
             -1,
         )
-        return x * history.mask.unsqueeze(-1)
 
     def target_attention(
         self, states: torch.Tensor, key_mask: torch.Tensor, candidates: torch.Tensor
@@ -313,17 +339,17 @@ class SequenceRanker(nn.Module):
         candidate_vectors: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The serving signature: (logits [B, C], attention [B, C, L], user_vectors [B, D])."""
-        states = self.encode(
-            HistoryTensors(history_vectors, history_types, history_values, history_gaps, history_mask)
-        )
-        user = states[:, -1, :]  # newest slot; zero when the history is empty
+        history = HistoryTensors(history_vectors, history_types, history_values, history_gaps, history_mask)
         key_mask = history_mask.unsqueeze(1)
         if self.config.rerank:
+            states = self.encode(history)
+            user = states[:, -1, :]  # newest slot; zero when the history is empty
             context, weights = self.target_attention(states, key_mask, candidate_vectors)
             logits = self.score(user.unsqueeze(1), context, candidate_vectors)
         else:
             # Explanations without the re-ranker: softmax over the history of each candidate's cosine
             # similarity to the history's items in the model's item space ("because you watched ...").
+            user = self.user_state(history)
             unit_c = nn.functional.normalize(candidate_vectors, dim=-1)
             unit_h = nn.functional.normalize(history_vectors, dim=-1)
             _, weights = _attend(unit_c, unit_h, unit_h, key_mask, 1.0 / SIMILARITY_TEMPERATURE)

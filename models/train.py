@@ -168,11 +168,12 @@ class RecModel(nn.Module):
         vectors = self.tower() if item_vectors is None else item_vectors
         k = self.rerank_size if rerank_size is None else rerank_size
         history = self._inputs(histories, vectors)
+        if k <= 0:
+            retrieval = self.ranker.user_state(history) @ vectors.T
+            return retrieval.numpy(), retrieval.numpy(), None
         states = self.ranker.encode(history)
         user = states[:, -1, :]
         retrieval = user @ vectors.T
-        if k <= 0:
-            return retrieval.numpy(), retrieval.numpy(), None
         top = retrieval.topk(min(k, retrieval.shape[1]), dim=1).indices
         context, _ = self.ranker.target_attention(states, history.mask.unsqueeze(1), vectors[top])
         full = self.ranker.score(user.unsqueeze(1), context, vectors[top])

@@ -271,6 +271,24 @@ def test_the_distance_bias_reads_how_far_back_an_event_lies(tmp_path: Path) -> N
     assert ranker_parity(ranker, tmp_path / "ranker.onnx") <= 1e-4
 
 
+def test_the_user_state_is_the_newest_slot_of_the_full_encoding() -> None:
+    """``user_state`` computes the last block for the newest slot alone: the same vector as ``encode``'s
+    newest slot, for padded and empty histories, one model and two, with a distance bias in every block."""
+    for members in (1, 2):
+        config = RankerConfig(dim=8, max_len=6, rerank=False, recency_bias=True, members=members)
+        ranker = SequenceRanker(config)
+        generator = torch.Generator().manual_seed(members)
+        with torch.no_grad():
+            for encoder in ranker.encoders:
+                for block in encoder.blocks:
+                    block.distance_bias.normal_(generator=generator)
+            args = random_ranker_inputs(9, 6, 3, 8, generator, empty_rows=2)
+            history = HistoryTensors(*args[:5])
+            expected = ranker.eval().encode(history)[:, -1]
+            assert expected[:2].abs().max() == 0 and expected[2:].abs().min(1).values.min() > 0
+            torch.testing.assert_close(ranker.user_state(history), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_the_prior_is_the_score_of_an_empty_history() -> None:
     """``prior_logits`` multiplies only the candidate's columns: the same logits as ``score`` with user
     state and context zero, for one model and for two joined ones."""
