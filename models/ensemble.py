@@ -9,7 +9,11 @@ and retrieval, calibration, the ONNX graphs and the service treat it as one wide
 
 from __future__ import annotations
 
+import ctypes
 import multiprocessing
+import os
+import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
@@ -28,6 +32,21 @@ def join_members(models: list[RecModel], cfg: FitConfig) -> RecModel:
     joined.tower.load_members([m.tower for m in models])
     joined.ranker.load_members([m.ranker for m in models])
     return joined.eval()
+
+
+PR_SET_PDEATHSIG = 1
+"""Linux ``prctl`` option: the signal a process gets when the thread that started it ends."""
+
+
+def _end_with_parent(parent: int) -> None:
+    """Worker initializer: a member fit runs for minutes, and a parent killed by a signal (a scheduler's
+    SIGTERM, ``kill``) would leave it running. On Linux the kernel sends the worker SIGTERM when the thread
+    that started it ends (here the one that waits for the results); a parent already gone when the worker
+    starts ends it at once."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def _fit_in_process(threads: int, *args, **kwargs) -> FitResult:
@@ -60,7 +79,9 @@ def fit_members(
     if jobs > 1:
         threads = max(1, torch.get_num_threads() // jobs)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            jobs, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
+        ) as pool:
             futures = [
                 pool.submit(_fit_in_process, threads, n, *shared, c, init=i)
                 for n, c, i in zip(names, configs, inits, strict=True)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from loadtests.server import process_tree
 from models.calibration import Calibration
 from models.data import Dataset, Item, load_dataset
 from models.encoder import MINILM_DIM
@@ -269,6 +276,63 @@ def test_the_distance_bias_reads_how_far_back_an_event_lies(tmp_path: Path) -> N
             block.distance_bias.normal_(generator=torch.Generator().manual_seed(1))
     export_ranker(ranker, tmp_path / "ranker.onnx")
     assert ranker_parity(ranker, tmp_path / "ranker.onnx") <= 1e-4
+
+
+MEMBERS_SCRIPT = """
+import sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+from models.ensemble import fit_members
+from models.evaluate import make_split
+from test_model import _ring_config, _toy_sequences
+
+if __name__ == "__main__":
+    split = make_split(_toy_sequences(120, 40, 30, seed=2), 40, cold_fraction=0.0, seed=0)
+    cfg = _ring_config(members=2, epochs=100_000, patience=100_000)
+    fit_members("toy", cfg.windows(split.train), split.valid, split.train_items, 40, None, cfg, jobs=2)
+"""
+
+
+def test_member_fits_end_when_their_parent_is_killed(tmp_path: Path) -> None:
+    """A parent killed by SIGTERM (its handler never runs) takes its member-fitting processes with it,
+    instead of leaving them training for minutes."""
+    script = tmp_path / "members.py"
+    tests = Path(__file__).resolve().parent
+    script.write_text(MEMBERS_SCRIPT.format(repo=str(tests.parent), tests=str(tests)))
+    parent = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path)
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 120
+        while len(workers := _member_processes(parent.pid)) < 2:
+            assert parent.poll() is None and time.monotonic() < deadline, "the members never started"
+            time.sleep(0.2)
+        time.sleep(3)  # the workers are fitting by now
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _zombie(pid)]:
+            assert time.monotonic() < deadline, f"workers {alive} outlived their parent"
+            time.sleep(0.2)
+    finally:  # orphans included, should this fail
+        for pid in {*process_tree(parent.pid), *workers}:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _member_processes(parent: int) -> list[int]:
+    """The pool's worker processes under ``parent`` (not multiprocessing's resource tracker)."""
+    found = []
+    for pid in process_tree(parent)[1:]:
+        with contextlib.suppress(OSError):  # a process that ended meanwhile
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not _zombie(pid):
+                found.append(pid)
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_the_user_state_is_the_newest_slot_of_the_full_encoding() -> None:
