@@ -17,12 +17,9 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-import numpy as np
 import torch
 
-from models.evaluate import Case
-from models.sequences import Windows
-from models.train import FitConfig, FitResult, RecModel, fit
+from models.train import FitConfig, FitData, FitResult, RecModel, fit
 
 
 def join_members(models: list[RecModel], cfg: FitConfig) -> RecModel:
@@ -55,15 +52,7 @@ def _fit_in_process(threads: int, *args, **kwargs) -> FitResult:
 
 
 def fit_members(
-    name: str,
-    windows: Windows,
-    valid: list[Case],
-    train_items: np.ndarray,
-    num_items: int,
-    text_features: torch.Tensor | None,
-    cfg: FitConfig,
-    jobs: int = 1,
-    init: FitResult | None = None,
+    name: str, data: FitData, cfg: FitConfig, jobs: int = 1, init: FitResult | None = None
 ) -> FitResult:
     """``models.train.fit`` of each of ``cfg.members`` members, ``jobs`` at a time in processes of their
     own (torch's threads shared among them), joined into one model; one member is ``fit`` itself.
@@ -73,7 +62,6 @@ def fit_members(
     if len(inits) != cfg.members:
         raise ValueError(f"{len(inits)} earlier members for an ensemble of {cfg.members}")
     names = [name] if cfg.members == 1 else [f"{name} {k + 1}/{cfg.members}" for k in range(cfg.members)]
-    shared = (windows, valid, train_items, num_items, text_features)
     started = time.perf_counter()
     jobs = min(jobs, cfg.members)
     if jobs > 1:
@@ -83,12 +71,12 @@ def fit_members(
             jobs, mp_context=context, initializer=_end_with_parent, initargs=(os.getpid(),)
         ) as pool:
             futures = [
-                pool.submit(_fit_in_process, threads, n, *shared, c, init=i)
+                pool.submit(_fit_in_process, threads, n, data, c, init=i)
                 for n, c, i in zip(names, configs, inits, strict=True)
             ]
             members = [f.result() for f in futures]
     else:
-        members = [fit(n, *shared, c, init=i) for n, c, i in zip(names, configs, inits, strict=True)]
+        members = [fit(n, data, c, init=i) for n, c, i in zip(names, configs, inits, strict=True)]
     if cfg.members == 1:
         return members[0]
     return FitResult(

@@ -36,7 +36,7 @@ from models.features import EVENT_TYPE_IDS
 from models.model_dir import METRICS, RANKER, SEGMENTS, TRAINING_CURVE, ItemTable, ModelDir
 from models.segments import find_segments
 from models.sequences import UserSequence, user_sequences
-from models.train import FitConfig, FitResult, RecModel, fit
+from models.train import FitConfig, FitData, FitResult, RecModel, fit
 
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ROW_NAMES = {"id-only": "id-only transformer", "clickrank": "clickrank (BERT + transformer)"}
@@ -130,12 +130,10 @@ def run_harness(
     windows = cfg.windows(split.train)
     fits = {}
     if id_only:
-        fits["id-only"] = fit(
-            "id-only", windows, split.valid, split.train_items, num_items, None, cfg.baseline()
-        )
-    fits["clickrank"] = fit_members(
-        "clickrank", windows, split.valid, split.train_items, num_items, text_features, cfg, config.jobs()
-    )
+        ids_only = FitData(windows, split.valid, split.train_items, num_items, None)
+        fits["id-only"] = fit("id-only", ids_only, cfg.baseline())
+    with_text = FitData(windows, split.valid, split.train_items, num_items, text_features)
+    fits["clickrank"] = fit_members("clickrank", with_text, cfg, config.jobs())
     model = fits["clickrank"].model
     genres = genre_features(data.items)
     scorers = {"popularity": popularity_scorer(split, num_items)}
@@ -206,9 +204,8 @@ def refit_on_all_events(
     windows = cfg.windows(sequences)
     refit = dataclasses.replace(cfg, epochs=epochs, lr=cfg.lr * (0.25 if init is not None else 1.0))
     rated = items_with_events(sequences)
-    return fit_members(
-        f"{name} (all data)", windows, [], rated, num_items, text_features, refit, config.jobs(), init
-    )
+    data = FitData(windows, [], rated, num_items, text_features)
+    return fit_members(f"{name} (all data)", data, refit, config.jobs(), init)
 
 
 def _case_scores(

@@ -471,14 +471,14 @@ def _fit_id_only(pre: Dataset, config) -> tuple[object, np.ndarray]:
     from models.evaluate import make_split
     from models.pipeline import refit_on_all_events
     from models.sequences import user_sequences
-    from models.train import fit
+    from models.train import FitData, fit
 
     num_items = len(pre.items)
     sequences = user_sequences(pre)
     cfg = config.fit.baseline()  # the harness fits its ID-only row with this recipe too
     split = make_split(sequences, num_items, config.cold_fraction, cfg.seed)
     windows = cfg.windows(split.train)
-    result = fit("id-only", windows, split.valid, split.train_items, num_items, None, cfg)
+    result = fit("id-only", FitData(windows, split.valid, split.train_items, num_items, None), cfg)
     if config.refit_epochs <= 0:
         return result.model, split.train_items
     baseline = dataclasses.replace(config, fit=cfg)

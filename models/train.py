@@ -211,6 +211,19 @@ class RecModel(nn.Module):
         return ranked
 
 
+@dataclass(frozen=True)
+class FitData:
+    """What a fit learns from: the training windows, the validation cases (none: a final fit on all data,
+    for a fixed number of epochs), the items with a training event (the only softmax targets), the
+    catalog size, and the items' text features (None: IDs only)."""
+
+    windows: Windows
+    valid: list[Case]
+    train_items: np.ndarray
+    num_items: int
+    text_features: torch.Tensor | None
+
+
 @dataclass
 class FitResult:
     model: RecModel
@@ -364,16 +377,7 @@ def _lr_factor(step: int, total_steps: int, cfg: FitConfig) -> float:
     return cfg.min_lr_fraction + (1.0 - cfg.min_lr_fraction) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def fit(
-    name: str,
-    windows: Windows,
-    valid: list[Case],
-    train_items: np.ndarray,
-    num_items: int,
-    text_features: torch.Tensor | None,
-    cfg: FitConfig,
-    init: RecModel | None = None,
-) -> FitResult:
+def fit(name: str, data: FitData, cfg: FitConfig, init: RecModel | None = None) -> FitResult:
     """Train with early stopping on validation NDCG@10; returns the best model (eval mode).
 
     Without validation cases it trains ``cfg.epochs`` epochs and keeps the last state. ``init`` warm-starts
@@ -382,9 +386,10 @@ def fit(
     """
     if cfg.members != 1:
         raise ValueError(f"fit trains one model, not {cfg.members}: see models.ensemble.fit_members")
+    windows, valid, train_items, num_items = data.windows, data.valid, data.train_items, data.num_items
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    model = copy.deepcopy(init) if init is not None else RecModel(num_items, text_features, cfg)
+    model = copy.deepcopy(init) if init is not None else RecModel(num_items, data.text_features, cfg)
     optim = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     tensors = {
         k: torch.from_numpy(getattr(windows, k))

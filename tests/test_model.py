@@ -34,7 +34,7 @@ from models.pipeline import (
 )
 from models.ranker import HistoryTensors, RankerConfig, SequenceRanker, load_ranker
 from models.sequences import UserSequence, make_windows, user_sequences
-from models.train import MASKED, FitConfig, _seen_pairs, _without_seen, fit
+from models.train import MASKED, FitConfig, FitData, _seen_pairs, _without_seen, fit
 
 SHAPES = [(1, 1, 1), (1, 50, 100), (3, 7, 5), (8, 20, 64), (32, 13, 300), (64, 50, 100)]
 
@@ -140,7 +140,7 @@ def test_whole_catalog_softmax_learns_a_sequence_and_serves_as_trained(rerank: b
     split = make_split(_toy_sequences(120, items, 30, seed=0), items, cold_fraction=0.0, seed=0)
     cfg = _ring_config(rerank=rerank, rerank_hard=8, rerank_uniform=4, rerank_size=10)
     windows = cfg.windows(split.train)
-    result = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
+    result = fit("toy", FitData(windows, split.valid, split.train_items, items, None), cfg)
     assert max(c["valid_hr10"] for c in result.curve) > 0.6  # chance is 10 / 40
     model = result.model
     served, retrieval = model.scores([c.history for c in split.test[:8]])
@@ -205,7 +205,7 @@ def test_the_manifest_records_the_refit_recipe_beside_the_harness_one() -> None:
     config = TrainConfig(fit=cfg, refit_epochs=1)
     split = make_split(sequences, items, cold_fraction=0.0, seed=cfg.seed)
     windows = cfg.windows(split.train)
-    harness_fit = fit("toy", windows, split.valid, split.train_items, items, None, cfg)
+    harness_fit = fit("toy", FitData(windows, split.valid, split.train_items, items, None), cfg)
     harness = {"fit": harness_fit, "calibration": Calibration(slope=0.5), "rows": {}, "split": {},
                "fit_seconds": {}, "best_epoch": harness_fit.best_epoch, "test_calibration": {},
                "covisit": {}}  # fmt: skip
@@ -227,7 +227,7 @@ def test_an_ensemble_scores_the_sum_of_its_members(tmp_path: Path) -> None:
     split = make_split(_toy_sequences(120, items, 30, seed=2), items, cold_fraction=0.0, seed=0)
     cfg = _ring_config(dim=2 * half, members=2)
     text = torch.randn(items, MINILM_DIM, generator=torch.Generator().manual_seed(0))
-    args = ("toy", cfg.windows(split.train), split.valid, split.train_items, items, text, cfg)
+    args = ("toy", FitData(cfg.windows(split.train), split.valid, split.train_items, items, text), cfg)
     with pytest.raises(ValueError, match="one model"):
         fit(*args)
     with pytest.raises(ValueError, match="re-ranker"):
@@ -283,12 +283,14 @@ import sys
 sys.path[:0] = [{repo!r}, {tests!r}]
 from models.ensemble import fit_members
 from models.evaluate import make_split
+from models.train import FitData
 from test_model import _ring_config, _toy_sequences
 
 if __name__ == "__main__":
     split = make_split(_toy_sequences(120, 40, 30, seed=2), 40, cold_fraction=0.0, seed=0)
     cfg = _ring_config(members=2, epochs=100_000, patience=100_000)
-    fit_members("toy", cfg.windows(split.train), split.valid, split.train_items, 40, None, cfg, jobs=2)
+    data = FitData(cfg.windows(split.train), split.valid, split.train_items, 40, None)
+    fit_members("toy", data, cfg, jobs=2)
 """
 
 
