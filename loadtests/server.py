@@ -65,13 +65,27 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
+def stat_fields(pid: int) -> list[str]:
+    """``/proc/PID/stat`` from its third field on (state, ppid, …): what follows the command name, which
+    may itself hold spaces and parentheses. Raises OSError once the process is gone."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie (ended, not yet reaped)."""
+    try:
+        return stat_fields(pid)[0] != "Z"
+    except OSError:
+        return False
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process and its descendants."""
     ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in process_tree(pid):
         with suppress(OSError, ValueError, IndexError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = stat_fields(p)
             total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
     return total / ticks
 

@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from loadtests.server import process_tree
+from loadtests.server import process_tree, running
 from models.calibration import Calibration
 from models.data import Dataset, Item, load_dataset
 from models.encoder import MINILM_DIM
@@ -311,7 +311,7 @@ def test_member_fits_end_when_their_parent_is_killed(tmp_path: Path) -> None:
         parent.send_signal(signal.SIGTERM)
         parent.wait(10)
         deadline = time.monotonic() + 10
-        while alive := [pid for pid in workers if Path(f"/proc/{pid}").exists() and not _zombie(pid)]:
+        while alive := [pid for pid in workers if running(pid)]:
             assert time.monotonic() < deadline, f"workers {alive} outlived their parent"
             time.sleep(0.2)
     finally:  # orphans included, should this fail
@@ -325,16 +325,9 @@ def _member_processes(parent: int) -> list[int]:
     found = []
     for pid in process_tree(parent)[1:]:
         with contextlib.suppress(OSError):  # a process that ended meanwhile
-            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and not _zombie(pid):
+            if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes() and running(pid):
                 found.append(pid)
     return found
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 def test_the_user_state_is_the_newest_slot_of_the_full_encoding() -> None:
