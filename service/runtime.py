@@ -28,11 +28,12 @@ log = logging.getLogger("clickrank.runtime")
 
 HISTORY_BUCKETS: tuple[int, ...] = (8, 16, 32, 64, 128, 256)
 """Padded history lengths; the manifest's ``history_length`` replaces every larger bucket."""
-CANDIDATE_BUCKETS: tuple[int, ...] = (*range(16, 129, 16), 160, 192, 256, 320, 384, 512, 768, 1024)
+CANDIDATE_BUCKETS: tuple[int, ...] = (1, *range(16, 129, 16), 160, 192, 256, 320, 384, 512, 768, 1024)
 """Padded candidate counts. The ranker's cost is linear in candidates on CPU, so padding is paid in full:
 100 candidates padded to 128 cost 9-19% more ranker time than unpadded; up to 128 the steps are 16 wide.
-320 because /v1/recommend ranks 300 retrieved items by default. Beyond the last bucket the count is rounded
-up to a multiple of it."""
+1 for the user-vector probe of predict and recommend (one zero candidate): a batch of probes padded to 16
+cost 3-6% more graph time (full-size export, batch 4-16). 320 because /v1/recommend ranks 300 retrieved
+items by default. Beyond the last bucket the count is rounded up to a multiple of it."""
 ENCODE_BATCH = 64
 """Texts per ``item_encoder.onnx`` call (texts are sorted by length first, so little is padding)."""
 

@@ -103,7 +103,15 @@ def test_cuda_device_without_cuda_is_a_load_error(served: ServedModel) -> None:
 def test_buckets() -> None:
     assert history_buckets(20) == (8, 16, 20)
     assert history_buckets(50) == (8, 16, 32, 50)
-    assert [bucket(s, CANDIDATE_BUCKETS) for s in (1, 16, 17, 100, 300, 1024)] == [16, 16, 32, 112, 320, 1024]
+    assert [bucket(s, CANDIDATE_BUCKETS) for s in (1, 2, 16, 17, 100, 300, 1024)] == [
+        1,
+        16,
+        16,
+        32,
+        112,
+        320,
+        1024,
+    ]
     assert bucket(1025, CANDIDATE_BUCKETS) == 2048
 
 
