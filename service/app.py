@@ -15,6 +15,7 @@ from threadpoolctl import threadpool_limits
 
 from service import lifespan
 from service.errors import install_error_handlers
+from service.gc_pauses import observe_pauses
 from service.logs import UserLogNames, install_request_id_factory
 from service.loop_lag import LoopLagMonitor
 from service.middleware import AdmissionControl, RequestContextMiddleware
@@ -28,6 +29,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The application; ``settings`` default to the ``CLICKRANK_*`` environment."""
     settings = settings or Settings()
     install_request_id_factory()
+    observe_pauses()
     # numpy's BLAS on one thread: a request's products are small, and idle OpenBLAS workers spin on the
     # cores the ranker and the event loop need (a million-item catalog: 27 ms CPU per recommend with the
     # default threads, 6.8 ms with one; docs/benchmarks.md).

@@ -69,6 +69,12 @@ LOOP_LAG = Histogram(
     "how much later than asked the event loop's heartbeat woke (service.loop_lag)",
     buckets=_FAST_BUCKETS,
 )
+GC_PAUSE = Histogram(
+    "clickrank_gc_pause_seconds",
+    "the cyclic garbage collector's pauses of this process, by generation (service.gc_pauses)",
+    ["generation"],
+    buckets=_FAST_BUCKETS,
+)
 INFERENCE_SECONDS = Histogram(
     "clickrank_inference_seconds", "ONNX Runtime call duration", ["graph"], buckets=_FAST_BUCKETS
 )

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal
 
 from models.model_dir import MANIFEST, ModelDir, ModelLoadError
 from models.model_store import CURRENT, resolve
+from service.gc_pauses import freeze_survivors
 from service.metrics import MODEL_INFO, MODEL_RELOADS
 
 if TYPE_CHECKING:
@@ -119,10 +120,11 @@ class ModelReloader:
             MODEL_INFO.clear()  # set here, not at load: a version refused in warm-up never shows
             MODEL_INFO.labels(version=version, provider=new.models.providers[0]).set(1)
             log.info("now serving model %s (was %s)", version, serving_version)
+            freeze_survivors()
             if serving is not None:
                 task = asyncio.create_task(self._retire(serving, new), name=f"retire-{serving_version}")
                 self._retiring[task] = serving
-                task.add_done_callback(lambda done: self._retiring.pop(done, None))
+                task.add_done_callback(self._retired)
             return Reload("swapped", version)
 
     def _refuse(
@@ -166,6 +168,11 @@ class ModelReloader:
             log.warning("items added to model %s during the swap were not moved: %s", old.models.version, exc)
         await old.batcher.stop(drain=True)
         log.info("model %s stopped", old.models.version)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        """The last reference to a retired model is dropped: collect it (``service.gc_pauses``)."""
+        self._retiring.pop(task, None)
+        freeze_survivors()
 
     async def stop(self) -> None:
         """Stop the versions being retired now (their queued requests finish first)."""

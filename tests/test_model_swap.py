@@ -6,9 +6,11 @@ keeps serving, and items added online carried over to the new version."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import shutil
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import app_settings, running_app, scraped_metric
+from helpers import app_settings, local_metric, running_app, scraped_metric
 from served import Service
 
 from models.model_dir import MANIFEST, RANKER, ModelDir, ModelLoadError
@@ -194,3 +196,40 @@ async def _load_with_a_promotion(
     async with httpx.AsyncClient(timeout=30.0) as http:
         await asyncio.wait_for(asyncio.gather(promote(), *(client(c, http) for c in range(4))), timeout=120)
     return answers, promoted_at
+
+
+def _frozen(obj: object) -> bool:
+    """Whether the cyclic collector skips ``obj``: tracked, yet in none of its three generations."""
+    return gc.is_tracked(obj) and not any(
+        any(o is obj for o in gc.get_objects(generation)) for generation in range(3)
+    )
+
+
+@pytest.mark.anyio
+async def test_a_served_model_is_frozen_out_of_collections_and_a_retired_one_is_released(
+    store: Path, model_dir: Path, redis_url: str
+) -> None:
+    """``service.gc_pauses``: full collections skip the serving model's objects (they walked all of them,
+    39 ms each under load), the next version's too, and a retired version is not kept alive."""
+    add_version(store, V2, model_dir)
+    settings = app_settings(
+        redis_url, store, model_poll_interval_s=0.0, redis_timeout_ms=200.0, request_timeout_ms=300.0
+    )
+    async with running_app(settings) as (client, app):
+        first = app.state.services.model
+        assert _frozen(first.catalog.item_ids) and _frozen(first.catalog)
+        old = weakref.ref(first.catalog)
+        del first
+
+        pauses = local_metric("clickrank_gc_pause_seconds_count", generation="2")
+        gc.collect()
+        assert local_metric("clickrank_gc_pause_seconds_count", generation="2") == pauses + 1
+
+        ModelStore(store).promote(V2)
+        assert (await client.post("/v1/model/reload")).json() == {"version": V2, "swapped": True}
+        assert _frozen(app.state.services.model.catalog.item_ids)
+        deadline = time.monotonic() + 10.0  # the old version retires request_timeout_ms + 1 s after the swap
+        while old() is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert old() is None, "the retired model's catalog is still alive"
+        assert _frozen(app.state.services.model.catalog.item_ids), "still frozen after the retirement"
