@@ -6,10 +6,15 @@ approximate index answers: faiss IVF-Flat (4·√N lists, k-means trained on a s
 scanned per query) over vectors augmented so that the nearest in Euclidean distance is the largest inner
 product (each item gains a coordinate sqrt(M² − |x|²), M 1.1 × the largest norm at build time, a query
 a 0). Indexes on the inner product itself, IVF and the graph indexes (HNSW in faiss, hnswlib, usearch),
-recalled far less of the top 300 (``loadtests/ann_choice.py``, ``docs/benchmarks.md``). The partition is
-estimated: the exact sum over the index's top
-``PARTITION_TOP`` and every row added since the build, plus the mean over a fixed uniform sample of
-``PARTITION_SAMPLE`` other rows times their number.
+recalled far less of the top 300 (``loadtests/ann_choice.py``, ``docs/benchmarks.md``).
+
+One probe per query answers both. A range search with no radius returns every row of the scanned lists
+with its distance, from which its logit follows exactly (|q|² + M² − d) / 2, up to float32 rounding.
+Rows counted exactly besides them: the ``HEAVY_ROWS`` built rows of largest norm (where the largest
+logits of a catalog live, and the rows an IVF probe misses most dearly), the rows added since the build,
+and later rows longer than M (kept out of the index). The rest of the partition, the other built rows of
+the unscanned lists, is the mean over a fixed uniform sample of them times their number. Retrieval's
+candidates are the exactly counted rows of largest logit.
 
 The index is built with the model (at load); rows the catalog gains later (``POST /v1/items``, the
 catalog sync) are added to it at the next query. Every row the index proposes is re-scored with the
@@ -30,12 +35,16 @@ from service.catalog import ItemCatalog
 
 log = logging.getLogger(__name__)
 
-PARTITION_TOP = 300
 SEARCH_SIZE = 600
-"""Rows one index search returns: the partition's top and, with room for a user's seen items, retrieval's."""
-PARTITION_SAMPLE = 20_000
+"""Rows one probe proposes to retrieval (its top 300, with room for a user's seen items)."""
+HEAVY_ROWS = 3_000
+"""Built rows of the largest norms, counted exactly in every partition."""
+PARTITION_SAMPLE = 5_000
+"""Uniform sample of the other built rows, for the unscanned lists' share of the partition."""
 TRAIN_PER_LIST = 64
 """k-means training points per inverted list (a sample of the catalog)."""
+EVERYTHING = float(np.finfo(np.float32).max)
+"""A range-search radius that keeps every row of the scanned lists."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,7 +55,7 @@ class UserScores:
     vectors: np.ndarray  # the snapshot's [N, D]
     log_partition: float
     exact: np.ndarray | None  # every row's logit, when they were computed (exact retrieval)
-    nearest: np.ndarray | None = None  # the index's best rows, best first (approximate retrieval)
+    nearest: np.ndarray | None = None  # the probe's candidate rows, distinct (approximate retrieval)
 
     @property
     def size(self) -> int:
@@ -60,7 +69,8 @@ class UserScores:
 
 
 class _Index:
-    """A faiss IVF-Flat index over a snapshot's augmented rows (row number = faiss id)."""
+    """A faiss IVF-Flat index over a snapshot's augmented rows (faiss id = row number), and the rows and
+    sample the partition counts besides the scanned lists."""
 
     def __init__(self, vectors: np.ndarray, nprobe: int) -> None:
         import faiss
@@ -71,39 +81,89 @@ class _Index:
         started = time.perf_counter()
         n, dim = vectors.shape
         nlist = max(1, int(4 * np.sqrt(n)))
-        self.max_norm = 1.1 * float(np.linalg.norm(vectors, axis=1).max())
-        augmented = self._augmented(vectors)
+        norms = np.linalg.norm(vectors, axis=1)
+        self.max_norm = 1.1 * float(norms.max())
+        augmented = self._augmented(vectors, norms)
         rng = np.random.default_rng(0)
         train = augmented[rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False)]
         self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim + 1), dim + 1, nlist)
         self.index.train(train)
-        self.index.add(augmented)
         self.index.nprobe = min(nprobe, nlist)
-        self.built = n  # rows covered at build; rows added later go in too, but are never sampled
-        self.indexed = n
-        self.oversized = np.empty(0, dtype=np.int64)  # later rows longer than M: always scored exactly
-        self.sample = np.sort(rng.choice(n, size=min(PARTITION_SAMPLE, n), replace=False))
+        self.index.add(augmented)
+        built_lists = self._built_lists(n)
+        self.indexed = n  # catalog rows taken in: built, added later, or oversized
+        self.added = np.empty(0, dtype=np.int64)  # rows indexed after the build, and their lists
+        self.added_lists = np.empty(0, dtype=np.int64)
+        self.oversized = np.empty(0, dtype=np.int64)  # later rows longer than M: kept out of the index
+
+        heavy = np.arange(n)
+        if n > HEAVY_ROWS:
+            heavy = np.sort(np.argpartition(-norms, HEAVY_ROWS - 1)[:HEAVY_ROWS])
+        self.heavy, self.heavy_lists = heavy, built_lists[heavy]
+        self.heavy_vectors = np.ascontiguousarray(vectors[heavy])
+        others = np.setdiff1d(np.arange(n), heavy, assume_unique=True)
+        self.others_per_list = np.bincount(built_lists[others], minlength=nlist)  # what the sample stands for
+        self.sample = np.sort(rng.choice(others, size=min(PARTITION_SAMPLE, len(others)), replace=False))
+        self.sample_lists = built_lists[self.sample]
         self.sample_vectors = np.ascontiguousarray(vectors[self.sample])  # gathered once, not per query
         self.build_s = time.perf_counter() - started
 
     def catch_up(self, vectors: np.ndarray) -> None:
-        """Add the rows appended to the catalog since the last call."""
-        if len(vectors) > self.indexed:
-            added = vectors[self.indexed :]
-            self.index.add(self._augmented(added))
-            longer = np.flatnonzero(np.linalg.norm(added, axis=1) > self.max_norm) + self.indexed
-            self.oversized = np.concatenate([self.oversized, longer.astype(np.int64)])
-            self.indexed = len(vectors)
+        """Take in the rows appended to the catalog since the last call."""
+        if len(vectors) <= self.indexed:
+            return
+        rows = np.arange(self.indexed, len(vectors))
+        norms = np.linalg.norm(vectors[self.indexed :], axis=1)
+        fits = norms <= self.max_norm
+        augmented = self._augmented(vectors[rows[fits]], norms[fits])
+        self.added = np.concatenate([self.added, rows[fits]])
+        self.added_lists = np.concatenate([self.added_lists, self._lists_of(augmented)])
+        self.index.add_with_ids(augmented, rows[fits])
+        self.oversized = np.concatenate([self.oversized, rows[~fits]])
+        self.indexed = len(vectors)
 
-    def search(self, user_vector: np.ndarray, k: int) -> np.ndarray:
+    def probe(self, user_vector: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+        """The ``k`` exactly counted rows of largest logit (distinct, unordered), and the log-partition."""
         query = np.append(user_vector, 0.0).astype(np.float32)[None]
-        rows = self.index.search(query, k)[1][0]
-        return rows[rows >= 0].astype(np.int64)
+        to_lists, lists = self.index.quantizer.search(query, self.index.nprobe)
+        _, distances, rows = self.index.range_search_preassigned(query, EVERYTHING, lists, to_lists)
+        scanned = np.zeros(self.index.nlist, dtype=bool)
+        scanned[lists[0]] = True
+        heavy_out = ~scanned[self.heavy_lists]
+        elsewhere = np.concatenate([self.added[~scanned[self.added_lists]], self.oversized])
+        rows = np.concatenate([rows, self.heavy[heavy_out], elsewhere])
+        logits = np.concatenate(
+            [
+                (float(user_vector @ user_vector) + self.max_norm**2 - distances.astype(np.float64)) / 2,
+                (self.heavy_vectors @ user_vector)[heavy_out],
+                vectors[elsewhere] @ user_vector,
+            ]
+        )
+        parts = [logits]
+        in_tail = ~scanned[self.sample_lists]
+        tail_rows = int(self.others_per_list[~scanned].sum())
+        if tail_rows and in_tail.any():
+            tail = (self.sample_vectors @ user_vector)[in_tail]
+            parts.append(np.array([logsumexp(tail) + np.log(tail_rows / int(in_tail.sum()))]))
+        log_z = float(logsumexp(np.concatenate(parts)))
+        return rows[largest(logits, k)], log_z
 
-    def _augmented(self, vectors: np.ndarray) -> np.ndarray:
-        """Rows with the extra coordinate sqrt(M² − |x|²) (0 for a later row longer than M, which the
-        index may then miss: ``oversized`` keeps those, and they are always scored exactly)."""
-        norms = np.linalg.norm(vectors, axis=1)
+    def _built_lists(self, n: int) -> np.ndarray:
+        """Each built row's list, read off the inverted lists (no second assignment pass)."""
+        import faiss
+
+        lists, invlists = np.empty(n, dtype=np.int64), self.index.invlists
+        for number in range(self.index.nlist):
+            if size := invlists.list_size(number):
+                lists[faiss.rev_swig_ptr(invlists.get_ids(number), size)] = number
+        return lists
+
+    def _lists_of(self, augmented: np.ndarray) -> np.ndarray:
+        return self.index.quantizer.assign(augmented, 1)[:, 0].astype(np.int64)
+
+    def _augmented(self, vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
+        """Rows with the extra coordinate sqrt(M² − |x|²) (each at most M long: longer later rows are
+        ``oversized`` and never indexed)."""
         extra = np.sqrt(np.maximum(self.max_norm**2 - norms**2, 0.0))
         return np.ascontiguousarray(np.hstack([vectors, extra[:, None]]), dtype=np.float32)
 
@@ -116,24 +176,22 @@ class Retrieval:
         self._index: _Index | None = None
         if len(catalog) >= ann_min_items:
             self._index = _Index(catalog.vectors, nprobe)
-            log.info("ANN index over %d items built in %.1f s", self._index.built, self._index.build_s)
+            log.info("ANN index over %d items built in %.1f s", len(catalog.vectors), self._index.build_s)
 
     @property
     def approximate(self) -> bool:
         return self._index is not None
 
     def scores(self, user_vector: np.ndarray, *, search: int = SEARCH_SIZE) -> UserScores:
-        """The user's logits and log-partition over the current snapshot. ``search``: rows an approximate
-        index returns (at least ``SEARCH_SIZE``): a caller that will ask ``top`` for k rows past e excluded
-        ones passes k + e, so that one index search serves both."""
+        """The user's logits and log-partition over the current snapshot. ``search``: candidate rows an
+        approximate probe keeps (at least ``SEARCH_SIZE``): a caller that will ask ``top`` for k rows past
+        e excluded ones passes k + e, so that one probe serves both."""
         vectors = self.catalog.vectors
         if self._index is None:
             exact = vectors @ user_vector
             return UserScores(user_vector, vectors, float(logsumexp(exact)), exact)
         self._index.catch_up(vectors)
-        nearest = self._index.search(user_vector, max(search, SEARCH_SIZE))
-        nearest = nearest[nearest < len(vectors)]
-        log_z = self._estimated_log_partition(vectors, user_vector, nearest[:PARTITION_TOP])
+        nearest, log_z = self._index.probe(user_vector, vectors, max(search, SEARCH_SIZE))
         return UserScores(user_vector, vectors, log_z, None, nearest)
 
     def top(self, scores: UserScores, k: int, excluded: np.ndarray) -> np.ndarray:
@@ -144,41 +202,27 @@ class Retrieval:
         assert self._index is not None and scores.nearest is not None
         found = scores.nearest
         if k + len(excluded) > len(found):
-            found = self._index.search(scores.user_vector, k + len(excluded))
-        oversized = self._index.oversized
-        rows = np.union1d(found, oversized) if len(oversized) else found  # the index's rows are distinct
-        keep = rows[~contained(rows, excluded) & (rows < len(scores.vectors))]
+            found, _ = self._index.probe(scores.user_vector, scores.vectors, k + len(excluded))
+        keep = found[~contained(found, excluded)]
         logits = scores.logits(keep)
         order = np.argsort(-logits, kind="stable")[:k]
         return keep[order]
 
-    def _estimated_log_partition(
-        self, vectors: np.ndarray, user_vector: np.ndarray, top: np.ndarray
-    ) -> float:
-        """log(Σ exp over ``top`` and the rows added since the build, exactly + the sample's mean over
-        the other built rows times their number)."""
-        index = self._index
-        assert index is not None
-        added = np.arange(index.built, len(vectors), dtype=np.int64)
-        head = np.union1d(top, added) if len(added) else top  # the index's rows are distinct
-        in_tail = ~_members(index.sample, head)
-        rest = index.built - int(np.count_nonzero(head < index.built))
-        parts = [vectors[head] @ user_vector]
-        if in_tail.any() and rest > 0:
-            tail = (index.sample_vectors @ user_vector)[in_tail]
-            parts.append(np.array([logsumexp(tail) + np.log(rest / int(in_tail.sum()))]))
-        return float(logsumexp(np.concatenate(parts)))
 
-
-def _members(sorted_rows: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Which of ``sorted_rows`` (ascending) are in ``rows``: a binary search per row of the (short)
-    ``rows``, not a sort of both as ``np.isin`` does (20,000 sample rows against ~300, per request)."""
-    found = np.zeros(len(sorted_rows), dtype=bool)
-    at = np.searchsorted(sorted_rows, rows)
-    inside = at < len(sorted_rows)
-    at, rows = at[inside], rows[inside]
-    found[at[sorted_rows[at] == rows]] = True
-    return found
+def largest(values: np.ndarray, k: int, stride: int = 8) -> np.ndarray:
+    """Positions of the ``k`` largest ``values`` (all of them when there are fewer), unordered. A full
+    argpartition of a probe's ~26,000 logits costs 0.3 ms; one of the values at or above a threshold taken
+    from every ``stride``-th value (a few times k of them) costs a fifth of that, and the result is the
+    same: once k values reach the threshold, the k largest all do."""
+    if k >= len(values):
+        return np.arange(len(values))
+    sub = values[::stride]
+    keep = 2 * (k // stride) + 1
+    if keep < len(sub):
+        candidates = np.flatnonzero(values >= np.partition(sub, len(sub) - keep)[len(sub) - keep])
+        if len(candidates) >= k:
+            return candidates[np.argpartition(values[candidates], len(candidates) - k)[len(candidates) - k :]]
+    return np.argpartition(values, len(values) - k)[len(values) - k :]
 
 
 def contained(rows: np.ndarray, sorted_rows: np.ndarray) -> np.ndarray:

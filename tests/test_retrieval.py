@@ -1,4 +1,4 @@
-"""Retrieval over the catalog, exact and approximate (faiss HNSW on augmented vectors): recall of the top
+"""Retrieval over the catalog, exact and approximate (faiss IVF on augmented vectors): recall of the top
 300 against exact search, exclusions, items added after the index was built, the estimated partition,
 and the service answering the same through HTTP with the index on as with it off."""
 
@@ -13,7 +13,7 @@ from helpers import app_settings, metric, running_app
 from models.calibration import logsumexp
 from models.model_dir import ModelDir
 from service.catalog import ItemCatalog
-from service.retrieval import Retrieval, _members, contained, top_rows
+from service.retrieval import Retrieval, contained, top_rows
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,53 @@ def test_items_added_after_the_index_are_found(big_catalog: ItemCatalog) -> None
     found = retrieval.top(scores, 10, np.empty(0, dtype=np.int64))
     assert local.item_ids[found[0]] == "brand-new"
     assert scores.size == len(local) and scores.log_partition >= float(scores.logits(found[:1])[0])
+
+
+def test_with_every_list_scanned_the_partition_is_exact_and_counts_every_row_once(
+    big_catalog: ItemCatalog,
+) -> None:
+    """Every row is counted exactly once: the scanned lists' rows from their distances, the heavy rows
+    only outside them, rows added later (indexed, and one longer than M kept out of the index)."""
+    vectors = big_catalog.vectors
+    local = ItemCatalog(big_catalog.item_ids, big_catalog.item_ids, vectors, np.zeros_like(vectors), "t")
+    retrieval = Retrieval(local, ann_min_items=10_000, nprobe=10**6)
+    q = queries(vectors, 1)[0]
+    local.upsert_local(
+        [("later", "later", vectors[5] * 0.9), ("longer", "longer", (vectors[7] * 40).astype(np.float32))]
+    )
+    for user_vector in (q, -q, q * 3):
+        scores = retrieval.scores(user_vector)
+        exact = local.vectors @ user_vector
+        assert scores.log_partition == pytest.approx(float(logsumexp(exact)), abs=1e-5)
+        found = retrieval.top(scores, 300, np.empty(0, dtype=np.int64))
+        np.testing.assert_array_equal(found, top_rows(exact, 300, np.empty(0, dtype=np.int64)))
+
+
+def test_a_heavy_row_counts_and_is_found_though_its_list_is_not_scanned() -> None:
+    """The built rows of largest norm are scored on every query: one far longer than the rest is the best
+    row for users whose one scanned list is not its own, and their partition holds it."""
+    rng = np.random.default_rng(0)
+    vectors = (rng.standard_normal((30_000, 32)) * 0.3 + 0.1).astype(np.float32)
+    vectors[0] = 0.0
+    vectors[0, 0] = 2 * float(np.linalg.norm(vectors, axis=1).max())
+    ids = [f"i{k}" for k in range(len(vectors))]
+    catalog = ItemCatalog(ids, ids, vectors, np.zeros_like(vectors), "t")
+    retrieval = Retrieval(catalog, ann_min_items=1, nprobe=1)
+    index = retrieval._index
+    assert index is not None and 0 in index.heavy
+    own_list = index.heavy_lists[np.searchsorted(index.heavy, 0)]
+    checked = 0
+    for user_vector in vectors[1:100] + np.eye(32, dtype=np.float32)[0] * 0.5:
+        exact = vectors @ user_vector
+        query = np.append(user_vector, 0.0).astype(np.float32)[None]
+        if np.argmax(exact) != 0 or own_list in index.index.quantizer.search(query, 1)[1]:
+            continue
+        checked += 1
+        scores = retrieval.scores(user_vector)
+        assert retrieval.top(scores, 10, np.empty(0, dtype=np.int64))[0] == 0
+        assert scores.log_partition >= float(exact[0])
+        assert scores.log_partition == pytest.approx(float(logsumexp(exact)), abs=0.05)
+    assert checked >= 10
 
 
 @pytest.mark.anyio
@@ -137,11 +184,10 @@ async def test_with_a_history_the_candidates_logits_are_dot_products_not_a_ranke
         assert a["click_probability"] == pytest.approx(b["click_probability"], rel=1e-4)
 
 
-def test_membership_by_binary_search_matches_isin() -> None:
+def test_containment_by_binary_search_matches_isin() -> None:
     rng = np.random.default_rng(3)
     for _ in range(100):
-        sample = np.sort(rng.choice(5000, 400, replace=False))
-        rows = rng.choice(5200, 40)  # some past the sample's last row
-        np.testing.assert_array_equal(_members(sample, rows), np.isin(sample, rows))
-        np.testing.assert_array_equal(contained(rows, sample), np.isin(rows, sample))
+        sorted_rows = np.sort(rng.choice(5000, 400, replace=False))
+        rows = rng.choice(5200, 40)  # some past the last sorted row
+        np.testing.assert_array_equal(contained(rows, sorted_rows), np.isin(rows, sorted_rows))
     assert not contained(np.arange(3), np.empty(0, dtype=np.int64)).any()
