@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from loadtests import bench, encoder_bench, model_bench
+from loadtests import bench, encoder_bench, model_bench, retrieval_accuracy
 from loadtests.bench import parse_variant
 from loadtests.client import ProtocolError, RawHttpClient, Sample, StepRun, arrival_offsets, send, summarize
 from loadtests.report import server_delta
@@ -126,6 +126,19 @@ def test_model_bench_compares_ort_and_eager_on_the_same_weights(model_dir: Path,
             rows[("ort", int(batch))]["candidates_per_s"] / rows[("torch", int(batch))]["candidates_per_s"]
         )
         assert ratios[batch] == pytest.approx(expected, abs=0.01)
+
+
+def test_retrieval_accuracy_measures_the_service_retrieval_against_exact_search():
+    """Every list scanned, the service's approximate retrieval is exact: the tool must say so; one list
+    scanned, it must report the recall and partition error it lost."""
+    rng = np.random.default_rng(0)
+    vectors = (rng.standard_normal((12_000, 16)) * 0.3 + 0.1).astype(np.float32)
+    queries = vectors[:8] * 4
+    exhaustive = retrieval_accuracy.measure(vectors, queries, nprobe=10**6)
+    assert exhaustive["recall_at_300"] == 1.0 and exhaustive["log_partition_error_max"] < 1e-4
+    one_list = retrieval_accuracy.measure(vectors, queries, nprobe=1)
+    assert one_list["recall_at_300"] < 1.0 and one_list["log_partition_error_mean"] > 1e-4
+    assert one_list["query_ms_p50_warm"] > 0 and one_list["build_s"] < 60
 
 
 def test_poisson_and_uniform_arrivals_are_bounded():
