@@ -43,6 +43,8 @@ PARTITION_SAMPLE = 5_000
 """Uniform sample of the other built rows, for the unscanned lists' share of the partition."""
 TRAIN_PER_LIST = 64
 """k-means training points per inverted list (a sample of the catalog)."""
+ADD_CHUNK = 100_000
+"""Rows augmented and added to the index at a time when it is built."""
 EVERYTHING = float(np.finfo(np.float32).max)
 """A range-search radius that keeps every row of the scanned lists."""
 
@@ -83,13 +85,14 @@ class _Index:
         nlist = max(1, int(4 * np.sqrt(n)))
         norms = np.linalg.norm(vectors, axis=1)
         self.max_norm = 1.1 * float(norms.max())
-        augmented = self._augmented(vectors, norms)
         rng = np.random.default_rng(0)
-        train = augmented[rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False)]
+        train = rng.choice(n, size=min(n, TRAIN_PER_LIST * nlist), replace=False)
         self.index = faiss.IndexIVFFlat(faiss.IndexFlatL2(dim + 1), dim + 1, nlist)
-        self.index.train(train)
+        self.index.train(self._augmented(vectors[train], norms[train]))
         self.index.nprobe = min(nprobe, nlist)
-        self.index.add(augmented)
+        for start in range(0, n, ADD_CHUNK):  # chunks: no second copy of the whole catalog at the peak
+            chunk = slice(start, start + ADD_CHUNK)
+            self.index.add(self._augmented(vectors[chunk], norms[chunk]))
         built_lists = self._built_lists(n)
         self.indexed = n  # catalog rows taken in: built, added later, or oversized
         self.added = np.empty(0, dtype=np.int64)  # rows indexed after the build, and their lists
@@ -164,8 +167,8 @@ class _Index:
     def _augmented(self, vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
         """Rows with the extra coordinate sqrt(M² − |x|²) (each at most M long: longer later rows are
         ``oversized`` and never indexed)."""
-        extra = np.sqrt(np.maximum(self.max_norm**2 - norms**2, 0.0))
-        return np.ascontiguousarray(np.hstack([vectors, extra[:, None]]), dtype=np.float32)
+        extra = np.sqrt(np.maximum(self.max_norm**2 - norms.astype(np.float64) ** 2, 0.0))
+        return np.hstack([vectors, extra[:, None].astype(np.float32)], dtype=np.float32)
 
 
 class Retrieval:
