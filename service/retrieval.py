@@ -167,8 +167,8 @@ class _Index:
     def _augmented(self, vectors: np.ndarray, norms: np.ndarray) -> np.ndarray:
         """Rows with the extra coordinate sqrt(M² − |x|²) (each at most M long: longer later rows are
         ``oversized`` and never indexed)."""
-        extra = np.sqrt(np.maximum(self.max_norm**2 - norms.astype(np.float64) ** 2, 0.0))
-        return np.hstack([vectors, extra[:, None].astype(np.float32)], dtype=np.float32)
+        extra = np.sqrt(np.maximum(self.max_norm**2 - norms**2, 0.0))
+        return np.hstack([vectors, extra[:, None]], dtype=np.float32)
 
 
 class Retrieval:
