@@ -19,7 +19,8 @@ candidates are the exactly counted rows of largest logit.
 The index is built with the model (at load); rows the catalog gains later (``POST /v1/items``, the
 catalog sync) are added to it at the next query. Every row the index proposes is re-scored with the
 catalog's current vector, so results are ordered by current vectors; an item whose vector changed is
-found by its old one until the next model load rebuilds the index.
+found by its old one, and counted by it when its list is scanned, until the next model load rebuilds the
+index.
 """
 
 from __future__ import annotations
