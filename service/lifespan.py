@@ -86,11 +86,7 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
     loaded and warmed over every shape bucket (a self-test, too), the batcher started, the catalog synced
     with the items published for this version. Raises when any of it fails (nothing is left running)."""
     settings, store = services.settings, services.store
-    served = await asyncio.to_thread(ModelDir(model_dir).load)
-    models = await asyncio.to_thread(
-        OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
-    )
-    catalog = await asyncio.to_thread(ItemCatalog.from_table, served.items, models.version)
+    models, catalog, segments = await _read(settings, model_dir)
     await asyncio.to_thread(models.warm_up)
     batcher = MicroBatcher(
         models.rank,
@@ -131,9 +127,20 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
     log.info("model %s loaded (%d items, providers %s)", models.version, len(catalog), models.providers)
     catalog_sync = CatalogSync(services.redis, catalog, prefix=settings.redis_prefix)
     items = ItemWriter(models, catalog_sync, store)
-    segments = Segments.from_json(served.segments) if served.segments else None
     profiles = Profiles(store, catalog, ranker, segments, settings.history_cap)
     return LoadedModel(models, catalog, catalog_sync, batcher, ranker, items, profiles)
+
+
+async def _read(settings: Settings, model_dir: Path) -> tuple[OnnxModels, ItemCatalog, Segments | None]:
+    """The graphs, the catalog and the segments of ``model_dir``. What was read goes out of scope on
+    return: the catalog holds its own copy of the item table (1 GB of vectors and ID offsets at a million
+    items), and the read one would otherwise stay alive through the index build."""
+    served = await asyncio.to_thread(ModelDir(model_dir).load)
+    models = await asyncio.to_thread(
+        OnnxModels, served, device=settings.device, intra_op_threads=settings.intra_op_threads
+    )
+    catalog = await asyncio.to_thread(ItemCatalog.from_table, served.items, models.version)
+    return models, catalog, Segments.from_json(served.segments) if served.segments else None
 
 
 async def _sync_catalog(services: Services, *, failing: bool) -> bool:
