@@ -117,7 +117,11 @@ class ModelReloader:
                     log.warning("items added online to %s not moved yet: %s", serving_version, exc)
             services.model, services.model_error = new, None
             MODEL_RELOADS.labels(outcome="swapped").inc()
-            MODEL_INFO.clear()  # set here, not at load: a version refused in warm-up never shows
+            # Set here, not at load: a version refused in warm-up never shows. The retired version goes to 0
+            # rather than away: with several workers (multiprocess mode) a gauge cannot drop a label, and
+            # the page shows the largest value over the live workers, so 1 while any worker serves it.
+            if serving is not None:
+                MODEL_INFO.labels(version=serving_version, provider=serving.models.providers[0]).set(0)
             MODEL_INFO.labels(version=version, provider=new.models.providers[0]).set(1)
             log.info("now serving model %s (was %s)", version, serving_version)
             freeze_survivors()

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from helpers import app_settings, local_metric, running_app, scraped_metric
+from helpers import app_settings, local_metric, metric, running_app, scraped_metric
 from served import Service
 
 from models.model_dir import MANIFEST, RANKER, ModelDir, ModelLoadError
@@ -159,6 +159,48 @@ def test_promotion_under_predict_load_fails_no_request_and_switches_within_the_p
     print(f"\nswap under load: {len(answers)} requests, 0 failed, switched {switch_s:.2f} s after the "
           f"promotion (poll {POLL_S} s), p99 during the swap {p99_ms:.1f} ms")  # fmt: skip
     assert switch_s < POLL_S + 15.0, "loading and warming a tiny model takes seconds, even on a busy CI"
+
+
+def test_two_workers_show_only_the_promoted_version_once_both_swapped(
+    tmp_path: Path, store: Path, model_dir: Path, redis_url: str
+) -> None:
+    """With two workers ``/metrics`` is the multiprocess page, whose gauges cannot drop a label: the
+    version both workers retired must read 0 there, not stay at 1 beside the new one."""
+    add_version(store, V2, model_dir)
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    settings = {
+        "redis_url": redis_url,
+        "model_dir": str(store),
+        "device": "cpu",
+        "intra_op_threads": "1",
+        "redis_timeout_ms": "250",
+        "shed_loop_lag_ms": "0",
+        "model_poll_interval_s": str(POLL_S),
+        "workers": "2",
+        "metrics_dir": str(metrics_dir),
+    }
+    svc = Service(tmp_path, settings)
+    svc.start()
+    try:
+        page = httpx.get(f"{svc.url}/metrics", timeout=10).text
+        assert (metric(page, "clickrank_model_info", version=V1), metric(page, "clickrank_model_info")) == (
+            1,
+            1,
+        )
+        ModelStore(store).promote(V2)
+        deadline = time.monotonic() + POLL_S + 30.0
+        while True:
+            page = httpx.get(f"{svc.url}/metrics", timeout=10).text
+            if metric(page, "clickrank_model_info", version=V2) == 1 and not metric(
+                page, "clickrank_model_info", version=V1
+            ):
+                break
+            assert time.monotonic() < deadline, f"V1 still shown after the swap: {page}"
+            time.sleep(POLL_S)
+        assert "Clearing labels" not in svc.log_path.read_text(), "a metric cleared in multiprocess mode"
+    finally:
+        svc.stop()
 
 
 async def _load_with_a_promotion(
