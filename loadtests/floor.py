@@ -96,6 +96,12 @@ def metric_sum(text: str, metric: str) -> float:
     return sum(v for (name, _), v in parse_metrics(text).items() if name == metric)
 
 
+def route_sum(text: str, metric: str, route: str) -> float:
+    """The samples of ``metric`` labelled with ``route`` (any other labels) in a ``/metrics`` page, summed."""
+    samples = parse_metrics(text).items()
+    return sum(v for (name, labels), v in samples if name == metric and ("route", route) in labels)
+
+
 def metric_total(url: str, metric: str) -> float:
     """Every sample of ``metric`` (all labels) summed, from the service's ``/metrics``."""
     return metric_sum(metrics_text(url), metric)
@@ -150,11 +156,12 @@ class EchoServer:
             self.proc.wait(timeout=10)
 
 
-def best(steps: list[dict], server: str, bound_ms: float) -> dict | None:
-    """The step with the highest rate within the bound, without errors or degraded answers."""
+def best(steps: list[dict], server: str, bound_ms: float, key: str = "server") -> dict | None:
+    """The step of ``server`` (named in each step's ``key``) with the highest rate within the bound, without
+    errors or degraded answers."""
     fine = [
         s for s in steps
-        if s["server"] == server and s["p99_ms"] <= bound_ms and s["non_2xx"] == 0
+        if s[key] == server and s["p99_ms"] <= bound_ms and s["non_2xx"] == 0
         and s["socket_errors"] == 0 and s.get("degraded", 0) == 0
     ]  # fmt: skip
     return max(fine, key=lambda s: s["rps"], default=None)

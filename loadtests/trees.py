@@ -7,7 +7,8 @@ drives ``POST /v1/predict`` (or ``--route recommend``) at each connection count,
 at every step. Per step: rate, p50/p99, the server's CPU time per request (``/proc``), non-2xx answers,
 degraded answers and shed requests (from each server's ``/metrics``), and where a tree times its
 refusals (``clickrank_shed_seconds``): the share of them answered within 5 ms in the server and the
-admitted requests' p99. Writes ``report.json`` into ``--out``.
+admitted requests' p99; and the route's requests as ``/metrics`` counted them, beside those ``wrk``
+completed. Writes ``report.json`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.common import log
-from loadtests.floor import BODIES, DEGRADED, metric_sum, metrics_text, run_wrk, wrk_script
+from loadtests.floor import BODIES, DEGRADED, metric_sum, metrics_text, route_sum, run_wrk, wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
 from loadtests.server import SpawnedServer, Variant, cpu_seconds
 from loadtests.workload import ROUTES, Workload, load_histories
@@ -31,6 +32,8 @@ from models.redis_process import RedisProcess
 
 SHED = "clickrank_queue_rejected_total"
 """Requests refused with 503 by the queue or the admission control (every tree has this counter)."""
+REQUESTS = "clickrank_requests_total"
+"""Requests by route, method and status, as ``/metrics`` counts them (all workers of a server)."""
 
 
 def measure(
@@ -60,6 +63,9 @@ def measure(
                 "p50_ms": result.p50_ms,
                 "p99_ms": result.p99_ms,
                 "requests": result.requests,
+                "metrics_requests": int(
+                    route_sum(after, REQUESTS, ROUTES[route]) - route_sum(before, REQUESTS, ROUTES[route])
+                ),
                 "non_2xx": result.non_2xx,
                 "socket_errors": result.socket_errors,
                 "degraded": int(metric_sum(after, DEGRADED) - metric_sum(before, DEGRADED)),

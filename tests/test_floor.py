@@ -1,12 +1,15 @@
-"""loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against."""
+"""loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against; and
+loadtests.workers, one worker against two on the same steps."""
 
 from __future__ import annotations
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 
+from loadtests import workers
 from loadtests.echo_app import app, pydantic_app
-from loadtests.floor import best, parse_wrk, summary, wrk_script
+from loadtests.floor import best, parse_wrk, route_sum, summary, wrk_script
 from service.schemas.ranking import PredictResponse, RecommendResponse
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
@@ -70,6 +73,42 @@ def test_the_summary_rates_the_service_against_each_echo() -> None:
         [step("service", 500.0), step("echo", 2000.0), step("echo-pydantic", 1000.0)], ["predict"], 50
     )
     assert (row["ratio"], row["ratio_pydantic"]) == (0.25, 0.5)
+
+
+def test_route_sum_counts_one_route_over_every_method_and_status() -> None:
+    registry = CollectorRegistry()
+    requests = Counter(
+        "clickrank_requests", "HTTP requests", ["route", "method", "status"], registry=registry
+    )
+    requests.labels("/v1/predict", "POST", "200").inc(7)
+    requests.labels("/v1/predict", "POST", "503").inc(2)
+    requests.labels("/v1/recommend", "POST", "200").inc(5)
+    text = generate_latest(registry).decode()
+    assert route_sum(text, "clickrank_requests_total", "/v1/predict") == 9
+    assert route_sum(text, "clickrank_requests_total", "/v1/items") == 0
+
+
+def test_the_workers_summary_rates_two_workers_against_one_and_checks_the_metrics_count() -> None:
+    def step(tree: str, connections: int, rps: float, p99_ms: float, counted: int) -> dict:
+        return {
+            "tree": tree, "connections": connections, "rps": rps, "p99_ms": p99_ms, "requests": int(rps * 10),
+            "metrics_requests": counted, "non_2xx": 0, "socket_errors": 0, "degraded": 0,
+            "server_cpu_ms_per_request": 1.0,
+        }  # fmt: skip
+
+    steps = [
+        step("one worker", 8, 1000.0, 20.0, 10_000),
+        step("two workers", 8, 1300.0, 18.0, 13_004),
+        step("one worker", 16, 1050.0, 60.0, 10_500),  # past the bound
+        step("two workers", 16, 1500.0, 40.0, 7_000),  # /metrics saw about half: one worker's share
+    ]
+    result = workers.summary(steps, 50.0)
+    assert (result["one worker"]["rps"], result["two workers"]["rps"]) == (1000.0, 1500.0)
+    assert result["ratio"] == 1.5
+    assert result["metrics_shortfall_max"] == 8_000
+    report = {"summary": result, "p99_bound_ms": 50.0, "created": "now", "route": "/v1/predict"}
+    table = workers.markdown({**report, "duration_s": 10.0, "steps": steps})
+    assert "| 1,000 (8, 20.0) | 1,500 (16, 40.0) | 1.50× |" in table
 
 
 @pytest.mark.anyio
