@@ -1,5 +1,5 @@
 """loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against; and
-loadtests.workers, one worker against two on the same steps."""
+loadtests.variants, two configurations on the same steps."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
-from loadtests import workers
+from loadtests import variants
 from loadtests.echo_app import app, pydantic_app
 from loadtests.floor import best, parse_wrk, route_sum, summary, wrk_script
 from service.schemas.ranking import PredictResponse, RecommendResponse
@@ -88,7 +88,7 @@ def test_route_sum_counts_one_route_over_every_method_and_status() -> None:
     assert route_sum(text, "clickrank_requests_total", "/v1/items") == 0
 
 
-def test_the_workers_summary_rates_two_workers_against_one_and_checks_the_metrics_count() -> None:
+def test_the_variants_summary_rates_the_second_against_the_first_and_checks_the_metrics_count() -> None:
     def step(tree: str, connections: int, rps: float, p99_ms: float, counted: int) -> dict:
         return {
             "tree": tree, "connections": connections, "rps": rps, "p99_ms": p99_ms, "requests": int(rps * 10),
@@ -97,17 +97,17 @@ def test_the_workers_summary_rates_two_workers_against_one_and_checks_the_metric
         }  # fmt: skip
 
     steps = [
-        step("one worker", 8, 1000.0, 20.0, 10_000),
-        step("two workers", 8, 1300.0, 18.0, 13_004),
-        step("one worker", 16, 1050.0, 60.0, 10_500),  # past the bound
-        step("two workers", 16, 1500.0, 40.0, 7_000),  # /metrics saw about half: one worker's share
+        step("one", 8, 1000.0, 20.0, 10_000),
+        step("two", 8, 1300.0, 18.0, 13_004),
+        step("one", 16, 1050.0, 60.0, 10_500),  # past the bound
+        step("two", 16, 1500.0, 40.0, 7_000),  # /metrics saw about half: one worker's share
     ]
-    result = workers.summary(steps, 50.0)
-    assert (result["one worker"]["rps"], result["two workers"]["rps"]) == (1000.0, 1500.0)
+    result = variants.summary(steps, ("one", "two"), 50.0)
+    assert (result["best"]["one"]["rps"], result["best"]["two"]["rps"]) == (1000.0, 1500.0)
     assert result["ratio"] == 1.5
     assert result["metrics_shortfall_max"] == 8_000
     report = {"summary": result, "p99_bound_ms": 50.0, "created": "now", "route": "/v1/predict"}
-    table = workers.markdown({**report, "duration_s": 10.0, "steps": steps})
+    table = variants.markdown({**report, "duration_s": 10.0, "steps": steps})
     assert "| 1,000 (8, 20.0) | 1,500 (16, 40.0) | 1.50× |" in table
 
 
@@ -123,3 +123,17 @@ async def test_the_echo_floor_answers_the_served_shapes(echo) -> None:
     assert [p.item_id for p in answer.predictions] == ["1", "2", "3"] and answer.predictions[0].rank == 1
     assert len(RecommendResponse.model_validate(recommended.json()).items) == 5
     assert refused.status_code == 422  # the same request validation as the service
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        ["--variant", "only-one"],
+        ["--variant", "a", "--variant", "a"],
+        ["--variant", "a:=1", "--variant", "b"],
+    ],
+)
+def test_the_variants_tool_wants_two_distinct_well_formed_variants(given: list[str], tmp_path) -> None:
+    with pytest.raises(SystemExit) as refused:
+        variants.main(["--model-dir", str(tmp_path), "--out", str(tmp_path / "out"), *given])
+    assert refused.value.code == 2 and not (tmp_path / "out").exists()

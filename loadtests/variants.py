@@ -1,13 +1,15 @@
-"""``python -m loadtests.workers``: one uvicorn worker against two in one ``clickrank serve``, under ``wrk``.
+"""``python -m loadtests.variants``: two configurations of this checkout side by side under ``wrk``.
 
-Issue 11's "two workers in one container", measured the way the floor is: both servers (this checkout, one
-with ``--workers 1``, one with ``--workers 2``) share one private redis-server holding the workload users'
-MovieLens histories and one model directory; ``wrk -t1`` drives ``POST /v1/predict`` (or ``--route
-recommend``) at each connection count, the two taking turns at every step (``loadtests.trees.measure``).
-Each step also sets what ``/metrics`` counted for the route (``clickrank_requests_total``, Prometheus
-multiprocess mode with two workers) beside the requests ``wrk`` completed: a page that showed one worker's
-share would fall short by about half. The summary is each server's best rate with p99 within the bound, no
-error, no degraded answer, and their ratio. Writes ``report.json`` and ``summary.md`` into ``--out``.
+``--variant NAME[:KEY=VALUE,...]`` twice (``clickrank bench``'s syntax: ``CLICKRANK_*`` settings and
+``workers``); by default one uvicorn worker against two (issue 11's "two workers in one container"), or
+e.g. ``--variant batched --variant unbatched:MAX_BATCH_SIZE=1``. Measured the way the floor is: both
+servers share one private redis-server holding the workload users' MovieLens histories and one model
+directory; ``wrk -t1`` drives ``POST /v1/predict`` (or ``--route recommend``) at each connection count, the
+two taking turns at every step (``loadtests.trees.measure``). Each step also sets what ``/metrics`` counted
+for the route (``clickrank_requests_total``; Prometheus multiprocess mode with several workers) beside the
+requests ``wrk`` completed: a page that showed one worker's share would fall short by about half. The
+summary is each variant's best rate with p99 within the bound, no error, no degraded answer, and the second's
+rate over the first's. Writes ``report.json`` and ``summary.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -18,35 +20,37 @@ import shutil
 import sys
 import tempfile
 from contextlib import ExitStack
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
+from loadtests.bench import parse_variant
 from loadtests.common import log
 from loadtests.floor import BODIES, best, metric_sum, metrics_text, wrk_script
 from loadtests.report import machine_info, utc_stamp
-from loadtests.server import SpawnedServer, Variant
+from loadtests.server import SpawnedServer
 from loadtests.trees import REQUESTS, measure
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
 
-SERVERS = {"one worker": 1, "two workers": 2}
+DEFAULT_VARIANTS = ("one:workers=1", "two:workers=2")
 
 
-def summary(steps: list[dict], bound_ms: float) -> dict:
-    """Each server's best step, the ratio of their rates, and the largest shortfall of ``/metrics``
-    against ``wrk`` over every step (requests ``wrk`` completed that the page did not count)."""
-    one, two = (best(steps, server, bound_ms, key="tree") for server in SERVERS)
+def summary(steps: list[dict], names: tuple[str, str], bound_ms: float) -> dict:
+    """Each variant's best step, the second's rate over the first's, and the largest shortfall of
+    ``/metrics`` against ``wrk`` over every step (requests ``wrk`` completed that the page did not count)."""
+    first, second = (best(steps, name, bound_ms, key="tree") for name in names)
     return {
-        "one worker": one,
-        "two workers": two,
-        "ratio": two["rps"] / one["rps"] if one and two else None,
+        "best": {names[0]: first, names[1]: second},
+        "ratio": second["rps"] / first["rps"] if first and second else None,
         "metrics_shortfall_max": max((s["requests"] - s["metrics_requests"] for s in steps), default=0),
     }
 
 
 def markdown(report: dict) -> str:
     s, bound = report["summary"], report["p99_bound_ms"]
+    first, second = s["best"]
 
     def cell(step: dict | None) -> str:
         if step is None:
@@ -55,16 +59,16 @@ def markdown(report: dict) -> str:
 
     ratio = "n/a" if s["ratio"] is None else f"{s['ratio']:.2f}×"
     lines = [
-        f"# One worker against two ({report['created']}, `{report['route']}`)",
+        f"# {first} against {second} ({report['created']}, `{report['route']}`)",
         "",
         f"Best rate with p99 ≤ {bound:g} ms, no error, no degraded answer "
         f"(`wrk -t1`, {report['duration_s']:g} s a step).",
         "",
-        "| one worker: rps (conns, p99 ms) | two workers | ratio |",
+        f"| {first}: rps (conns, p99 ms) | {second} | ratio |",
         "| --- | --- | --- |",
-        f"| {cell(s['one worker'])} | {cell(s['two workers'])} | {ratio} |",
+        f"| {cell(s['best'][first])} | {cell(s['best'][second])} | {ratio} |",
         "",
-        "| server | conns | rps | p99 ms | server CPU ms a request | wrk requests | /metrics | degraded |",
+        "| variant | conns | rps | p99 ms | server CPU ms a request | wrk requests | /metrics | degraded |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for step in report["steps"]:
@@ -77,8 +81,14 @@ def markdown(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loadtests.workers", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m loadtests.variants", description=__doc__.split("\n")[0])
     parser.add_argument("--model-dir", type=Path, required=True)
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=None,
+        help="NAME[:KEY=VALUE,...], twice (default: one worker, two)",
+    )
     parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
     parser.add_argument("--connections", default="4,8,16,32", help="comma-separated wrk connection counts")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
@@ -86,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--p99-ms", type=float, default=50.0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    try:
+        variants = [parse_variant(v, 1) for v in args.variant or DEFAULT_VARIANTS]
+    except ValueError as exc:
+        parser.error(str(exc))
+    if len(variants) != 2 or variants[0].name == variants[1].name:
+        parser.error("give --variant twice, with two names")
     wrk = shutil.which("wrk")
     if wrk is None:
-        print("workers: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        print("variants: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.data_dir or default_data_dir(), "predict")
@@ -104,28 +120,28 @@ def main(argv: list[str] | None = None) -> int:
     ):
         load_histories(redis.url, workload)
         servers = {
-            name: stack.enter_context(
+            v.name: stack.enter_context(
                 SpawnedServer(
-                    Variant(name.replace(" ", "-"), workers=workers), model_dir=args.model_dir,
-                    redis_url=redis.url, log_path=args.out / f"{name.replace(' ', '-')}.log",
+                    v, model_dir=args.model_dir, redis_url=redis.url, log_path=args.out / f"{v.name}.log"
                 )
             )
-            for name, workers in SERVERS.items()
-        }  # fmt: skip
+            for v in variants
+        }
         steps = measure(wrk, servers, script, args.route, connections, args.duration)
         totals = {name: metric_sum(metrics_text(server.url), REQUESTS) for name, server in servers.items()}
     for step in steps:
-        log(f"workers {step['tree']} c={step['connections']}: wrk {step['requests']:,} requests, "
+        log(f"variants {step['tree']} c={step['connections']}: wrk {step['requests']:,} requests, "
             f"/metrics {step['metrics_requests']:,}")  # fmt: skip
     report = {
         "created": utc_stamp(datetime.now(UTC)),
         "machine": machine_info(),
         "route": route,
+        "variants": [asdict(v) for v in variants],
         "duration_s": args.duration,
         "p99_bound_ms": args.p99_ms,
         "workload": workload.describe(),
         "steps": steps,
-        "summary": summary(steps, args.p99_ms),
+        "summary": summary(steps, (variants[0].name, variants[1].name), args.p99_ms),
         "requests_counted_at_the_end": totals,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
