@@ -82,6 +82,45 @@ def measure(
     return steps
 
 
+def side_by_side(
+    servers: dict[str, tuple[Variant, Path]],
+    *,
+    model_dir: Path,
+    data_dir: Path | None,
+    route: str,
+    connections: list[int],
+    duration_s: float,
+    out: Path,
+) -> tuple[Workload, list[dict]] | None:
+    """Each named (configuration, checkout) served by ``clickrank serve`` against one private redis-server
+    holding the workload users' histories, measured taking turns (``measure``); the workload and the steps.
+    None, with the reason on stderr, when ``wrk`` is not installed. Logs and the wrk script go to ``out``."""
+    wrk = shutil.which("wrk")
+    if wrk is None:
+        print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    workload = Workload(data_dir or default_data_dir(), "predict")
+    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[route]
+    script = out / f"{route}.lua"
+    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[route]))
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        RedisProcess(Path(tmp)).running() as redis,
+        ExitStack() as stack,
+    ):
+        load_histories(redis.url, workload)
+        spawned = {
+            name: stack.enter_context(
+                SpawnedServer(
+                    variant, model_dir=model_dir, redis_url=redis.url, log_path=out / f"{name}.log", tree=tree
+                )
+            )
+            for name, (variant, tree) in servers.items()
+        }
+        return workload, measure(wrk, spawned, script, route, connections, duration_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.trees", description=__doc__.split("\n")[0])
     parser.add_argument("old", type=Path, help="a clickrank checkout (e.g. a git worktree of the base)")
@@ -93,30 +132,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--route", choices=("predict", "recommend"), default="predict")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("trees: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
+    measured = side_by_side(
+        {"old": (Variant("old"), args.old), "new": (Variant("new"), args.new)},
+        model_dir=args.model_dir,
+        data_dir=args.data_dir,
+        route=args.route,
+        connections=[int(c) for c in args.connections.split(",")],
+        duration_s=args.duration,
+        out=args.out,
+    )
+    if measured is None:
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    workload = Workload(args.data_dir or default_data_dir(), "predict")
-    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[args.route]
-    script = args.out / f"{args.route}.lua"
-    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[args.route]))
-    connections = [int(c) for c in args.connections.split(",")]
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        RedisProcess(Path(tmp)).running() as redis,
-        ExitStack() as stack,
-    ):
-        load_histories(redis.url, workload)
-        servers = {}
-        for name, tree in (("old", args.old), ("new", args.new)):
-            server = SpawnedServer(
-                Variant(name), model_dir=args.model_dir, redis_url=redis.url,
-                log_path=args.out / f"{name}.log", tree=tree,
-            )  # fmt: skip
-            servers[name] = stack.enter_context(server)
-        steps = measure(wrk, servers, script, args.route, connections, args.duration)
+    workload, steps = measured
     report = {
         "created": utc_stamp(datetime.now(UTC)),
         "machine": machine_info(),

@@ -16,23 +16,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
-import tempfile
-from contextlib import ExitStack
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.bench import parse_variant
 from loadtests.common import log
-from loadtests.floor import BODIES, best, metric_sum, metrics_text, wrk_script
+from loadtests.floor import best
 from loadtests.report import machine_info, utc_stamp
-from loadtests.server import SpawnedServer
-from loadtests.trees import REQUESTS, measure
-from loadtests.workload import ROUTES, Workload, load_histories
-from models.data import default_data_dir
-from models.redis_process import RedisProcess
+from loadtests.server import REPO
+from loadtests.trees import side_by_side
+from loadtests.workload import ROUTES
 
 DEFAULT_VARIANTS = ("one:workers=1", "two:workers=2")
 
@@ -102,33 +97,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if len(variants) != 2 or variants[0].name == variants[1].name:
         parser.error("give --variant twice, with two names")
-    wrk = shutil.which("wrk")
-    if wrk is None:
-        print("variants: error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
-        return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    workload = Workload(args.data_dir or default_data_dir(), "predict")
-    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[args.route]
-    script = args.out / f"{args.route}.lua"
-    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[args.route]))
-    connections = [int(c) for c in args.connections.split(",")]
     route = ROUTES[args.route]
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        RedisProcess(Path(tmp)).running() as redis,
-        ExitStack() as stack,
-    ):
-        load_histories(redis.url, workload)
-        servers = {
-            v.name: stack.enter_context(
-                SpawnedServer(
-                    v, model_dir=args.model_dir, redis_url=redis.url, log_path=args.out / f"{v.name}.log"
-                )
-            )
-            for v in variants
-        }
-        steps = measure(wrk, servers, script, args.route, connections, args.duration)
-        totals = {name: metric_sum(metrics_text(server.url), REQUESTS) for name, server in servers.items()}
+    measured = side_by_side(
+        {v.name: (v, REPO) for v in variants},
+        model_dir=args.model_dir,
+        data_dir=args.data_dir,
+        route=args.route,
+        connections=[int(c) for c in args.connections.split(",")],
+        duration_s=args.duration,
+        out=args.out,
+    )
+    if measured is None:
+        return 2
+    workload, steps = measured
     for step in steps:
         log(f"variants {step['tree']} c={step['connections']}: wrk {step['requests']:,} requests, "
             f"/metrics {step['metrics_requests']:,}")  # fmt: skip
@@ -142,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         "workload": workload.describe(),
         "steps": steps,
         "summary": summary(steps, (variants[0].name, variants[1].name), args.p99_ms),
-        "requests_counted_at_the_end": totals,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "summary.md").write_text(markdown(report))
