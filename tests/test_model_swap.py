@@ -54,6 +54,19 @@ def nan_weights(version_dir: Path) -> None:
     onnx.save(graph, version_dir / RANKER)
 
 
+def polling_store(redis_url: str, store: Path) -> dict[str, str]:
+    """The settings of a ``clickrank serve`` process serving ``store``'s current version and polling it."""
+    return {
+        "redis_url": redis_url,
+        "model_dir": str(store),
+        "device": "cpu",
+        "intra_op_threads": "1",
+        "redis_timeout_ms": "250",  # the test machine is shared: a slow scheduler is not an outage
+        "shed_loop_lag_ms": "0",
+        "model_poll_interval_s": str(POLL_S),
+    }
+
+
 @pytest.fixture()
 def store(tmp_path: Path, model_dir: Path) -> Iterator[Path]:
     path = tmp_path / "store"
@@ -128,18 +141,7 @@ def test_promotion_under_predict_load_fails_no_request_and_switches_within_the_p
     tmp_path: Path, store: Path, model_dir: Path, redis_url: str, catalog: list[str]
 ) -> None:
     add_version(store, V2, model_dir)
-    svc = Service(
-        tmp_path,
-        {
-            "redis_url": redis_url,
-            "model_dir": str(store),
-            "device": "cpu",
-            "intra_op_threads": "1",
-            "redis_timeout_ms": "250",
-            "shed_loop_lag_ms": "0",
-            "model_poll_interval_s": str(POLL_S),
-        },
-    )
+    svc = Service(tmp_path, polling_store(redis_url, store))
     svc.start()
     try:
         answers, promoted_at = asyncio.run(_load_with_a_promotion(svc.url, store, catalog))
@@ -169,18 +171,9 @@ def test_two_workers_show_only_the_promoted_version_once_both_swapped(
     add_version(store, V2, model_dir)
     metrics_dir = tmp_path / "metrics"
     metrics_dir.mkdir()
-    settings = {
-        "redis_url": redis_url,
-        "model_dir": str(store),
-        "device": "cpu",
-        "intra_op_threads": "1",
-        "redis_timeout_ms": "250",
-        "shed_loop_lag_ms": "0",
-        "model_poll_interval_s": str(POLL_S),
-        "workers": "2",
-        "metrics_dir": str(metrics_dir),
-    }
-    svc = Service(tmp_path, settings)
+    svc = Service(
+        tmp_path, polling_store(redis_url, store) | {"workers": "2", "metrics_dir": str(metrics_dir)}
+    )
     svc.start()
     try:
         page = httpx.get(f"{svc.url}/metrics", timeout=10).text
