@@ -242,7 +242,8 @@ def top_rows(scores: np.ndarray, k: int, excluded: np.ndarray) -> np.ndarray:
     """Rows of the ``k`` highest scores, best first, never one of ``excluded`` (argpartition: O(N))."""
     scores = np.array(scores, dtype=np.float32)
     scores[excluded] = -np.inf
-    k = min(k, len(scores) - len(np.unique(excluded)))
+    if k > len(scores) - len(excluded):  # only then can a row excluded twice leave room for more
+        k = min(k, len(scores) - len(np.unique(excluded)))
     if k <= 0:
         return np.empty(0, dtype=np.int64)
     part = np.argpartition(-scores, k - 1)[:k]

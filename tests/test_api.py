@@ -652,6 +652,7 @@ def test_top_rows_never_returns_excluded_rows() -> None:
     scores = np.array([5.0, 1.0, 9.0, 7.0, 3.0], dtype=np.float32)
     assert top_rows(scores, 3, np.array([2], dtype=np.int64)).tolist() == [3, 0, 4]
     assert top_rows(scores, 10, np.array([0, 1, 2, 2], dtype=np.int64)).tolist() == [3, 4]
+    assert top_rows(scores, 1, np.array([0, 1, 2, 2], dtype=np.int64)).tolist() == [3]
     assert top_rows(scores, 2, np.arange(5)).tolist() == []
 
 
