@@ -82,28 +82,32 @@ def measure(
     return steps
 
 
-def side_by_side(
-    servers: dict[str, tuple[Variant, Path]],
-    *,
-    model_dir: Path,
-    data_dir: Path | None,
-    route: str,
-    connections: list[int],
-    duration_s: float,
-    out: Path,
-) -> tuple[Workload, list[dict]] | None:
+def add_side_by_side_options(parser: argparse.ArgumentParser, connections: str) -> None:
+    """The options of a side-by-side run (``side_by_side`` reads them): model, data, steps, route, output."""
+    parser.add_argument("--model-dir", type=Path, required=True, help="an export every server can serve")
+    parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
+    parser.add_argument("--connections", default=connections, help="comma-separated wrk connection counts")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
+    parser.add_argument("--route", choices=("predict", "recommend"), default="predict")
+    parser.add_argument("--out", type=Path, required=True)
+
+
+def side_by_side(servers: dict[str, tuple[Variant, Path]], args: argparse.Namespace) -> dict | None:
     """Each named (configuration, checkout) served by ``clickrank serve`` against one private redis-server
-    holding the workload users' histories, measured taking turns (``measure``); the workload and the steps.
-    None, with the reason on stderr, when ``wrk`` is not installed. Logs and the wrk script go to ``out``."""
+    holding the workload users' histories, measured taking turns (``measure``) as ``args`` say
+    (``add_side_by_side_options``); the report's common part, steps included. None, with the reason on
+    stderr, when ``wrk`` is not installed. Logs and the wrk script go to ``args.out``."""
     wrk = shutil.which("wrk")
     if wrk is None:
         print("error: wrk is not installed (apt-get install wrk)", file=sys.stderr)
         return None
+    out, route = args.out, args.route
     out.mkdir(parents=True, exist_ok=True)
-    workload = Workload(data_dir or default_data_dir(), "predict")
+    workload = Workload(args.data_dir or default_data_dir(), "predict")
     body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[route]
     script = out / f"{route}.lua"
     script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[route]))
+    connections = [int(c) for c in args.connections.split(",")]
     with (
         tempfile.TemporaryDirectory() as tmp,
         RedisProcess(Path(tmp)).running() as redis,
@@ -113,45 +117,36 @@ def side_by_side(
         spawned = {
             name: stack.enter_context(
                 SpawnedServer(
-                    variant, model_dir=model_dir, redis_url=redis.url, log_path=out / f"{name}.log", tree=tree
+                    variant,
+                    model_dir=args.model_dir,
+                    redis_url=redis.url,
+                    log_path=out / f"{name}.log",
+                    tree=tree,
                 )
             )
             for name, (variant, tree) in servers.items()
         }
-        return workload, measure(wrk, spawned, script, route, connections, duration_s)
+        steps = measure(wrk, spawned, script, route, connections, args.duration)
+    return {
+        "created": utc_stamp(datetime.now(UTC)),
+        "machine": machine_info(),
+        "route": ROUTES[route],
+        "duration_s": args.duration,
+        "workload": workload.describe(),
+        "steps": steps,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.trees", description=__doc__.split("\n")[0])
     parser.add_argument("old", type=Path, help="a clickrank checkout (e.g. a git worktree of the base)")
     parser.add_argument("new", type=Path, help="another checkout (e.g. this one: .)")
-    parser.add_argument("--model-dir", type=Path, required=True, help="an export both trees can serve")
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
-    parser.add_argument("--connections", default="8,64,256", help="comma-separated wrk connection counts")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
-    parser.add_argument("--route", choices=("predict", "recommend"), default="predict")
-    parser.add_argument("--out", type=Path, required=True)
+    add_side_by_side_options(parser, connections="8,64,256")
     args = parser.parse_args(argv)
-    measured = side_by_side(
-        {"old": (Variant("old"), args.old), "new": (Variant("new"), args.new)},
-        model_dir=args.model_dir,
-        data_dir=args.data_dir,
-        route=args.route,
-        connections=[int(c) for c in args.connections.split(",")],
-        duration_s=args.duration,
-        out=args.out,
-    )
-    if measured is None:
+    report = side_by_side({"old": (Variant("old"), args.old), "new": (Variant("new"), args.new)}, args)
+    if report is None:
         return 2
-    workload, steps = measured
-    report = {
-        "created": utc_stamp(datetime.now(UTC)),
-        "machine": machine_info(),
-        "trees": {"old": str(args.old), "new": str(args.new)},
-        "duration_s": args.duration,
-        "workload": workload.describe(),
-        "steps": steps,
-    }
+    report["trees"] = {"old": str(args.old), "new": str(args.new)}
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return 0
 

@@ -18,16 +18,12 @@ import argparse
 import json
 import sys
 from dataclasses import asdict
-from datetime import UTC, datetime
-from pathlib import Path
 
 from loadtests.bench import parse_variant
 from loadtests.common import log
 from loadtests.floor import best
-from loadtests.report import machine_info, utc_stamp
 from loadtests.server import REPO
-from loadtests.trees import side_by_side
-from loadtests.workload import ROUTES
+from loadtests.trees import add_side_by_side_options, side_by_side
 
 DEFAULT_VARIANTS = ("one:workers=1", "two:workers=2")
 
@@ -77,19 +73,14 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.variants", description=__doc__.split("\n")[0])
-    parser.add_argument("--model-dir", type=Path, required=True)
     parser.add_argument(
         "--variant",
         action="append",
         default=None,
         help="NAME[:KEY=VALUE,...], twice (default: one worker, two)",
     )
-    parser.add_argument("--data-dir", type=Path, default=None, help="default: CLICKRANK_DATA_DIR")
-    parser.add_argument("--connections", default="4,8,16,32", help="comma-separated wrk connection counts")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds per step")
-    parser.add_argument("--route", choices=("predict", "recommend"), default="predict")
     parser.add_argument("--p99-ms", type=float, default=50.0)
-    parser.add_argument("--out", type=Path, required=True)
+    add_side_by_side_options(parser, connections="4,8,16,32")
     args = parser.parse_args(argv)
     try:
         variants = [parse_variant(v, 1) for v in args.variant or DEFAULT_VARIANTS]
@@ -97,31 +88,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(exc))
     if len(variants) != 2 or variants[0].name == variants[1].name:
         parser.error("give --variant twice, with two names")
-    route = ROUTES[args.route]
-    measured = side_by_side(
-        {v.name: (v, REPO) for v in variants},
-        model_dir=args.model_dir,
-        data_dir=args.data_dir,
-        route=args.route,
-        connections=[int(c) for c in args.connections.split(",")],
-        duration_s=args.duration,
-        out=args.out,
-    )
-    if measured is None:
+    report = side_by_side({v.name: (v, REPO) for v in variants}, args)
+    if report is None:
         return 2
-    workload, steps = measured
+    steps = report["steps"]
     for step in steps:
         log(f"variants {step['tree']} c={step['connections']}: wrk {step['requests']:,} requests, "
             f"/metrics {step['metrics_requests']:,}")  # fmt: skip
-    report = {
-        "created": utc_stamp(datetime.now(UTC)),
-        "machine": machine_info(),
-        "route": route,
+    report |= {
         "variants": [asdict(v) for v in variants],
-        "duration_s": args.duration,
         "p99_bound_ms": args.p99_ms,
-        "workload": workload.describe(),
-        "steps": steps,
         "summary": summary(steps, (variants[0].name, variants[1].name), args.p99_ms),
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
