@@ -176,18 +176,17 @@ def test_two_workers_show_only_the_promoted_version_once_both_swapped(
     )
     svc.start()
     try:
+
+        def model_info(page: str, **labels: str) -> float:
+            return metric(page, "clickrank_model_info", **labels)
+
         page = httpx.get(f"{svc.url}/metrics", timeout=10).text
-        assert (metric(page, "clickrank_model_info", version=V1), metric(page, "clickrank_model_info")) == (
-            1,
-            1,
-        )
+        assert model_info(page, version=V1) == 1 and model_info(page) == 1, "V1 alone, before the swap"
         ModelStore(store).promote(V2)
         deadline = time.monotonic() + POLL_S + 30.0
         while True:
             page = httpx.get(f"{svc.url}/metrics", timeout=10).text
-            if metric(page, "clickrank_model_info", version=V2) == 1 and not metric(
-                page, "clickrank_model_info", version=V1
-            ):
+            if model_info(page, version=V2) == 1 and not model_info(page, version=V1):
                 break
             assert time.monotonic() < deadline, f"V1 still shown after the swap: {page}"
             time.sleep(POLL_S)
