@@ -20,6 +20,7 @@ from service.batcher import MicroBatcher
 from service.candidates import CandidateSources
 from service.catalog import ItemCatalog
 from service.catalog_sync import CatalogSync
+from service.inference import BatchInference
 from service.items import ItemWriter
 from service.logs import UserLogNames
 from service.loop_lag import LoopLagMonitor
@@ -88,8 +89,11 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
     settings, store = services.settings, services.store
     models, catalog, segments = await _read(settings, model_dir)
     await asyncio.to_thread(models.warm_up)
+    retrieval = await asyncio.to_thread(
+        Retrieval, catalog, ann_min_items=settings.ann_min_items, nprobe=settings.ann_nprobe
+    )
     batcher = MicroBatcher(
-        models.rank,
+        BatchInference(models, retrieval),
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue,
@@ -104,9 +108,6 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
         trending_candidates=settings.trending_candidates,
         covisit_cache_s=settings.covisit_cache_s,
         lists_cache_s=settings.lists_cache_s,
-    )
-    retrieval = await asyncio.to_thread(
-        Retrieval, catalog, ann_min_items=settings.ann_min_items, nprobe=settings.ann_nprobe
     )
     ranker = Ranker(
         models=models,

@@ -23,11 +23,12 @@ from models.calibration import click_probabilities, logsumexp
 from service.batcher import MicroBatcher
 from service.candidates import NO_COVISITATION, CandidateSources, Covisitation
 from service.catalog import ItemCatalog
+from service.inference import Ranked
 from service.logs import ThrottledLog
 from service.metrics import DEGRADED
 from service.redis_conn import StoreUnavailable
-from service.retrieval import Retrieval, UserScores, top_rows
-from service.runtime import OnnxModels, RankResult, encode_off_loop
+from service.retrieval import SEARCH_SIZE, Retrieval, UserScores, top_rows
+from service.runtime import OnnxModels, encode_off_loop
 from service.schemas.events import ContextEvent, EventRecord
 from service.schemas.ranking import CandidateItem, PredictRequest, RecommendRequest
 from service.store import HistoryStore
@@ -139,8 +140,8 @@ class Ranker:
         retrieved = scores = None
         if len(window):
             # Retrieval: the items closest to the user vector (exact or ANN); the other sources join below.
-            user_vector = await self._user_vector(window)
-            scores = self.retrieval.scores(user_vector, search=self.retrieval_size + len(excluded))
+            probe = await self._probe(window)
+            scores = self._scores_of(probe, search=self.retrieval_size + len(excluded))
             retrieved = self.retrieval.top(scores, self.retrieval_size, excluded)
         found = await self.sources.gather(
             retrieved,
@@ -197,7 +198,7 @@ class Ranker:
         results = await asyncio.gather(*(self._rank(v, candidate_vectors) for v in variants))
         without = np.stack(
             [
-                self._probabilities(r.logits, await self._scores(v, r))
+                self._probabilities(r.result.logits, await self._scores(v, r))
                 for v, r in zip(variants, results, strict=True)
             ]
         )  # [items, candidates]
@@ -207,11 +208,18 @@ class Ranker:
     async def user_vector(self, events: Sequence[EventRecord]) -> np.ndarray | None:
         """The user vector the ranker computes from these events (None: none of them is a catalog item)."""
         window = build_window(events, self.catalog, self.history_length)
-        return await self._user_vector(window) if len(window) else None
+        return (await self._probe(window)).result.user_vector if len(window) else None
 
-    async def _user_vector(self, window: Window) -> np.ndarray:
-        probe = await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
-        return probe.user_vector
+    async def _probe(self, window: Window) -> Ranked:
+        """The ranker run for the window's user vector alone (one zero candidate)."""
+        return await self._rank(window, np.zeros((1, self.catalog.dim), np.float32))
+
+    def _scores_of(self, ranked: Ranked, search: int = SEARCH_SIZE) -> UserScores:
+        """The user's scores over the catalog: those computed with the batch (exact retrieval), else a
+        probe of the index (``Retrieval.scores``, ``search`` candidate rows)."""
+        if ranked.scores is not None:
+            return ranked.scores
+        return self.retrieval.scores(ranked.result.user_vector, search=search)
 
     def _answered(self, user_id: str, window: Window, degraded: bool) -> dict[str, Any]:
         """The ``RankedAnswer`` fields of an answer."""
@@ -235,18 +243,18 @@ class Ranker:
         none over the candidates. Otherwise the ranker runs over the candidates."""
         if len(window) and self.models.dot_logits:
             if scores is None:
-                scores = self.retrieval.scores(await self._user_vector(window))
+                scores = self._scores_of(await self._probe(window))
             return candidate_vectors @ scores.user_vector, scores
-        result = await self._rank(window, candidate_vectors)
-        return result.logits, scores if scores is not None else await self._scores(window, result)
+        ranked = await self._rank(window, candidate_vectors)
+        return ranked.result.logits, scores if scores is not None else await self._scores(window, ranked)
 
-    async def _scores(self, window: Window, result: RankResult) -> UserScores:
+    async def _scores(self, window: Window, ranked: Ranked) -> UserScores:
         """What the probabilities are normalised over: the catalog's retrieval logits under the user
         vector, or the history-free prior's logits without a history."""
         if len(window):
-            return self.retrieval.scores(result.user_vector)
+            return self._scores_of(ranked)
         prior = await self.prior_logits()
-        return UserScores(result.user_vector, self.catalog.vectors, float(logsumexp(prior)), prior)
+        return UserScores(ranked.result.user_vector, self.catalog.vectors, float(logsumexp(prior)), prior)
 
     def _probabilities(self, logits: np.ndarray, scores: UserScores) -> np.ndarray:
         """Calibrated click probabilities of the candidates' ``logits`` (``models.calibration``): each
@@ -298,16 +306,17 @@ class Ranker:
         for wave in range(0, len(chunks), PRIOR_WAVE):  # a bounded number in the batcher's queue at once
             batch = chunks[wave : wave + PRIOR_WAVE]
             results = await asyncio.gather(*(self._rank(empty, vectors[chunk]) for chunk in batch))
-            for chunk, result in zip(batch, results, strict=True):
-                logits[chunk] = result.logits
+            for chunk, ranked in zip(batch, results, strict=True):
+                logits[chunk] = ranked.result.logits
         self._prior = (changes.revision, logits)
         return logits
 
-    async def _rank(self, window: Window, candidate_vectors: np.ndarray) -> RankResult:
-        result = await self.batcher.submit(window.request(candidate_vectors))
+    async def _rank(self, window: Window, candidate_vectors: np.ndarray) -> Ranked:
+        ranked = await self.batcher.submit(window.request(candidate_vectors))
+        result = ranked.result
         if not (np.isfinite(result.logits).all() and np.isfinite(result.user_vector).all()):
             raise ModelOutputError(f"ranker.onnx of model {self.models.version} returned non-finite scores")
-        return result
+        return ranked
 
     async def _history(
         self, user_id: str, context: Sequence[ContextEvent], route: str, *, with_seen: bool

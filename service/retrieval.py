@@ -198,6 +198,17 @@ class Retrieval:
         nearest, log_z = self._index.probe(user_vector, vectors, max(search, SEARCH_SIZE))
         return UserScores(user_vector, vectors, log_z, None, nearest)
 
+    def exact_scores(self, user_vectors: np.ndarray) -> list[UserScores]:
+        """``scores`` of many user vectors ``[B, D]`` over the current snapshot, exactly, in one product
+        (``service.inference``: the inference thread's batch), whatever the catalog's size."""
+        vectors = self.catalog.vectors
+        exact = user_vectors @ vectors.T  # [B, N]
+        log_z = logsumexp(exact, axis=1)
+        return [
+            UserScores(u, vectors, float(z), logits)
+            for u, z, logits in zip(user_vectors, log_z.tolist(), exact, strict=True)
+        ]
+
     def top(self, scores: UserScores, k: int, excluded: np.ndarray) -> np.ndarray:
         """Rows of the ``k`` highest logits, best first, never one of ``excluded`` (ascending, as recommend
         sorts them once for every source)."""
