@@ -97,6 +97,7 @@ async def build_model(services: Services, model_dir: Path) -> LoadedModel:
         max_batch_size=settings.max_batch_size,
         max_delay_ms=settings.max_batch_delay_ms,
         max_queue=settings.max_queue,
+        worker_nice=settings.inference_nice,
     )
     await batcher.start()
     sources = CandidateSources(

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(default=64, ge=1, le=4096)
     max_batch_delay_ms: float = Field(default=0.0, ge=0.0, le=1000.0)  # 0: best on CPU (docs/benchmarks.md)
     max_queue: int = Field(default=512, ge=1)
+    # the inference thread's nice value (Linux): under CPU contention the event loop runs first
+    inference_nice: int = Field(default=10, ge=0, le=19)
     # model requests admitted at once (more get 503 at once); the Redis pool holds this many plus spares,
     # so an admitted request never waits for a connection
     max_in_flight: int = Field(default=64, ge=1)

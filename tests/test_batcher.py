@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -186,3 +188,23 @@ async def test_cancelled_waiters_do_not_disturb_the_others() -> None:
     assert isinstance(done[1], asyncio.CancelledError) and isinstance(done[3], asyncio.CancelledError)
     assert [done[0], done[2], done[4]] == [answer(0), answer(2), answer(4)]
     assert model.batches == [[0, 1], [2, 4]]
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="thread priorities are set on Linux only")
+async def test_the_worker_thread_runs_at_the_given_nice_value_and_the_event_loop_keeps_its_own() -> None:
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    niceness: list[int] = []
+
+    def infer(batch: list[int]) -> list[tuple[int, int]]:
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+        return [answer(r) for r in batch]
+
+    nice = min(loop_nice + 7, 19)
+    async with batching(
+        MicroBatcher(infer, max_batch_size=4, max_delay_ms=0, max_queue=10, worker_nice=nice)
+    ) as b:
+        assert await b.submit(3) == answer(3)
+    assert niceness == [nice]
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == loop_nice
+    with pytest.raises(ValueError, match="worker_nice"):
+        MicroBatcher(infer, max_batch_size=1, max_delay_ms=0, max_queue=1, worker_nice=20)
