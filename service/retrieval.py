@@ -46,6 +46,9 @@ TRAIN_PER_LIST = 64
 """k-means training points per inverted list (a sample of the catalog)."""
 ADD_CHUNK = 100_000
 """Rows augmented and added to the index at a time when it is built."""
+EXACT_CHUNK_LOGITS = 1_000_000
+"""Logits of a batch's users scored in one product at most: 4 MB, and three times as much in float64 while
+their log-partitions are summed (a batch of 64 over 199,999 items would otherwise take 250 MB at once)."""
 EVERYTHING = float(np.finfo(np.float32).max)
 """A range-search radius that keeps every row of the scanned lists."""
 
@@ -199,15 +202,21 @@ class Retrieval:
         return UserScores(user_vector, vectors, log_z, None, nearest)
 
     def exact_scores(self, user_vectors: np.ndarray) -> list[UserScores]:
-        """``scores`` of many user vectors ``[B, D]`` over the current snapshot, exactly, in one product
-        (``service.inference``: the inference thread's batch), whatever the catalog's size."""
+        """``scores`` of many user vectors ``[B, D]`` over the current snapshot, exactly, a product per
+        ``EXACT_CHUNK_LOGITS`` logits (``service.inference``: the inference thread's batch), whatever the
+        catalog's size."""
         vectors = self.catalog.vectors
-        exact = user_vectors @ vectors.T  # [B, N]
-        log_z = logsumexp(exact, axis=1)
-        return [
-            UserScores(u, vectors, float(z), logits)
-            for u, z, logits in zip(user_vectors, log_z.tolist(), exact, strict=True)
-        ]
+        users_at_once = max(1, EXACT_CHUNK_LOGITS // max(len(vectors), 1))
+        out: list[UserScores] = []
+        for start in range(0, len(user_vectors), users_at_once):
+            chunk = user_vectors[start : start + users_at_once]
+            exact = chunk @ vectors.T  # [b, N]
+            log_z = logsumexp(exact, axis=1)
+            out += [
+                UserScores(u, vectors, float(z), logits)
+                for u, z, logits in zip(chunk, log_z.tolist(), exact, strict=True)
+            ]
+        return out
 
     def top(self, scores: UserScores, k: int, excluded: np.ndarray) -> np.ndarray:
         """Rows of the ``k`` highest logits, best first, never one of ``excluded`` (ascending, as recommend

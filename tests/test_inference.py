@@ -49,6 +49,25 @@ def test_each_history_gets_its_exact_scores_with_its_graph_result(model_dir: Pat
     assert all(r.scores is None for r in with_index), "an index is probed per request, on the event loop"
 
 
+def test_a_large_catalog_is_scored_a_few_users_at_a_time_with_the_same_result(
+    model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    served = ModelDir(model_dir).load()
+    catalog = ItemCatalog.from_table(served.items, "t")
+    retrieval = Retrieval(catalog, ann_min_items=10**9)
+    users = np.random.default_rng(3).standard_normal((5, catalog.dim)).astype(np.float32)
+    whole = retrieval.exact_scores(users)
+    monkeypatch.setattr("service.retrieval.EXACT_CHUNK_LOGITS", 2 * len(catalog))  # two users a product
+    chunked = retrieval.exact_scores(users)
+    assert len(chunked) == len(whole) == 5
+    bases = [s.exact.base for s in chunked]  # each user's logits are a row of its product's result
+    assert bases[0] is bases[1] and bases[1] is not bases[2] and bases[3] is not bases[4]
+    for a, b in zip(chunked, whole, strict=True):
+        np.testing.assert_array_equal(a.user_vector, b.user_vector)
+        np.testing.assert_allclose(a.exact, b.exact, rtol=1e-6, atol=1e-6)
+        assert a.log_partition == pytest.approx(b.log_partition, rel=1e-6)
+
+
 @pytest.mark.anyio
 async def test_predict_and_recommend_take_the_catalog_scores_from_the_batch(
     redis_url: str, model_dir: Path, catalog: list[str]
