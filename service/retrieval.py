@@ -193,10 +193,9 @@ class Retrieval:
         """The user's logits and log-partition over the current snapshot. ``search``: candidate rows an
         approximate probe keeps (at least ``SEARCH_SIZE``): a caller that will ask ``top`` for k rows past
         e excluded ones passes k + e, so that one probe serves both."""
-        vectors = self.catalog.vectors
         if self._index is None:
-            exact = vectors @ user_vector
-            return UserScores(user_vector, vectors, float(logsumexp(exact)), exact)
+            return self.exact_scores(user_vector[None])[0]
+        vectors = self.catalog.vectors
         self._index.catch_up(vectors)
         nearest, log_z = self._index.probe(user_vector, vectors, max(search, SEARCH_SIZE))
         return UserScores(user_vector, vectors, log_z, None, nearest)
