@@ -86,6 +86,14 @@ def wrk_script(bodies: list[bytes], path: str) -> str:
     )
 
 
+def write_wrk_script(workload: Workload, route: str, out: Path) -> Path:
+    """``out/<route>.lua``: a wrk script that POSTs ``BODIES`` of the workload's ``route`` bodies in turn."""
+    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[route]
+    script = out / f"{route}.lua"
+    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[route]))
+    return script
+
+
 def metrics_text(url: str) -> str:
     """The service's ``/metrics`` page."""
     return httpx.get(f"{url}/metrics", timeout=5.0, trust_env=False).text
@@ -266,11 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out_dir("floor", now)
     out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.data_dir or default_data_dir(), "predict")
-    bodies = {"predict": workload.predict_body, "recommend": workload.recommend_body}
-    scripts = {}
-    for route in routes:
-        scripts[route] = out / f"{route}.lua"
-        scripts[route].write_text(wrk_script([bodies[route]() for _ in range(BODIES)], ROUTES[route]))
+    scripts = {route: write_wrk_script(workload, route, out) for route in routes}
     with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)).running() as redis:
         load_histories(redis.url, workload)
         service = SpawnedServer(

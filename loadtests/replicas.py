@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.common import log
-from loadtests.floor import BODIES, degraded_total, run_wrk, wrk_script
+from loadtests.floor import degraded_total, run_wrk, write_wrk_script
 from loadtests.report import default_out_dir, machine_info, utc_stamp, write_tables
 from loadtests.server import SpawnedServer, Variant, free_port
-from loadtests.workload import ROUTES, Workload, load_histories
+from loadtests.workload import Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisClusterProcess, RedisProcess, port_open
 
@@ -135,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or default_out_dir("replicas", now)
     out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.data_dir or default_data_dir(), "predict")
-    script = out / "predict.lua"
-    script.write_text(wrk_script([workload.predict_body() for _ in range(BODIES)], ROUTES["predict"]))
+    script = write_wrk_script(workload, "predict", out)
     os.environ["CLICKRANK_REDIS_MODE"] = args.redis  # the history load and both replicas
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))

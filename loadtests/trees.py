@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from loadtests.common import log
-from loadtests.floor import BODIES, DEGRADED, metric_sum, metrics_text, route_sum, run_wrk, wrk_script
+from loadtests.floor import DEGRADED, metric_sum, metrics_text, route_sum, run_wrk, write_wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
 from loadtests.server import SpawnedServer, Variant, cpu_seconds
 from loadtests.workload import ROUTES, Workload, load_histories
@@ -104,9 +104,7 @@ def side_by_side(servers: dict[str, tuple[Variant, Path]], args: argparse.Namesp
     out, route = args.out, args.route
     out.mkdir(parents=True, exist_ok=True)
     workload = Workload(args.data_dir or default_data_dir(), "predict")
-    body = {"predict": workload.predict_body, "recommend": workload.recommend_body}[route]
-    script = out / f"{route}.lua"
-    script.write_text(wrk_script([body() for _ in range(BODIES)], ROUTES[route]))
+    script = write_wrk_script(workload, route, out)
     connections = [int(c) for c in args.connections.split(",")]
     with (
         tempfile.TemporaryDirectory() as tmp,
