@@ -14,6 +14,7 @@ from fastapi import FastAPI
 from threadpoolctl import threadpool_limits
 
 from service import lifespan
+from service.direct_route import DirectLane, DirectRoute
 from service.errors import install_error_handlers
 from service.gc_pauses import observe_pauses
 from service.logs import UserLogNames, install_request_id_factory
@@ -59,12 +60,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
-    # The last added runs first: request id, metrics and the access line wrap admission control.
+    # The last added runs first: request id, metrics and the access line wrap admission control, which
+    # wraps the direct lane of predict and recommend.
     # At most max_in_flight, and never more than the batcher can hold: a full queue and the batch being
     # inferred (never larger than the queue).
     capacity = min(
         settings.max_in_flight, settings.max_queue + min(settings.max_batch_size, settings.max_queue)
     )
+    direct = [route for router in ROUTERS for route in router.routes if isinstance(route, DirectRoute)]
+    app.add_middleware(DirectLane, routes=direct, exception_handlers=app.exception_handlers)
     app.add_middleware(
         AdmissionControl,
         max_in_flight=capacity,

@@ -1,6 +1,6 @@
-"""``DirectRoute`` (``/v1/predict`` and ``/v1/recommend``): a valid request skips FastAPI's dependency
-resolution, and every request gets the answer FastAPI's own handler gives, through real HTTP (ASGI), a real
-redis-server and a real exported model.
+"""``DirectRoute`` and ``DirectLane`` (``/v1/predict`` and ``/v1/recommend``): a valid request skips FastAPI's
+router and dependency resolution, and every request gets the answer FastAPI's own handler gives, through real
+HTTP (ASGI), a real redis-server and a real exported model.
 
 The comparison runs each request twice on the same app: once as served, once with the direct path switched
 off (``_is_json`` answering no, so every request takes FastAPI's handler for the route).
@@ -126,6 +126,35 @@ async def test_valid_requests_skip_dependency_resolution(
     assert solved == ["/v1/predict"] * 3
     assert (await api.get("/v1/model", headers=KEY)).status_code == 200  # other routes: FastAPI's handler
     assert solved[-1] == "/v1/model"
+
+
+async def test_the_lane_answers_valid_requests_before_the_router(
+    api: httpx.AsyncClient, catalog: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    routed: list[str] = []
+    handle = DirectRoute.handle
+
+    async def counted(self: DirectRoute, scope: Any, receive: Any, send: Any) -> None:
+        routed.append(scope["path"])
+        await handle(self, scope, receive, send)
+
+    monkeypatch.setattr(DirectRoute, "handle", counted)
+    requests = {label: (path, body, h) for path, label, body, h in _requests(catalog)}
+    for label in ("valid", "explain", "new user", "wrong key"):
+        path, body, headers = requests[label]
+        assert (await api.post(path, content=body, headers=headers)).status_code in (200, 401)
+    assert routed == []
+    path, body, headers = requests["unknown field"]  # the body, read by the lane, reaches the route whole
+    answer = await api.post(path, content=body, headers=headers)
+    assert answer.status_code == 422 and answer.json()["error"]["details"][0]["field"] == "top_kk"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield body[:10]
+        yield body[10:].replace(b'"top_kk"', b'"top_k"')
+
+    chunked = await api.post(path, content=chunks(), headers=headers)  # no Content-Length: the route reads it
+    assert chunked.status_code == 200 and len(chunked.json()["predictions"]) == 2
+    assert routed == ["/v1/predict"] * 2
 
 
 def test_a_route_with_other_dependencies_is_refused() -> None:
