@@ -48,13 +48,13 @@ def build_window(events: Sequence[EventRecord], catalog: ItemCatalog, length: in
     Gaps are computed over the kept events, as in training.
     """
     rows = catalog.index_of([e.item_id for e in events]) if events else np.empty(0, dtype=np.int64)
-    keep = np.flatnonzero(rows >= 0)[-length:].tolist() if length > 0 else []
-    kept = [events[i] for i in keep]
-    vectors = catalog.vectors[rows[keep]] if keep else np.zeros((0, catalog.dim), dtype=np.float32)
+    keep = np.flatnonzero(rows >= 0)[-length:] if length > 0 else np.empty(0, dtype=np.int64)
+    kept = [events[i] for i in keep.tolist()]
+    n = len(kept)
     history = History(
-        vectors=np.ascontiguousarray(vectors, dtype=np.float32),
-        types=np.asarray([event_type_id(e.type) for e in kept], dtype=np.int64),
-        values=np.asarray([value_bucket(e.value) for e in kept], dtype=np.int64),
+        vectors=catalog.vectors.take(rows[keep], axis=0),  # a new C-contiguous float32 array
+        types=np.fromiter(map(event_type_id, [e.type for e in kept]), dtype=np.int64, count=n),
+        values=np.fromiter(map(value_bucket, [e.value for e in kept]), dtype=np.int64, count=n),
         gaps=gap_buckets([e.timestamp for e in kept]),
     )
     return Window(item_ids=[e.item_id for e in kept], history=history)
