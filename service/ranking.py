@@ -358,6 +358,8 @@ class Ranker:
         ids = list(given)
         catalog_vectors = self.catalog.vectors  # one snapshot for the rows and the vectors
         rows = self.catalog.index_of(ids)
+        if rows.min(initial=0) >= 0:  # every candidate in the catalog, the common case
+            return ids, rows, catalog_vectors.take(rows, axis=0), []
         outside = np.flatnonzero(rows < 0).tolist()
         unknown = [ids[k] for k in outside if given[ids[k]] is None]
         new = [k for k in outside if given[ids[k]] is not None]

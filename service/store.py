@@ -121,12 +121,17 @@ def _scored_range(key: str, start: int, end: int, *, newest_first: bool = False)
     return ("ZREVRANGE" if newest_first else "ZRANGE", key, start, end, "WITHSCORES")
 
 
-def _scored(reply: list) -> list[tuple[bytes, float]]:
-    """(member, score) pairs of a raw WITHSCORES reply: RESP3 nests ``[member, score]`` pairs with float
+def _scored_columns(reply: list) -> tuple[list[bytes], list[float]]:
+    """(members, scores) of a raw WITHSCORES reply: RESP3 nests ``[member, score]`` pairs with float
     scores, RESP2 alternates members and score strings."""
     if reply and isinstance(reply[0], list):
-        return [(member, float(score)) for member, score in reply]
-    return list(zip(reply[0::2], map(float, reply[1::2]), strict=True))
+        return [member for member, _ in reply], [float(score) for _, score in reply]
+    return reply[0::2], list(map(float, reply[1::2]))
+
+
+def _scored(reply: list) -> list[tuple[bytes, float]]:
+    """(member, score) pairs of a raw WITHSCORES reply."""
+    return list(zip(*_scored_columns(reply), strict=True))
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,13 +365,13 @@ class HistoryStore:
             commands.append(("SMEMBERS", self.keys.user(KeyKind.SEEN, user_id)))
         replies = await self._redis.read("history", commands)
         events: list[StoredEvent] = []
-        stored = _scored(replies[0]) if n else []
-        if stored:
+        members, timestamps = _scored_columns(replies[0]) if n else ([], [])
+        if members:
             # One JSON parse for all members, not one per member (a third of this method's time), in C.
-            fields = orjson.loads(b"[" + b",".join(member[_SEQ_DIGITS:] for member, _ in stored) + b"]")
+            fields = orjson.loads(b"[" + b",".join([member[_SEQ_DIGITS:] for member in members]) + b"]")
             events = [
-                StoredEvent(item_id, kind, score, value, event_id)
-                for (item_id, kind, value, event_id), (_, score) in zip(fields, stored, strict=True)
+                StoredEvent(item_id, kind, timestamp, value, event_id)
+                for (item_id, kind, value, event_id), timestamp in zip(fields, timestamps, strict=True)
             ]
         seen = {m.decode() for m in replies[-1]} if with_seen else None
         return events, seen
