@@ -3,13 +3,12 @@
 FastAPI resolves a route's dependencies anew for every request: the body parsed by the standard ``json``
 module and validated from Python objects, then each dependency solved through its signature and a cache
 key. On a predict that was 17% of the event loop's time (py-spy under ``wrk``, ``docs/benchmarks.md``), as
-much as the ranker's history read and window together. ``DirectRoute`` handles a request with a JSON body
-that validates in one pass of pydantic's own JSON parser (``model_validate_json``) by calling the same
-dependency functions itself, in the order FastAPI would (API key, query check, services, model).
-
-``DirectLane`` goes one step further for such a request: it answers it in the middleware stack, before
-FastAPI's exception middleware, router and route wrappers, which took another 7% of the loop. Its
-exceptions go through the same handlers, by Starlette's own ``ExceptionMiddleware`` built from the app's.
+much as the ranker's history read and window together; FastAPI's exception middleware, router and route
+wrappers took another 7%. ``DirectLane``, a middleware, answers a request with a JSON body of declared
+length that validates in one pass of pydantic's own JSON parser (``model_validate_json``) before any of
+that: ``DirectRoute.answer`` calls the same dependency functions itself, in the order FastAPI would (API
+key, query check, services, model), then the endpoint. Its exceptions go through the same handlers, by
+Starlette's own ``ExceptionMiddleware`` built from the app's.
 
 Everything else (another content type, an empty or chunked body, invalid JSON, a body that does not
 validate) continues to FastAPI's own handler for the route, so every error answer is FastAPI's, as before.
@@ -19,7 +18,7 @@ FastAPI's handler, not the direct path (the service and its tests use none).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fastapi import Request, Response
@@ -29,8 +28,6 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import check_query, get_model, get_services, require_api_key
-
-Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 RESOLVED = (require_api_key, check_query, get_services, get_model)
 """The dependencies a direct route's endpoint may have, in FastAPI's order: the v1 router's two, then the
@@ -46,7 +43,8 @@ def _is_json(content_type: str | None) -> bool:
 
 class DirectRoute(APIRoute):
     """An endpoint ``async def f(body: SomeModel, services: ServicesDep, model: ModelDep) -> Response`` (any
-    parameter names) under the v1 router; other dependencies are refused when the route is built."""
+    parameter names) under the v1 router; other dependencies are refused when the route is built. Reached
+    through FastAPI, it is an ordinary route; ``DirectLane`` answers valid requests with ``answer``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -66,21 +64,6 @@ class DirectRoute(APIRoute):
         model = await get_model(services)
         body_name, services_name, model_name = self._names
         return await self.endpoint(**{body_name: body, services_name: services, model_name: model})
-
-    def get_route_handler(self) -> Handler:
-        standard = super().get_route_handler()
-
-        async def handle(request: Request) -> Response:
-            raw = await request.body()
-            if not raw or not _is_json(request.headers.get("content-type")):
-                return await standard(request)
-            try:
-                body = self.body_model.model_validate_json(raw)
-            except ValidationError:
-                return await standard(request)
-            return await self.answer(request, body)
-
-        return handle
 
 
 class DirectLane:
@@ -107,7 +90,7 @@ class DirectLane:
                 content_type = value.decode("latin-1")
             elif name == b"content-length":
                 length = value
-        if length is None or not _is_json(content_type):  # a chunked body: the route reads it itself
+        if length is None or not _is_json(content_type):  # a chunked body: FastAPI reads it
             await self.app(scope, receive, send)
             return
         raw = await _read_body(receive)

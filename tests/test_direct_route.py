@@ -152,7 +152,7 @@ async def test_the_lane_answers_valid_requests_before_the_router(
         yield body[:10]
         yield body[10:].replace(b'"top_kk"', b'"top_k"')
 
-    chunked = await api.post(path, content=chunks(), headers=headers)  # no Content-Length: the route reads it
+    chunked = await api.post(path, content=chunks(), headers=headers)  # no Content-Length: FastAPI reads it
     assert chunked.status_code == 200 and len(chunked.json()["predictions"]) == 2
     assert routed == ["/v1/predict"] * 2
 
