@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from service.catalog import ItemCatalog
-from service.metrics import CANDIDATES, COVISIT_CACHE
+from service.metrics import CANDIDATES, COVISIT_CACHE, labelled
 from service.redis_conn import StoreUnavailable
 from service.retrieval import contained
 from service.store import TRENDING_OVERFETCH_MAX, HistoryStore, SourceLists, trending_depth
@@ -272,11 +272,11 @@ class CandidateSources:
         parts["fresh"] = _first_allowed(fresh, excluded_rows, self.fresh_candidates)
 
         for source, rows in parts.items():
-            CANDIDATES.labels(source=source).observe(len(rows))
+            labelled(CANDIDATES, source).observe(len(rows))
         rows = np.concatenate([np.asarray(r, dtype=np.int64) for r in parts.values()])
         _, first = np.unique(rows, return_index=True)
         rows = rows[np.sort(first)]
-        CANDIDATES.labels(source="union").observe(len(rows))
+        labelled(CANDIDATES, "union").observe(len(rows))
         return Gathered(rows=rows, store_error=error, covisit=covisit)
 
     async def covisit_of(self, recent: Sequence[str]) -> Covisitation:

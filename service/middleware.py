@@ -15,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import RETRY_AFTER_S, error_response, fault_log
 from service.logs import REQUEST_ID
 from service.loop_lag import LoopLagMonitor
-from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED, SHED_LATENCY
+from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED, SHED_LATENCY, labelled
 from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
@@ -90,10 +90,10 @@ class RequestContextMiddleware:
         finally:
             elapsed = time.perf_counter() - started
             template = getattr(scope.get("route"), "path", "unmatched")
-            REQUESTS.labels(route=template, method=scope["method"], status=str(status)).inc()
-            REQUEST_LATENCY.labels(route=template).observe(elapsed)
+            labelled(REQUESTS, template, scope["method"], str(status)).inc()
+            labelled(REQUEST_LATENCY, template).observe(elapsed)
             if scope["state"].get(SHED_STATE):
-                SHED_LATENCY.labels(route=template).observe(elapsed)
+                labelled(SHED_LATENCY, template).observe(elapsed)
             _log_access(scope["method"], template, status, elapsed)
             REQUEST_ID.reset(context_token)
 

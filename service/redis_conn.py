@@ -31,7 +31,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.logs import ThrottledLog
 from service.lua_scripts import LuaScript, ScriptArg
-from service.metrics import REDIS_ERRORS, REDIS_LATENCY
+from service.metrics import REDIS_ERRORS, REDIS_LATENCY, labelled
 from service.multiplex import Address, Command, MultiplexedReads
 
 if TYPE_CHECKING:
@@ -314,7 +314,7 @@ class RedisConnection:
             message = "redis %s failed after %.1f ms: %s"
             self._failures.log(logging.WARNING, op, message, op, elapsed_ms, reason)
             raise StoreUnavailable(f"redis {op}: {reason}") from exc
-        REDIS_LATENCY.labels(op).observe(time.perf_counter() - start)
+        labelled(REDIS_LATENCY, op).observe(time.perf_counter() - start)
         return result
 
     async def _within_deadline(self, awaitable: Awaitable[T]) -> T:
