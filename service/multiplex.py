@@ -4,12 +4,14 @@ redis-py's asyncio client checks a connection out of its pool for every call and
 event-loop CPU on one round trip (a quarter of a predict's CPU went to its two reads, measured). Here each
 call's commands go out in one write on a single connection that every request shares, replies are parsed
 by hiredis as they arrive and handed out in order (Redis answers a connection's commands in the order it
-received them), so under load one socket read and one event-loop wakeup serve many requests.
+received them), so under load one socket read and one event-loop wakeup serve many requests. On an open
+connection a call is a bare future (``submit``): no task and no event-loop turn of its own.
 
 Only for the hot reads of a single Redis (``RedisConnection.read``); writes, scripts and a cluster keep
-redis-py's client. A connection that drops fails the calls waiting on it and is reopened by the next call;
-one that has had calls waiting and received nothing for ``stale_after_s`` (a peer gone without a FIN, a
-network partition) is dropped the same way, so the reads never wait on a dead socket for good.
+redis-py's client. When a connection drops, the calls waiting on it are sent once more on a new one (they
+only read); a call that loses that one too fails. A connection that has had calls waiting and received
+nothing for ``stale_after_s`` (a peer gone without a FIN, a network partition) is dropped the same way by
+the next call, so the reads never wait on a dead socket for good.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import asyncio
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
@@ -67,17 +69,31 @@ class Address:
 
 @dataclass(slots=True)
 class _Call:
+    packed: bytes  # the commands as written
     expected: int
     future: asyncio.Future[list]
-    sent: float
+    resend: bool  # written again on a new connection if this one drops (once)
+    sent: float = 0.0
     replies: list = field(default_factory=list)
+
+
+LostCalls = Callable[[list[_Call], str], None]
+"""What a dropped connection does with the calls that were waiting on it, given why it dropped."""
+
+
+def _fail(calls: list[_Call], reason: str) -> None:
+    for call in calls:
+        if not call.future.done():
+            call.future.set_exception(RedisConnectionError(reason))
 
 
 class _RespProtocol(asyncio.Protocol):
     """One connection: commands out, RESP2 replies in, matched to calls in order."""
 
-    def __init__(self) -> None:
+    def __init__(self, lost: LostCalls = _fail) -> None:
         self._parser = hiredis.Reader(replyError=ResponseError)
+        self._lost = lost
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.waiting: deque[_Call] = deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
@@ -89,12 +105,20 @@ class _RespProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self._loop = asyncio.get_running_loop()
 
-    def send(self, commands: Sequence[Command]) -> asyncio.Future[list]:
-        future = asyncio.get_running_loop().create_future()
-        self.transport.write(b"".join(hiredis.pack_command(c) for c in commands))  # type: ignore[union-attr]
-        self.waiting.append(_Call(len(commands), future, time.monotonic()))
-        return future
+    def send(self, commands: Sequence[Command], *, resend: bool = True) -> asyncio.Future[list]:
+        """The future of the replies of ``commands``, written to the socket now."""
+        packed = b"".join(hiredis.pack_command(c) for c in commands)
+        call = _Call(packed, len(commands), self._loop.create_future(), resend)  # type: ignore[union-attr]
+        self.send_call(call)
+        return call.future
+
+    def send_call(self, call: _Call) -> None:
+        """Write ``call`` (a new one, or one whose connection dropped) and wait for its replies here."""
+        call.sent, call.replies = time.monotonic(), []
+        self.transport.write(call.packed)  # type: ignore[union-attr]
+        self.waiting.append(call)
 
     def data_received(self, data: bytes) -> None:
         self.last_received = time.monotonic()
@@ -125,10 +149,10 @@ class _RespProtocol(asyncio.Protocol):
 
     def _fail_waiting(self, reason: str) -> None:
         self.closed = True
-        while self.waiting:
-            call = self.waiting.popleft()
-            if not call.future.done():
-                call.future.set_exception(RedisConnectionError(reason))
+        calls = [call for call in self.waiting if not call.future.done()]
+        self.waiting.clear()
+        if calls:
+            self._lost(calls, reason)
 
 
 class MultiplexedReads:
@@ -140,21 +164,47 @@ class MultiplexedReads:
         self.stale_after_s = stale_after_s
         self._protocol: _RespProtocol | None = None
         self._connecting: asyncio.Lock | None = None
+        self._resending: set[asyncio.Task] = set()
+
+    def submit(self, commands: Sequence[Command]) -> Awaitable[list]:
+        """The replies of ``commands``, raw as RESP2 gives them (bytes, ints, lists), in one round trip: on
+        an open connection the call's own future, else ``execute``. Raises redis-py's ``ConnectionError``
+        (no connection) or ``ResponseError`` (an error reply)."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed or protocol.silent_for(time.monotonic()) > self.stale_after_s:
+            return self.execute(commands)
+        return protocol.send(commands)
 
     async def execute(self, commands: Sequence[Command]) -> list:
-        """The replies of ``commands``, raw as RESP2 gives them (bytes, ints, lists), in one round trip.
-        A connection found dead on the way (Redis restarted since the last call) is replaced and the
-        commands sent again: they only read. Raises redis-py's ``ConnectionError`` (no connection) or
-        ``ResponseError`` (an error reply)."""
+        """``submit``'s replies, after connecting first if need be (or dropping a connection that has been
+        silent for too long)."""
         protocol = self._protocol
         if protocol is not None and protocol.silent_for(time.monotonic()) > self.stale_after_s:
             protocol.abort(f"no reply from Redis for {self.stale_after_s:g} s: connection dropped")
         if protocol is None or protocol.closed:
-            return await (await self._connect()).send(commands)
+            protocol = await self._connect()
+        return await protocol.send(commands)
+
+    def _lost(self, calls: list[_Call], reason: str) -> None:
+        """The calls that were waiting on a dropped connection: those written once go out again on a new
+        connection (Redis restarted since, or the connection went silent), the others fail."""
+        _fail([call for call in calls if not call.resend], reason)
+        again = [call for call in calls if call.resend]
+        if again:
+            task = asyncio.ensure_future(self._resend(again))
+            self._resending.add(task)
+            task.add_done_callback(self._resending.discard)
+
+    async def _resend(self, calls: list[_Call]) -> None:
         try:
-            return await protocol.send(commands)
-        except RedisConnectionError:
-            return await (await self._connect()).send(commands)
+            protocol = await self._connect()
+        except RedisConnectionError as exc:
+            _fail(calls, str(exc))
+            return
+        for call in calls:
+            if not call.future.done():  # its caller may have given up meanwhile
+                call.resend = False
+                protocol.send_call(call)
 
     async def close(self) -> None:
         if self._protocol is not None and self._protocol.transport is not None:
@@ -174,7 +224,7 @@ class MultiplexedReads:
                     protocol = await self._open()
                     handshake = self._handshake()
                     if handshake:
-                        await protocol.send(handshake)
+                        await protocol.send(handshake, resend=False)
             except (OSError, TimeoutError, ResponseError, RedisConnectionError) as exc:
                 if protocol is not None:
                     protocol.abort("login failed")
@@ -185,12 +235,16 @@ class MultiplexedReads:
     async def _open(self) -> _RespProtocol:
         loop = asyncio.get_running_loop()
         a = self.address
+
+        def protocol() -> _RespProtocol:
+            return _RespProtocol(self._lost)
+
         if a.path is not None:
-            _, protocol = await loop.create_unix_connection(_RespProtocol, a.path)
+            _, opened = await loop.create_unix_connection(protocol, a.path)
         else:
             context = ssl.create_default_context() if a.tls else None
-            _, protocol = await loop.create_connection(_RespProtocol, a.host, a.port, ssl=context)
-        return protocol
+            _, opened = await loop.create_connection(protocol, a.host, a.port, ssl=context)
+        return opened
 
     def _handshake(self) -> list[Command]:
         a = self.address

@@ -18,7 +18,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import suppress
 from typing import TYPE_CHECKING, TypeVar
 
 import redis
@@ -48,6 +47,38 @@ deadlines in all (``RedisConnection._within_deadline``; the request's own timeou
 
 SPARE_CONNECTIONS = 32
 """Pooled Redis connections beyond one per admitted model request: ingestion, items, probes, the sync."""
+
+
+class _Deadline:
+    """The deadline of one call in flight (``RedisConnection._within_deadline``): a timer, no task of its
+    own. When it fires with the call unanswered it asks whether the wait is the process's own; if so it
+    starts again, otherwise it cancels the call, which the caller reads as ``expired``."""
+
+    def __init__(self, conn: RedisConnection, call: asyncio.Future, issued: float) -> None:
+        self._conn, self._call, self._issued = conn, call, issued
+        self._loop = asyncio.get_running_loop()
+        self._timer = self._loop.call_later(conn.timeout_s, self._fire)
+        self._check: asyncio.Task | None = None
+        self.expired = False
+
+    def _fire(self) -> None:
+        if not self._call.done():
+            self._check = self._loop.create_task(self._decide())
+
+    async def _decide(self) -> None:
+        own = await self._conn._own_wait(self._issued)
+        if self._call.done():
+            return
+        if own:
+            self._timer = self._loop.call_later(self._conn.timeout_s, self._fire)
+        else:
+            self.expired = True
+            self._call.cancel()
+
+    def disarm(self) -> None:
+        self._timer.cancel()
+        if self._check is not None:
+            self._check.cancel()
 
 
 class StoreUnavailable(Exception):
@@ -189,7 +220,7 @@ class RedisConnection:
         round trip: on a single Redis multiplexed with every concurrent read on one connection
         (``service.multiplex``), on a cluster (or a URL with query options) a redis-py pipeline."""
         if self._reads is not None:
-            return await self._timed(op, self._reads.execute(commands))
+            return await self._timed(op, self._reads.submit(commands))
 
         def queue(pipe: Pipeline) -> None:
             for command in commands:
@@ -329,29 +360,23 @@ class RedisConnection:
         serving and that the call's wait is this process's: the call gets a fresh ``timeout_s``, up to
         ``OWN_WAIT_LIMIT_FACTOR`` deadlines in all. A stalled, slow or unreachable Redis leaves the PING
         unanswered too, and the call fails about one deadline later (``service.loop_lag`` and the admission
-        control shed the process's own overload)."""
+        control shed the process's own overload).
+
+        The call is awaited as it is (a multiplexed read is a bare future) and its deadline is a timer
+        (``_Deadline``): a read costs no task and no event-loop turn beyond its reply's."""
         issued = time.perf_counter()
-        task = asyncio.ensure_future(awaitable)
-        task.add_done_callback(lambda done: self._answered(done, issued))
-        deadline = issued + self.timeout_s
+        call = asyncio.ensure_future(awaitable)  # a multiplexed read's future as it is, else a task
+        call.add_done_callback(lambda done: self._answered(done, issued))
+        deadline = _Deadline(self, call, issued)
         try:
-            while True:
-                done, _ = await asyncio.wait({task}, timeout=max(deadline - time.perf_counter(), 0.0))
-                if done or not await self._redis_answered_after(issued):
-                    break
-                now = time.perf_counter()
-                if now - issued >= self.timeout_s * OWN_WAIT_LIMIT_FACTOR:
-                    break
-                deadline = now + self.timeout_s
-        except asyncio.CancelledError:  # the caller gave up (request deadline, shutdown): so does the call
-            task.cancel()
+            return await call  # cancelling the caller (request deadline, shutdown) cancels the call
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if deadline.expired and not (current is not None and current.cancelling()):
+                raise TimeoutError from None
             raise
-        if not task.done():
-            task.cancel()
-            with suppress(asyncio.CancelledError):
-                await task
-            raise TimeoutError
-        return task.result()
+        finally:
+            deadline.disarm()
 
     async def _redis_answered_after(self, issued: float) -> bool:
         """Whether Redis has answered a call issued after ``issued``; while none has, it PINGs (the probe in
@@ -378,6 +403,16 @@ class RedisConnection:
             return bool(self._probe_client.ping())
         except REDIS_FAULTS:  # a probe that cannot reach Redis proves nothing: the call fails
             return False
+
+    async def _own_wait(self, issued: float) -> bool:
+        """At a call's deadline: whether its wait is this process's own and it may wait one more deadline
+        (``_within_deadline``)."""
+        try:
+            answered = await self._redis_answered_after(issued)
+        except Exception:  # a bug, not a Redis fault (the probe answers those False): the call fails
+            log.exception("redis deadline probe failed")
+            return False
+        return answered and time.perf_counter() - issued < self.timeout_s * OWN_WAIT_LIMIT_FACTOR
 
     def _answered(self, task: asyncio.Future, issued: float) -> None:
         if not task.cancelled() and task.exception() is None:

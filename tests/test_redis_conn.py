@@ -112,6 +112,29 @@ async def test_a_stalled_redis_fails_its_calls_at_the_deadline(redis_url: str) -
     await conn.close()
 
 
+async def test_a_multiplexed_read_is_a_bare_future_and_keeps_its_deadline(redis_url: str) -> None:
+    """On an open shared connection a read is the call's own future (no task, no event-loop turn of its
+    own); a stalled Redis still fails it after its deadline and the deadline's PING, and once Redis wakes
+    the next read gets its own reply, the abandoned one's dropped."""
+    conn = RedisConnection.connect(redis_url, timeout_s=0.05)
+    assert await conn.read("read", [("PING",)]) == [b"PONG"]
+    assert conn._reads is not None
+    sent = conn._reads.submit([("ECHO", "x")])
+    assert isinstance(sent, asyncio.Future) and not isinstance(sent, asyncio.Task)
+    assert await sent == [b"x"]
+    blocker = Redis.from_url(redis_url)
+    stall = asyncio.ensure_future(blocker.eval(BUSY_SCRIPT, 0, 400))
+    await asyncio.sleep(0.02)
+    start = time.perf_counter()
+    with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
+        await conn.read("read", [("ECHO", "abandoned")])
+    assert time.perf_counter() - start < 0.3  # not when Redis woke (0.4 s)
+    await stall
+    assert await conn.read("read", [("ECHO", "next")]) == [b"next"]
+    await blocker.aclose()
+    await conn.close()
+
+
 LAYOUT_KEYS = Layout(head=("one", "two"), group_name="pair", group=("left", "right"))
 LAYOUT_ARGS = Layout(head=("n",), group_name="row", group=("a", "b", "c"))
 
