@@ -90,7 +90,7 @@ def _fail(calls: list[_Call], reason: str) -> None:
 class _RespProtocol(asyncio.Protocol):
     """One connection: commands out, RESP2 replies in, matched to calls in order."""
 
-    def __init__(self, lost: LostCalls = _fail) -> None:
+    def __init__(self, lost: LostCalls) -> None:
         self._parser = hiredis.Reader(replyError=ResponseError)
         self._lost = lost
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -51,13 +51,15 @@ SPARE_CONNECTIONS = 32
 
 class _Deadline:
     """The deadline of one call in flight (``RedisConnection._within_deadline``): a timer, no task of its
-    own. When it fires with the call unanswered it asks whether the wait is the process's own; if so it
-    starts again, otherwise it cancels the call, which the caller reads as ``expired``."""
+    own. When it fires with the call unanswered, ``own_wait()`` says whether the wait is the process's own:
+    if so the timer starts again, otherwise the call is cancelled and ``expired`` set."""
 
-    def __init__(self, conn: RedisConnection, call: asyncio.Future, issued: float) -> None:
-        self._conn, self._call, self._issued = conn, call, issued
+    def __init__(
+        self, call: asyncio.Future, timeout_s: float, own_wait: Callable[[], Awaitable[bool]]
+    ) -> None:
+        self._call, self._timeout_s, self._own_wait = call, timeout_s, own_wait
         self._loop = asyncio.get_running_loop()
-        self._timer = self._loop.call_later(conn.timeout_s, self._fire)
+        self._timer = self._loop.call_later(timeout_s, self._fire)
         self._check: asyncio.Task | None = None
         self.expired = False
 
@@ -66,11 +68,11 @@ class _Deadline:
             self._check = self._loop.create_task(self._decide())
 
     async def _decide(self) -> None:
-        own = await self._conn._own_wait(self._issued)
+        own = await self._own_wait()
         if self._call.done():
             return
         if own:
-            self._timer = self._loop.call_later(self._conn.timeout_s, self._fire)
+            self._timer = self._loop.call_later(self._timeout_s, self._fire)
         else:
             self.expired = True
             self._call.cancel()
@@ -367,7 +369,7 @@ class RedisConnection:
         issued = time.perf_counter()
         call = asyncio.ensure_future(awaitable)  # a multiplexed read's future as it is, else a task
         call.add_done_callback(lambda done: self._answered(done, issued))
-        deadline = _Deadline(self, call, issued)
+        deadline = _Deadline(call, self.timeout_s, lambda: self._own_wait(issued))
         try:
             return await call  # cancelling the caller (request deadline, shutdown) cancels the call
         except asyncio.CancelledError:
