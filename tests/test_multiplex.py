@@ -130,3 +130,27 @@ async def test_a_silent_connection_is_dropped_and_replaced(redis_url: str, redis
         os.kill(redis_server.pid, signal.SIGCONT)
     assert await asyncio.wait_for(asyncio.gather(hung, again), 2.0) == [[b"PONG"], [b"PONG"]]
     await r.close()
+
+
+async def test_a_call_is_sent_again_once_and_fails_when_its_second_connection_drops_too(
+    redis_url: str, redis_server
+) -> None:
+    """With Redis stopped, each call after ``stale_after_s`` of silence drops the connection: the first
+    drop sends the waiting call again on a new connection, the second fails it (a read is retried once,
+    never in a loop); the calls sent later are answered once Redis runs again."""
+    r = reads(redis_url, stale_after_s=0.2)
+    await r.execute([("PING",)])
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        first = asyncio.ensure_future(r.execute([("ECHO", "first")]))
+        await asyncio.sleep(0.3)
+        second = asyncio.ensure_future(r.execute([("ECHO", "second")]))  # drop 1: first is sent again
+        await asyncio.sleep(0.3)
+        third = asyncio.ensure_future(r.execute([("ECHO", "third")]))  # drop 2: first fails
+        with pytest.raises(RedisConnectionError, match="no reply from Redis"):
+            await asyncio.wait_for(first, 1.0)
+        assert not second.done() and not third.done()
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
+    assert await asyncio.wait_for(asyncio.gather(second, third), 2.0) == [[b"second"], [b"third"]]
+    await r.close()
