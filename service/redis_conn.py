@@ -83,6 +83,22 @@ class _Deadline:
             self._check.cancel()
 
 
+async def _settled(call: asyncio.Future) -> None:
+    """Returns once ``call`` is done; its outcome is left in it, except that a bare future's exception is
+    raised. Cancelling the caller cancels ``call``; a task is then left to unwind on its own, so that a
+    client slow to give up a command (redis-py's, on a cluster) never holds its caller."""
+    if not isinstance(call, asyncio.Task):
+        await call
+        return
+    waiter = asyncio.get_running_loop().create_future()
+    call.add_done_callback(lambda _: waiter.done() or waiter.set_result(None))
+    try:
+        await waiter
+    except asyncio.CancelledError:
+        call.cancel()
+        raise
+
+
 class StoreUnavailable(Exception):
     """Redis unreachable or past its deadline."""
 
@@ -364,14 +380,15 @@ class RedisConnection:
         unanswered too, and the call fails about one deadline later (``service.loop_lag`` and the admission
         control shed the process's own overload).
 
-        The call is awaited as it is (a multiplexed read is a bare future) and its deadline is a timer
-        (``_Deadline``): a read costs no task and no event-loop turn beyond its reply's."""
+        A multiplexed read is a bare future, awaited as it is, and the deadline is a timer (``_Deadline``):
+        such a read costs no task and no event-loop turn beyond its reply's. Any other call runs as a task,
+        which a cancelled caller leaves to unwind on its own (``_settled``)."""
         issued = time.perf_counter()
         call = asyncio.ensure_future(awaitable)  # a multiplexed read's future as it is, else a task
         call.add_done_callback(lambda done: self._answered(done, issued))
         deadline = _Deadline(call, self.timeout_s, lambda: self._own_wait(issued))
         try:
-            return await call  # cancelling the caller (request deadline, shutdown) cancels the call
+            await _settled(call)  # cancelling the caller (request deadline, shutdown) cancels the call
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if deadline.expired and not (current is not None and current.cancelling()):
@@ -379,6 +396,9 @@ class RedisConnection:
             raise
         finally:
             deadline.disarm()
+        if call.cancelled():  # by the deadline: the caller was still waiting
+            raise TimeoutError
+        return call.result()
 
     async def _redis_answered_after(self, issued: float) -> bool:
         """Whether Redis has answered a call issued after ``issued``; while none has, it PINGs (the probe in
