@@ -77,7 +77,7 @@ class _Call:
     replies: list = field(default_factory=list)
 
 
-LostCalls = Callable[[list[_Call], str], None]
+LostCalls = Callable[["_RespProtocol", list[_Call], str], None]
 """What a dropped connection does with the calls that were waiting on it, given why it dropped."""
 
 
@@ -152,7 +152,7 @@ class _RespProtocol(asyncio.Protocol):
         calls = [call for call in self.waiting if not call.future.done()]
         self.waiting.clear()
         if calls:
-            self._lost(calls, reason)
+            self._lost(self, calls, reason)
 
 
 class MultiplexedReads:
@@ -185,11 +185,13 @@ class MultiplexedReads:
             protocol = await self._connect()
         return await protocol.send(commands)
 
-    def _lost(self, calls: list[_Call], reason: str) -> None:
+    def _lost(self, protocol: _RespProtocol, calls: list[_Call], reason: str) -> None:
         """The calls that were waiting on a dropped connection: those written once go out again on a new
-        connection (Redis restarted since, or the connection went silent), the others fail."""
-        _fail([call for call in calls if not call.resend], reason)
-        again = [call for call in calls if call.resend]
+        connection (Redis restarted since, or the connection went silent), the others fail, and so do all
+        of them when the connection was closed here (``close``: the process is stopping)."""
+        resend = protocol is self._protocol
+        _fail([call for call in calls if not (resend and call.resend)], reason)
+        again = [call for call in calls if resend and call.resend]
         if again:
             task = asyncio.ensure_future(self._resend(again))
             self._resending.add(task)

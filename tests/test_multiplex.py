@@ -154,3 +154,22 @@ async def test_a_call_is_sent_again_once_and_fails_when_its_second_connection_dr
         os.kill(redis_server.pid, signal.SIGCONT)
     assert await asyncio.wait_for(asyncio.gather(second, third), 2.0) == [[b"second"], [b"third"]]
     await r.close()
+
+
+async def test_a_call_waiting_when_the_reads_are_closed_fails_and_nothing_reconnects(
+    redis_url: str, redis_server
+) -> None:
+    """``close`` (the process stopping) fails the calls still waiting instead of sending them again."""
+    r = reads(redis_url)
+    await r.execute([("PING",)])
+    os.kill(redis_server.pid, signal.SIGSTOP)
+    try:
+        waiting = asyncio.ensure_future(r.execute([("PING",)]))
+        await asyncio.sleep(0.05)
+        await r.close()
+        with pytest.raises(RedisConnectionError):
+            await asyncio.wait_for(waiting, 1.0)
+        await asyncio.sleep(0.05)
+        assert r._protocol is None
+    finally:
+        os.kill(redis_server.pid, signal.SIGCONT)
