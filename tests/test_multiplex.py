@@ -8,6 +8,8 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import redis
@@ -23,6 +25,21 @@ def reads(url: str, *, stale_after_s: float = 5.0) -> MultiplexedReads:
     address = Address.from_url(url)
     assert address is not None
     return MultiplexedReads(address, connect_timeout_s=1.0, stale_after_s=stale_after_s)
+
+
+@asynccontextmanager
+async def connected_then_stopped(
+    url: str, server, *, stale_after_s: float = 5.0
+) -> AsyncIterator[MultiplexedReads]:
+    """Reads with an open connection to ``server``, which is stopped (SIGSTOP: the socket stays open,
+    nothing answers) until the block ends."""
+    r = reads(url, stale_after_s=stale_after_s)
+    await r.execute([("PING",)])
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield r
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
 
 
 def test_address_reads_the_url_forms_it_can_speak_and_refuses_query_options() -> None:
@@ -115,19 +132,14 @@ async def test_a_silent_connection_is_dropped_and_replaced(redis_url: str, redis
     """A stopped Redis (SIGSTOP: the socket stays open, nothing answers) is a peer gone without a FIN: the
     first call after ``stale_after_s`` of silence drops the connection; the calls waiting on it are sent
     again on a new one (they only read), and all are answered once Redis runs again."""
-    r = reads(redis_url, stale_after_s=0.2)
-    await r.execute([("PING",)])
-    silent = r._protocol
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    async with connected_then_stopped(redis_url, redis_server, stale_after_s=0.2) as r:
+        silent = r._protocol
         hung = asyncio.ensure_future(r.execute([("PING",)]))
         await asyncio.sleep(0.3)
         assert not hung.done() and silent is not None and not silent.closed
         again = asyncio.ensure_future(r.execute([("PING",)]))  # past stale_after_s: drops the connection
         await asyncio.sleep(0.05)
         assert silent.closed and r._protocol is not silent
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     assert await asyncio.wait_for(asyncio.gather(hung, again), 2.0) == [[b"PONG"], [b"PONG"]]
     await r.close()
 
@@ -138,10 +150,7 @@ async def test_a_call_is_sent_again_once_and_fails_when_its_second_connection_dr
     """With Redis stopped, each call after ``stale_after_s`` of silence drops the connection: the first
     drop sends the waiting call again on a new connection, the second fails it (a read is retried once,
     never in a loop); the calls sent later are answered once Redis runs again."""
-    r = reads(redis_url, stale_after_s=0.2)
-    await r.execute([("PING",)])
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    async with connected_then_stopped(redis_url, redis_server, stale_after_s=0.2) as r:
         first = asyncio.ensure_future(r.execute([("ECHO", "first")]))
         await asyncio.sleep(0.3)
         second = asyncio.ensure_future(r.execute([("ECHO", "second")]))  # drop 1: first is sent again
@@ -150,8 +159,6 @@ async def test_a_call_is_sent_again_once_and_fails_when_its_second_connection_dr
         with pytest.raises(RedisConnectionError, match="no reply from Redis"):
             await asyncio.wait_for(first, 1.0)
         assert not second.done() and not third.done()
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
     assert await asyncio.wait_for(asyncio.gather(second, third), 2.0) == [[b"second"], [b"third"]]
     await r.close()
 
@@ -160,10 +167,7 @@ async def test_a_call_waiting_when_the_reads_are_closed_fails_and_nothing_reconn
     redis_url: str, redis_server
 ) -> None:
     """``close`` (the process stopping) fails the calls still waiting instead of sending them again."""
-    r = reads(redis_url)
-    await r.execute([("PING",)])
-    os.kill(redis_server.pid, signal.SIGSTOP)
-    try:
+    async with connected_then_stopped(redis_url, redis_server) as r:
         waiting = asyncio.ensure_future(r.execute([("PING",)]))
         await asyncio.sleep(0.05)
         await r.close()
@@ -171,5 +175,3 @@ async def test_a_call_waiting_when_the_reads_are_closed_fails_and_nothing_reconn
             await asyncio.wait_for(waiting, 1.0)
         await asyncio.sleep(0.05)
         assert r._protocol is None
-    finally:
-        os.kill(redis_server.pid, signal.SIGCONT)
