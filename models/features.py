@@ -9,9 +9,7 @@ in the last slot, which is where the ranker reads the user state from.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from functools import lru_cache
 
 import numpy as np
 
@@ -46,21 +44,39 @@ def event_type_id(event_type: str) -> int:
     return EVENT_TYPE_IDS[event_type]
 
 
-@lru_cache(maxsize=4096)  # a served window asks for 50 at a time, nearly always the same few values
+def event_type_ids(event_types: Sequence[str]) -> np.ndarray:
+    """``event_type_id`` of each type, as int64 (a dict lookup each, no Python call per event)."""
+    return np.fromiter(map(EVENT_TYPE_IDS.__getitem__, event_types), dtype=np.int64, count=len(event_types))
+
+
+def value_buckets(values: Sequence[float | None]) -> np.ndarray:
+    """Bucket of each event's optional numeric value (a star rating for ``rate`` events): 1 for none
+    (None or NaN), else 1 + the value rounded half to even and clipped to 1..5. int64."""
+    v = np.rint(np.array(values, dtype=np.float64))  # None becomes NaN
+    buckets = np.minimum(np.maximum(v, 1.0), 5.0)  # NaN stays NaN (np.clip: twice the time on 50 values)
+    buckets += 1.0
+    buckets[np.isnan(v)] = 1.0
+    return buckets.astype(np.int64)
+
+
 def value_bucket(value: float | None) -> int:
-    """Bucket of an event's optional numeric value (a star rating for ``rate`` events)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return 1
-    return 2 + int(min(max(round(value), 1), 5)) - 1
+    """``value_buckets`` of one value."""
+    return int(value_buckets([value])[0])
+
+
+_GAP_EDGES_S = 60.0 * (2.0 ** np.arange(1, NUM_GAP_BUCKETS - 1) - 1.0)
+"""Where gap buckets 2..19 start, in seconds: bucket 1 + floor(log2(1 + minutes)) reaches k + 1 at
+(2^k - 1) minutes."""
 
 
 def gap_buckets(timestamps: Sequence[float]) -> np.ndarray:
-    """Bucket of the time since the previous event, for each event of a time-ordered window."""
+    """Bucket of the time since the previous event, for each event of a time-ordered window: 0 for the
+    first, else 1 + floor(log2(1 + minutes)) capped at ``NUM_GAP_BUCKETS - 1`` (a negative gap counts as
+    0), found by binary search over the bucket edges."""
     ts = np.asarray(timestamps, dtype=np.float64)
     out = np.zeros(len(ts), dtype=np.int64)
     if len(ts) > 1:
-        minutes = np.maximum(np.diff(ts), 0.0) / 60.0
-        out[1:] = np.minimum(1 + np.floor(np.log2(1.0 + minutes)), NUM_GAP_BUCKETS - 1).astype(np.int64)
+        out[1:] = _GAP_EDGES_S.searchsorted(ts[1:] - ts[:-1], side="right") + 1
     return out
 
 

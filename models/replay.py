@@ -40,7 +40,7 @@ from tqdm import tqdm
 from models.calibration_report import calibration_summary, plot_reliability, reliability_bins
 from models.data import Dataset, Ratings, load_dataset
 from models.evaluate import coverage_at_k, genre_features, intra_list_diversity
-from models.features import value_bucket
+from models.features import value_bucket, value_buckets
 from models.redis_process import RedisProcess
 from models.sequences import UserSequence
 
@@ -158,7 +158,7 @@ def build_stream(data: Dataset, cut: int, limit: int | None) -> Stream:
         u: UserSequence(
             u,
             pre_rows[idx],
-            np.array([value_bucket(float(v)) for v in r.ratings[idx]], dtype=np.int64),
+            value_buckets(r.ratings[idx]),
             r.timestamps[idx].astype(np.float64),
         )
         for u, idx in ((u, np.array(ix)) for u, ix in per_user.items())

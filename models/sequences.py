@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.data import Dataset
-from models.features import encode_window, event_type_id, value_bucket
+from models.features import encode_window, event_type_id, value_buckets
 
 RATE = event_type_id("rate")
 
@@ -47,7 +47,7 @@ def user_sequences(data: Dataset) -> list[UserSequence]:
     row = {item_id: i for i, item_id in enumerate(data.item_ids)}
     r = data.ratings
     items = np.fromiter((row[i] for i in r.item_ids), dtype=np.int64, count=len(r))
-    values = np.fromiter((value_bucket(float(v)) for v in r.ratings), dtype=np.int64, count=len(r))
+    values = value_buckets(r.ratings)
     types = r.event_types()
     users = r.user_ids
     order = np.argsort(users, kind="stable")  # group by user, keep time order inside

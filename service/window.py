@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.features import event_type_id, gap_buckets, value_bucket
+from models.features import event_type_ids, gap_buckets, value_buckets
 from service.catalog import ItemCatalog
 from service.runtime import History, RankRequest
 from service.schemas.events import EventRecord
@@ -50,11 +50,10 @@ def build_window(events: Sequence[EventRecord], catalog: ItemCatalog, length: in
     rows = catalog.index_of([e.item_id for e in events]) if events else np.empty(0, dtype=np.int64)
     keep = np.flatnonzero(rows >= 0)[-length:] if length > 0 else np.empty(0, dtype=np.int64)
     kept = [events[i] for i in keep.tolist()]
-    n = len(kept)
     history = History(
         vectors=catalog.vectors.take(rows[keep], axis=0),  # a new C-contiguous float32 array
-        types=np.fromiter(map(event_type_id, [e.type for e in kept]), dtype=np.int64, count=n),
-        values=np.fromiter(map(value_bucket, [e.value for e in kept]), dtype=np.int64, count=n),
+        types=event_type_ids([e.type for e in kept]),
+        values=value_buckets([e.value for e in kept]),
         gaps=gap_buckets([e.timestamp for e in kept]),
     )
     return Window(item_ids=[e.item_id for e in kept], history=history)

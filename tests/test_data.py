@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 
 from models.data import DataFormatError, load_dataset
-from models.features import EVENT_TYPES, encode_window, event_type_id, gap_buckets, value_bucket
+from models.features import (
+    EVENT_TYPES,
+    NUM_GAP_BUCKETS,
+    encode_window,
+    event_type_id,
+    event_type_ids,
+    gap_buckets,
+    value_bucket,
+    value_buckets,
+)
 from models.sequences import make_windows, user_sequences
 
 
@@ -71,11 +80,37 @@ def test_event_features() -> None:
     assert [value_bucket(v) for v in (None, 0.2, 1, 3.4, 5, 11)] == [1, 2, 2, 4, 6, 6]
     gaps = gap_buckets([0, 30, 30 + 60 * 1023, 10**12])
     assert gaps[0] == 0 and gaps[1] == 1 and gaps[2] == 11 and gaps[3] == 19
+    assert event_type_ids([*EVENT_TYPES, "rate"]).tolist() == [1, 2, 3, 4, 5, 5]
+    with pytest.raises(KeyError):
+        event_type_ids(["view", "teleport"])
     types, values, gaps, mask = encode_window([5, 2], [3, 1], [10.0, 20.0], 4)
     assert types.tolist() == [0, 0, 5, 2] and values.tolist() == [0, 0, 3, 1]
     assert mask.tolist() == [0, 0, 1, 1] and gaps.tolist() == [0, 0, 0, 1]
     types, _, _, mask = encode_window([1, 2, 3, 4, 5], [1] * 5, range(5), 3)
     assert types.tolist() == [3, 4, 5] and mask.tolist() == [1, 1, 1], "keeps the newest events"
+
+
+def test_vectorised_features_match_their_definition() -> None:
+    """``value_buckets`` and ``gap_buckets`` compute the documented formulas without a Python call per event:
+    1 + (value rounded half to even, clipped to 1..5), 1 for none; 1 + floor(log2(1 + minutes)), capped,
+    for each gap (a negative gap counts as 0), here at every bucket edge, a second either side, and at
+    random gaps."""
+    values = [None, float("nan"), -3.0, 0.2, 0.5, 1, 1.5, 2.5, 3.4, 3.5, 4.5, 4.51, 5, 5.5, 11, float("inf")]
+    expected = [1, 1, 2, 2, 2, 2, 3, 3, 4, 5, 5, 6, 6, 6, 6, 6]
+    assert value_buckets(values).tolist() == expected and value_buckets(values).dtype == np.int64
+    assert [value_bucket(v) for v in values] == expected
+    assert value_buckets([]).tolist() == []
+
+    rng = np.random.default_rng(0)
+    edges = 60.0 * (2.0 ** np.arange(0, NUM_GAP_BUCKETS + 2) - 1.0)
+    gaps = np.concatenate(
+        [edges, edges - 1, edges + 1, -rng.integers(1, 100, 20), rng.integers(0, 10**8, 5000)]
+    )
+    timestamps = np.concatenate([[0.0], np.cumsum(gaps)])  # whole seconds: every sum exact
+    minutes = np.maximum(gaps, 0.0) / 60.0
+    formula = np.minimum(1 + np.floor(np.log2(1.0 + minutes)), NUM_GAP_BUCKETS - 1)
+    assert gap_buckets(timestamps).tolist() == [0, *formula.astype(int).tolist()]
+    assert gap_buckets([]).tolist() == [] and gap_buckets([7.0]).tolist() == [0]
 
 
 def test_windows_predict_the_next_event(data_dir: Path) -> None:
