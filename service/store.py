@@ -24,6 +24,7 @@ import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 import orjson
@@ -132,6 +133,11 @@ def _scored_columns(reply: list) -> tuple[list[bytes], list[float]]:
 def _scored(reply: list) -> list[tuple[bytes, float]]:
     """(member, score) pairs of a raw WITHSCORES reply."""
     return list(zip(*_scored_columns(reply), strict=True))
+
+
+_stored_event = partial(tuple.__new__, StoredEvent)
+"""A ``StoredEvent`` from a tuple of its fields, built in C: ``StoredEvent(*fields)`` runs the named
+tuple's ``__new__`` in Python (50 events: 33 µs that way, 18 µs this way, measured)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,10 +375,9 @@ class HistoryStore:
         if members:
             # One JSON parse for all members, not one per member (a third of this method's time), in C.
             fields = orjson.loads(b"[" + b",".join([member[_SEQ_DIGITS:] for member in members]) + b"]")
-            events = [
-                StoredEvent(item_id, kind, timestamp, value, event_id)
-                for (item_id, kind, value, event_id), timestamp in zip(fields, timestamps, strict=True)
-            ]
+            item_ids, kinds, values, event_ids = zip(*fields, strict=True)
+            columns = zip(item_ids, kinds, timestamps, values, event_ids, strict=True)
+            events = list(map(_stored_event, columns))
         seen = {m.decode() for m in replies[-1]} if with_seen else None
         return events, seen
 
