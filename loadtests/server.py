@@ -90,6 +90,22 @@ def cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
+def context_switches(pid: int) -> dict[int, int]:
+    """Context switches (voluntary + involuntary) of each thread of the process and its descendants, by
+    thread id. A thread that waits for the GIL held by another sleeps on a futex: one switch a wait, so
+    the count tells how often the event loop and the inference thread hand the GIL to each other, which
+    a CPU profile does not show."""
+    counts: dict[int, int] = {}
+    for p in process_tree(pid):
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with suppress(OSError, ValueError):
+                    status = Path(f"/proc/{p}/task/{tid}/status").read_text()
+                    lines = status.splitlines()
+                    counts[int(tid)] = sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    return counts
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -4,7 +4,8 @@ What a change did to the served path, measured in one run on one machine: both t
 serve`` (``loadtests.server.SpawnedServer``, each importing its own tree's code) share one
 private redis-server holding the workload users' MovieLens histories and one model directory; ``wrk``
 drives ``POST /v1/predict`` (or ``--route recommend``) at each connection count, the trees alternating
-at every step. Per step: rate, p50/p99, the server's CPU time per request (``/proc``), non-2xx answers,
+at every step. Per step: rate, p50/p99, the server's CPU time and context switches per request (``/proc``:
+in the event loop's thread, where each wait for the GIL is one, and in all threads), non-2xx answers,
 degraded answers and shed requests (from each server's ``/metrics``), and where a tree times its
 refusals (``clickrank_shed_seconds``): the share of them answered within 5 ms in the server and the
 admitted requests' p99; and the route's requests as ``/metrics`` counted them, beside those ``wrk``
@@ -25,7 +26,7 @@ from pathlib import Path
 from loadtests.common import log
 from loadtests.floor import DEGRADED, metric_sum, metrics_text, route_sum, run_wrk, write_wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
-from loadtests.server import SpawnedServer, Variant, cpu_seconds
+from loadtests.server import SpawnedServer, Variant, context_switches, cpu_seconds
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
@@ -50,9 +51,10 @@ def measure(
     for c in connections:
         for tree, server in servers.items():
             url, pid = server.url, server.proc.pid  # type: ignore[union-attr]
-            before, cpu_before = metrics_text(url), cpu_seconds(pid)
+            before, cpu_before, switches_before = metrics_text(url), cpu_seconds(pid), context_switches(pid)
             result = run_wrk(wrk, url, script, c, duration_s)
             cpu = cpu_seconds(pid) - cpu_before
+            switches = switch_deltas(switches_before, context_switches(pid))
             after = metrics_text(url)
             admission = admission_delta(before, after, ROUTES[route])
             step = {
@@ -73,13 +75,23 @@ def measure(
                 "shed_within_5ms": admission["shed_within_5ms"],
                 "admitted_p99_le_ms": admission["admitted_p99_le_ms"],
                 "server_cpu_ms_per_request": round(cpu * 1000 / max(result.requests, 1), 3),
+                "loop_switches_per_request": round(switches.get(pid, 0) / max(result.requests, 1), 2),
+                "switches_per_request": round(sum(switches.values()) / max(result.requests, 1), 2),
             }
             steps.append(step)
             log(f"trees {tree} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms, "
                 f"{step['server_cpu_ms_per_request']:.2f} ms server CPU a request, "
+                f"{step['loop_switches_per_request']:.1f} context switches a request in the loop's thread "
+                f"({step['switches_per_request']:.1f} in all), "
                 f"{step['degraded']} degraded, {step['shed']} shed ({step['shed_within_5ms']} within 5 ms), "
                 f"admitted p99 ≤ {step['admitted_p99_le_ms']} ms")  # fmt: skip
     return steps
+
+
+def switch_deltas(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    """Each thread's context switches between two ``context_switches`` readings (a thread started in
+    between counts from 0)."""
+    return {tid: n - before.get(tid, 0) for tid, n in after.items()}
 
 
 def add_side_by_side_options(parser: argparse.ArgumentParser, connections: str) -> None:

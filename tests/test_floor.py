@@ -1,7 +1,11 @@
-"""loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against; and
-loadtests.variants, two configurations on the same steps."""
+"""loadtests.floor: the wrk output it reads, the script it writes, the echo floor it compares against;
+loadtests.variants, two configurations on the same steps; and the context switches loadtests.trees counts."""
 
 from __future__ import annotations
+
+import os
+import threading
+import time
 
 import httpx
 import pytest
@@ -10,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from loadtests import variants
 from loadtests.echo_app import app, pydantic_app
 from loadtests.floor import best, parse_wrk, route_sum, summary, wrk_script
+from loadtests.server import context_switches
+from loadtests.trees import switch_deltas
 from service.schemas.ranking import PredictResponse, RecommendResponse
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
@@ -137,3 +143,26 @@ def test_the_variants_tool_wants_two_distinct_well_formed_variants(given: list[s
     with pytest.raises(SystemExit) as refused:
         variants.main(["--model-dir", str(tmp_path), "--out", str(tmp_path / "out"), *given])
     assert refused.value.code == 2 and not (tmp_path / "out").exists()
+
+
+def test_context_switches_count_each_thread_that_sleeps() -> None:
+    """A thread that sleeps five times switches out at least five times; it started after the first
+    reading, so its delta counts from 0; the main thread (id = pid) is read too."""
+    slept, done = threading.Event(), threading.Event()
+
+    def sleeper() -> None:
+        for _ in range(5):
+            time.sleep(0.002)
+        slept.set()
+        done.wait()
+
+    before = context_switches(os.getpid())
+    thread = threading.Thread(target=sleeper)
+    thread.start()
+    slept.wait()
+    after = context_switches(os.getpid())  # the thread still runs: its /proc entry is there
+    done.set()
+    thread.join()
+    deltas = switch_deltas(before, after)
+    assert os.getpid() in before and os.getpid() in deltas
+    assert thread.native_id not in before and deltas[thread.native_id] >= 5
