@@ -106,18 +106,6 @@ def session_providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
     return [(CUDA, CUDA_OPTIONS), CPU]
 
 
-def copy_rows(padded: np.ndarray, batch: int, end: int, rows: np.ndarray) -> None:
-    """``padded[batch, end - len(rows) : end] = rows``, ``padded`` C-contiguous float32 ``[B, T, D]``, as
-    a copy of bytes that keeps the GIL. numpy gives the GIL up for a copy of more than 500 numbers
-    (``NPY_BEGIN_THREADS_THRESHOLDED``), and in the inference thread each such release while the event
-    loop runs is a GIL handoff (futex calls, two context switches) in the middle of a batch: one for each
-    request's history, one more for each predict's 100 candidates. Measured under ``strace``
-    (``docs/benchmarks.md``): fewer futex calls a request in both threads."""
-    row_bytes = 4 * padded.shape[2]
-    stop = (batch * padded.shape[1] + end) * row_bytes
-    memoryview(padded).cast("B")[stop - len(rows) * row_bytes : stop] = np.asarray(rows, np.float32).tobytes()
-
-
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -219,14 +207,14 @@ class OnnxModels:
             if n:
                 start = length - n
                 history = r.history
-                copy_rows(vectors, i, length, history.vectors[-n:])
+                vectors[i, start:] = history.vectors[-n:]
                 types[i, start:] = history.types[-n:]
                 values[i, start:] = history.values[-n:]
                 gaps[i, start:] = history.gaps[-n:]
                 if n < len(history):
                     gaps[i, start] = 0  # truncated: the oldest kept event opens the window
                 mask[i, start:] = 1.0
-            copy_rows(candidates, i, c, r.candidate_vectors)
+            candidates[i, :c] = r.candidate_vectors
         feeds = dict(zip(RANKER_INPUTS, (vectors, types, values, gaps, mask, candidates), strict=True))
         started = time.perf_counter()
         logits, attention, users = self._ranker.run(list(RANKER_OUTPUTS), feeds)

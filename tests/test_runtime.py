@@ -18,7 +18,6 @@ from service.runtime import (
     OnnxModels,
     RankRequest,
     bucket,
-    copy_rows,
     history_buckets,
 )
 
@@ -219,16 +218,3 @@ def test_warm_up_runs_every_bucket(models: OnnxModels) -> None:  # and checks ou
     before = runs()
     models.warm_up()
     assert runs() - before == len(models.history_buckets) * len(CANDIDATE_BUCKETS)
-
-
-def test_copy_rows_is_a_slice_assignment() -> None:
-    """The inference thread's GIL-keeping copy writes what ``padded[b, end - n : end] = rows`` writes,
-    float64 rows converted, nothing else touched."""
-    rng = np.random.default_rng(0)
-    padded = np.zeros((3, 7, 5), np.float32)
-    expected = padded.copy()
-    for batch, n, end in [(0, 3, 7), (1, 7, 7), (2, 2, 4), (2, 0, 7)]:
-        rows = rng.random((n, 5))  # float64
-        copy_rows(padded, batch, end, rows)
-        expected[batch, end - n : end] = rows
-    assert np.array_equal(padded, expected)
