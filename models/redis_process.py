@@ -161,6 +161,16 @@ class RedisClusterProcess:
                 return False
         return True
 
+    def describe(self) -> str:
+        """What a failing cluster test prints: the first live node's ``CLUSTER NODES`` and each live node's
+        role and replication link (``INFO replication``'s first lines)."""
+        lines = [self.cli(self._live_port(), "cluster", "nodes").strip()]
+        for node in self.nodes:
+            if node.proc is not None:
+                info = [row for row in self.cli(node.port, "info", "replication").splitlines() if ":" in row]
+                lines.append(f"{node.port}: " + ", ".join(info[:4]))
+        return "\n".join(lines)
+
     def primary_ports(self) -> list[int]:
         """Ports of the nodes that are primaries now (as the first live node sees it)."""
         rows = self.cli(self._live_port(), "cluster", "nodes").splitlines()
