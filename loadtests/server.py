@@ -106,6 +106,12 @@ def context_switches(pid: int) -> dict[int, int]:
     return counts
 
 
+def switch_deltas(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
+    """Each thread's context switches between two ``context_switches`` readings (a thread started in
+    between counts from 0)."""
+    return {tid: n - before.get(tid, 0) for tid, n in after.items()}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -26,7 +26,7 @@ from pathlib import Path
 from loadtests.common import log
 from loadtests.floor import DEGRADED, metric_sum, metrics_text, route_sum, run_wrk, write_wrk_script
 from loadtests.report import admission_delta, machine_info, utc_stamp
-from loadtests.server import SpawnedServer, Variant, context_switches, cpu_seconds
+from loadtests.server import SpawnedServer, Variant, context_switches, cpu_seconds, switch_deltas
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
@@ -86,12 +86,6 @@ def measure(
                 f"{step['degraded']} degraded, {step['shed']} shed ({step['shed_within_5ms']} within 5 ms), "
                 f"admitted p99 ≤ {step['admitted_p99_le_ms']} ms")  # fmt: skip
     return steps
-
-
-def switch_deltas(before: dict[int, int], after: dict[int, int]) -> dict[int, int]:
-    """Each thread's context switches between two ``context_switches`` readings (a thread started in
-    between counts from 0)."""
-    return {tid: n - before.get(tid, 0) for tid, n in after.items()}
 
 
 def add_side_by_side_options(parser: argparse.ArgumentParser, connections: str) -> None:

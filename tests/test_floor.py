@@ -14,8 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 from loadtests import variants
 from loadtests.echo_app import app, pydantic_app
 from loadtests.floor import best, parse_wrk, route_sum, summary, wrk_script
-from loadtests.server import context_switches
-from loadtests.trees import switch_deltas
+from loadtests.server import context_switches, switch_deltas
 from service.schemas.ranking import PredictResponse, RecommendResponse
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
