@@ -118,6 +118,10 @@ class RedisClusterProcess:
         self.primaries, self.replicas = primaries, replicas
         args = ["--cluster-enabled", "yes", "--cluster-node-timeout", str(node_timeout_ms)]
         args += ["--cluster-migration-barrier", "999", "--repl-diskless-sync-delay", "0"]
+        # A replica stops standing for election once its primary has been gone longer than
+        # repl-ping-replica-period + node timeout × this factor (20 s here); on a loaded machine the first
+        # elections can all fail within that, and the slots then stay unserved for good.
+        args += ["--cluster-replica-validity-factor", "0"]
         self.nodes: list[RedisProcess] = []
         for _ in range(primaries * (1 + replicas)):
             port = free_port(below=55536, bus_offset=10000)  # a node's bus port is its port + 10000
@@ -161,14 +165,19 @@ class RedisClusterProcess:
                 return False
         return True
 
-    def describe(self) -> str:
-        """What a failing cluster test prints: the first live node's ``CLUSTER NODES`` and each live node's
-        role and replication link (``INFO replication``'s first lines)."""
+    def describe(self, log_lines: int = 5) -> str:
+        """What a failing cluster test prints: the first live node's ``CLUSTER NODES``, and each live node's
+        role and replication link (``INFO replication``'s first lines) and the last ``log_lines`` lines of
+        its log (where a replica says why it does not stand for election)."""
         lines = [self.cli(self._live_port(), "cluster", "nodes").strip()]
         for node in self.nodes:
             if node.proc is not None:
                 info = [row for row in self.cli(node.port, "info", "replication").splitlines() if ":" in row]
                 lines.append(f"{node.port}: " + ", ".join(info[:4]))
+                log_file = node.workdir / "redis.log"
+                if log_file.exists():
+                    tail = log_file.read_text(errors="replace").splitlines()[-log_lines:]
+                    lines += [f"  {row}" for row in tail]
         return "\n".join(lines)
 
     def primary_ports(self) -> list[int]:
