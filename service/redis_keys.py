@@ -94,14 +94,15 @@ class KeyLayout:
 
     def covisit(self, item_id: str) -> str:
         """The co-visitation set of an item (what followed it)."""
-        return f"{self.prefix}cv:{{c:{item_id}}}" if self.cluster else f"{self.prefix}cv:{item_id}"
+        kind = KeyKind.COVISIT
+        return f"{self.prefix}{kind}:{{c:{item_id}}}" if self.cluster else f"{self.prefix}{kind}:{item_id}"
 
     def covisit_ref(self, item_id: str | None = None) -> str:
         """The reference time of an item's co-visitation set: a string key per item on a cluster, a field
         of one hash (``item_id`` None) on a single Redis."""
         if self.cluster:
-            return f"{self.prefix}cvref:{{c:{item_id}}}"
-        return f"{self.prefix}cvref"
+            return f"{self.prefix}{KeyKind.COVISIT_REF}:{{c:{item_id}}}"
+        return f"{self.prefix}{KeyKind.COVISIT_REF}"
 
     def slot(self, key: str) -> int:
         return key_slot(key.encode())
@@ -112,11 +113,11 @@ class KeyLayout:
 
     def sequence(self, slot: int = 0) -> str:
         """The counter of history members (on a cluster, of the users of ``slot``)."""
-        return f"{self.prefix}seq{self.slot_tag(slot)}"
+        return f"{self.prefix}{KeyKind.SEQUENCE}{self.slot_tag(slot)}"
 
     def batch(self, token: str, slot: int = 0) -> str:
         """The cached result of one append call (on a cluster, of its part in ``slot``)."""
-        return f"{self.prefix}batch:{self.slot_tag(slot)}{token}"
+        return f"{self.prefix}{KeyKind.BATCH}:{self.slot_tag(slot)}{token}"
 
     def catalog(self, model_version: str) -> str:
         """The shared catalog hash of a model version; its revision, log and epoch add ``:rev`` ... to it."""
