@@ -4,6 +4,8 @@
 #   docker-compose config -q                  (apt-get install docker-compose, or the `docker compose` plugin)
 #   kubectl kustomize deploy/k8s/overlays/*   rendered, then kubernetes-validate --strict against the
 #                                             pinned Kubernetes version (pip install kubernetes-validate)
+#   promtool check rules, promtool test rules deploy/prometheus/alerts*.yaml
+#                                             (apt-get install prometheus: promtool comes with it)
 # Exits non-zero if a check fails or a tool is missing; CLICKRANK_SKIP_DEPLOY_LINT=1 turns a missing tool
 # into a warning (the checks whose tool is present still run and still fail the script).
 set -uo pipefail
@@ -68,6 +70,14 @@ else
         fi
     done
     rm -rf "$rendered"
+fi
+
+if command -v promtool >/dev/null 2>&1; then
+    echo "lint-deploy: $(promtool --version 2>&1 | head -n 1) on deploy/prometheus"
+    promtool check rules deploy/prometheus/alerts.yaml || status=1
+    promtool test rules deploy/prometheus/alerts.test.yaml || status=1
+else
+    missing promtool "apt-get install prometheus"
 fi
 
 if ((status == 0)); then

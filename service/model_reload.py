@@ -36,6 +36,11 @@ REHOME_CHUNK = 256
 """Online items re-encoded per call when they move to a new version."""
 
 Outcome = Literal["swapped", "unchanged", "refused"]
+COUNTED: tuple[Outcome, ...] = ("swapped", "refused")
+"""The outcomes ``clickrank_model_reloads_total`` counts. Both series exist from the start, at 0, so that
+an alert on their ``increase()`` sees the first refusal (a series born at 1 shows no increase)."""
+for _outcome in COUNTED:
+    MODEL_RELOADS.labels(outcome=_outcome)
 
 
 @dataclass(frozen=True)

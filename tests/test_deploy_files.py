@@ -554,7 +554,7 @@ def test_compose_config_valid() -> None:
 
 
 def test_lint_script_fails_on_missing_tools_unless_skipped(tmp_path: Path) -> None:
-    """Without hadolint and docker-compose the script exits non-zero naming both; with
+    """Without hadolint, docker-compose, kubectl and promtool the script exits non-zero naming each; with
     CLICKRANK_SKIP_DEPLOY_LINT=1 it warns and passes."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "lint-deploy.sh", tmp_path / "scripts")
@@ -566,7 +566,7 @@ def test_lint_script_fails_on_missing_tools_unless_skipped(tmp_path: Path) -> No
     done = subprocess.run(script, env={"PATH": str(bin_dir)}, capture_output=True, text=True)
     assert done.returncode != 0
     assert "hadolint not found" in done.stderr and "docker-compose not found" in done.stderr
-    assert "kubectl not found" in done.stderr
+    assert "kubectl not found" in done.stderr and "promtool not found" in done.stderr
     skipped = {"PATH": str(bin_dir), "CLICKRANK_SKIP_DEPLOY_LINT": "1"}
     done = subprocess.run(script, env=skipped, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

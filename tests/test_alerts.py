@@ -1,0 +1,96 @@
+"""deploy/prometheus/alerts.yaml in step with the service: every metric and label an alert reads is one a
+running app exports (real Redis, real exported model), every route it names is a route of the app, and
+the rules pass ``promtool check rules`` and their unit tests (``alerts.test.yaml``) where promtool is
+installed (CI installs it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import app_settings, running_app
+from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import metrics
+from service.model_reload import COUNTED
+
+REPO = Path(__file__).resolve().parents[1]
+RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
+RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
+SELECTOR = re.compile(r"(clickrank_[a-z0-9_]+)(?:\{([^}]*)\})?")
+MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+
+
+def alert_rules() -> list[dict]:
+    return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
+
+
+def selectors() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
+    """(alert, sample name, [(label, operator, value)]) of every series selector in the rules."""
+    return [
+        (rule["alert"], name, MATCHER.findall(matchers or ""))
+        for rule in alert_rules()
+        for name, matchers in SELECTOR.findall(rule["expr"])
+    ]
+
+
+def label_names() -> dict[str, tuple[str, ...]]:
+    """Each exported family's label names, from the service's metric objects."""
+    found = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    return {m._name: tuple(m._labelnames) for m in found}  # where prometheus_client keeps them
+
+
+def test_every_alert_is_documented_and_labelled() -> None:
+    rules = alert_rules()
+    assert len(rules) >= 5
+    doc = (REPO / "docs" / "operations.md").read_text()
+    for rule in rules:
+        assert rule["labels"]["severity"] in {"page", "ticket"}, rule["alert"]
+        assert {"summary", "description", "runbook"} <= set(rule["annotations"]), rule["alert"]
+        assert f"`{rule['alert']}`" in doc, f"{rule['alert']} is not in docs/operations.md, Alerts"
+
+
+@pytest.mark.anyio
+async def test_alerts_read_what_the_service_exports(
+    redis_url: str, model_dir: Path, catalog: list[str]
+) -> None:
+    async with running_app(app_settings(redis_url, model_dir)) as (client, app):
+        answer = await client.post("/v1/predict", json={"user_id": "alerts", "candidates": catalog[:5]})
+        assert answer.status_code == 200
+        exposition = (await client.get("/metrics")).text
+        routes = set(app.openapi()["paths"])
+    family_of = {  # sample name → its family's name
+        f.name + suffix: f.name
+        for f in text_string_to_metric_families(exposition)
+        for suffix in SAMPLE_SUFFIXES.get(f.type, ("",))
+    }
+    labels = label_names()
+    seen = selectors()
+    assert {name for _, name, _ in seen} >= {"clickrank_requests_total", "clickrank_request_seconds_bucket"}
+    for alert, name, matchers in seen:
+        assert name in family_of, f"{alert}: {name} is not on /metrics"
+        family = family_of[name]
+        for label, operator, value in matchers:
+            assert label in labels[family] or label == "le", f"{alert}: {family} has no label {label}"
+            if label == "route":
+                regex = value if "~" in operator else re.escape(value)
+                matching = {r for r in routes if re.fullmatch(regex, r)}
+                assert matching, f"{alert}: route {value!r} matches no route of the app"
+    # Reloads are counted from 0, so that increase() sees the first refusal.
+    for outcome in COUNTED:
+        assert f'clickrank_model_reloads_total{{outcome="{outcome}"}}' in exposition
+
+
+def test_rules_pass_promtool() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (apt-get install prometheus); CI runs it")
+    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
+        done = subprocess.run([promtool, *command], capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
