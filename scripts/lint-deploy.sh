@@ -4,7 +4,7 @@
 #   docker-compose config -q                  (apt-get install docker-compose, or the `docker compose` plugin)
 #   kubectl kustomize deploy/k8s/overlays/*   rendered, then kubernetes-validate --strict against the
 #                                             pinned Kubernetes version (pip install kubernetes-validate)
-#   promtool check rules, promtool test rules deploy/prometheus/alerts*.yaml
+#   promtool check config deploy/prometheus/prometheus.yml (and the rules it loads), promtool test rules
 #                                             (apt-get install prometheus: promtool comes with it)
 # Exits non-zero if a check fails or a tool is missing; CLICKRANK_SKIP_DEPLOY_LINT=1 turns a missing tool
 # into a warning (the checks whose tool is present still run and still fail the script).
@@ -43,8 +43,8 @@ elif docker compose version >/dev/null 2>&1; then
 fi
 if ((${#compose[@]})); then
     echo "lint-deploy: $("${compose[@]}" version --short 2>/dev/null || "${compose[@]}" version | head -n 1) on docker-compose.yml"
-    # --profile gpu: validate the GPU service too, not only the default ones.
-    "${compose[@]}" --profile gpu -f docker-compose.yml config -q || status=1
+    # --profile gpu, --profile monitoring: validate the opt-in services too, not only the default ones.
+    "${compose[@]}" --profile gpu --profile monitoring -f docker-compose.yml config -q || status=1
 else
     missing docker-compose "apt-get install docker-compose"
 fi
@@ -74,7 +74,7 @@ fi
 
 if command -v promtool >/dev/null 2>&1; then
     echo "lint-deploy: $(promtool --version 2>&1 | head -n 1) on deploy/prometheus"
-    promtool check rules deploy/prometheus/alerts.yaml || status=1
+    promtool check config deploy/prometheus/prometheus.yml || status=1  # the rules it loads too
     promtool test rules deploy/prometheus/alerts.test.yaml || status=1
 else
     missing promtool "apt-get install prometheus"

@@ -1,7 +1,7 @@
-"""deploy/prometheus/alerts.yaml in step with the service: every metric and label an alert reads is one a
-running app exports (real Redis, real exported model), every route it names is a route of the app, and
-the rules pass ``promtool check rules`` and their unit tests (``alerts.test.yaml``) where promtool is
-installed (CI installs it)."""
+"""deploy/prometheus in step with the service: every metric and label an alert reads is one a running app
+exports (real Redis, real exported model), every route it names is a route of the app, the compose
+file's Prometheus loads the rules and scrapes the service, and config and rules pass ``promtool check
+config`` and the rules' unit tests (``alerts.test.yaml``) where promtool is installed (CI installs it)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from service.model_reload import COUNTED
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
+CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
 SELECTOR = re.compile(r"(clickrank_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -87,10 +88,27 @@ async def test_alerts_read_what_the_service_exports(
         assert f'clickrank_model_reloads_total{{outcome="{outcome}"}}' in exposition
 
 
+def test_compose_prometheus_scrapes_clickrank_with_the_rules() -> None:
+    """The compose file's Prometheus (profile ``monitoring``) reads this folder's config, which loads the
+    rules and scrapes the CPU service on its container port."""
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    prometheus, clickrank = services["prometheus"], services["clickrank"]
+    assert prometheus["profiles"] == ["monitoring"] and not clickrank.get("profiles")
+    mounted = {v.split(":")[1]: v.split(":")[0] for v in prometheus["volumes"]}
+    config_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    folder, name = config_path.rsplit("/", 1)
+    assert (REPO / mounted[folder]).resolve() / name == CONFIG
+    config = yaml.safe_load(CONFIG.read_text())
+    assert [CONFIG.parent / f for f in config["rule_files"]] == [RULES]
+    targets = [t for job in config["scrape_configs"] for c in job["static_configs"] for t in c["targets"]]
+    container_port = clickrank["ports"][0].split(":")[1]
+    assert targets == [f"clickrank:{container_port}"]
+
+
 def test_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
         pytest.skip("promtool not installed (apt-get install prometheus); CI runs it")
-    for command in (["check", "rules", str(RULES)], ["test", "rules", str(RULE_TESTS)]):
+    for command in (["check", "config", str(CONFIG)], ["test", "rules", str(RULE_TESTS)]):
         done = subprocess.run([promtool, *command], capture_output=True, text=True)
         assert done.returncode == 0, done.stdout + done.stderr

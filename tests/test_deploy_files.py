@@ -548,7 +548,8 @@ def test_compose_config_valid() -> None:
     compose = tool("docker-compose")
     if compose is None:
         pytest.skip("docker-compose not installed (apt-get install docker-compose); CI runs it")
-    command = [compose, "--profile", "gpu", "-f", "docker-compose.yml", "config", "-q"]
+    profiles = ["--profile", "gpu", "--profile", "monitoring"]
+    command = [compose, *profiles, "-f", "docker-compose.yml", "config", "-q"]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
 
