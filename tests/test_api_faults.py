@@ -103,6 +103,10 @@ async def test_redis_down_degrades_then_recovers_without_restart(
         assert ready.json()["error"]["code"] == "not_ready" and "redis" in ready.json()["error"]["message"]
         assert "127.0.0.1" not in ready.text and str(redis_server.port) not in ready.text, "an address"
         assert (await client.get("/healthz")).status_code == 200
+        # The Kubernetes readinessProbe leaves Redis out: the replica stays in service, answering degraded.
+        assert (await client.get("/readyz?exclude=redis")).json() == {"status": "ready"}
+        invalid = await client.get("/readyz?exclude=model")  # the model is never optional
+        assert invalid.status_code == 422 and invalid.json()["error"]["code"] == "validation_error"
 
         events = await client.post("/v1/events", json={"events": stored})
         assert events.status_code == 503
@@ -230,10 +234,11 @@ async def test_corrupt_model_is_reported_by_readyz(
     (corrupt / "ranker.onnx").unlink()
     (corrupt / "ranker.onnx").write_bytes((model_dir / "ranker.onnx").read_bytes()[:-16] + b"\0" * 16)
     async with running_app(Settings(redis_url=redis_server.url, model_dir=corrupt)) as (client, _):
-        ready = await client.get("/readyz")
-        assert ready.status_code == 503
-        assert "ranker.onnx" in ready.json()["error"]["message"]
-        assert "checksum" in ready.json()["error"]["message"]
+        for path in ("/readyz", "/readyz?exclude=redis"):  # without a model a replica is never ready
+            ready = await client.get(path)
+            assert ready.status_code == 503
+            assert "ranker.onnx" in ready.json()["error"]["message"]
+            assert "checksum" in ready.json()["error"]["message"]
 
 
 async def test_unexpected_error_is_a_json_500_with_request_id_and_a_log_line(

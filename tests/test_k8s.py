@@ -86,10 +86,13 @@ def test_probes_port_and_shutdown_fit_the_code() -> None:
     probes = {name: main[f"{name}Probe"]["httpGet"] for name in ("startup", "readiness", "liveness")}
     assert {name: probe["path"] for name, probe in probes.items()} == {
         "startup": "/healthz",
-        "readiness": "/readyz",
+        # A Redis outage must not take every replica out of the Service: they answer `degraded`.
+        "readiness": "/readyz?exclude=redis",
         "liveness": "/healthz",
     }
-    assert all(is_get_route(app, probe["path"]) for probe in probes.values())
+    assert all(is_get_route(app, probe["path"].partition("?")[0]) for probe in probes.values())
+    readyz = app.openapi()["paths"]["/readyz"]["get"]
+    assert "exclude" in {parameter["name"] for parameter in readyz["parameters"]}
     assert not is_get_route(app, "/no-such-probe")
     args = build_parser().parse_args(main["args"][1:])
     assert main["args"][0] == "clickrank" and args.command == "serve"

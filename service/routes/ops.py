@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -21,17 +23,30 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
-@router.get("/readyz", response_model=Status, responses=documented(503))
-async def readyz(request: Request, services: ServicesDep) -> Status | JSONResponse:
-    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline. The body names no
-    address (the cause, with Redis's address, is in the log)."""
+ExcludedChecks = Annotated[
+    list[Literal["redis"]] | None,
+    Query(
+        description="checks left out, as in Kubernetes' API server's `/readyz?exclude=`: `redis` keeps a "
+        "replica ready while Redis is down, so that it stays in its Service and answers predict and "
+        "recommend `degraded` instead of every replica leaving at once (the readinessProbe of deploy/k8s)"
+    ),
+]
+
+
+@router.get("/readyz", response_model=Status, responses=documented(422, 503))
+async def readyz(
+    request: Request, services: ServicesDep, exclude: ExcludedChecks = None
+) -> Status | JSONResponse:
+    """Readiness: the model is loaded and Redis answers ``PING`` within its deadline (unless ``exclude``
+    names ``redis``). The body names no address (the cause, with Redis's address, is in the log)."""
     problems = []
     if services.model is None:
         problems.append(
             ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
         )
     try:
-        await services.redis.ping()
+        if "redis" not in (exclude or ()):
+            await services.redis.ping()
     except StoreUnavailable:
         message = "Redis did not answer PING within its deadline"
         problems.append(ErrorDetail(field="redis", message=message, type="store_unavailable"))
