@@ -153,6 +153,11 @@ def test_rendered_overlay_passes_the_pinned_schemas(overlay: str, tmp_path: Path
         selector = selector.get("matchLabels", selector) if doc["kind"] != "Deployment" else selector
         if doc["kind"] in ("Service", "PodDisruptionBudget"):
             assert selector and selector.items() <= pod_labels.items(), doc["kind"]
+    # Replicas spread over nodes: the constraint must select the deployment's own pods.
+    (spread,) = deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway", "a replica must never stay pending for it"
+    assert spread["labelSelector"]["matchLabels"].items() <= pod_labels.items()
     rendered = {d["kind"]: d for d in docs}
     assert rendered["ConfigMap"]["data"] | rendered["Secret"]["stringData"] == environment(overlay)
     bad = dict(deployment, spec={**deployment["spec"], "replicas": "two"})
