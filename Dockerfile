@@ -26,12 +26,14 @@ ARG ORT_GPU_VERSION=1.31.1
 FROM python:${PYTHON_VERSION}-slim AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY clickrank/ clickrank/
 COPY models/ models/
 COPY service/ service/
 COPY loadtests/ loadtests/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+# constraints.txt (scripts/lock.sh) pins every dependency to the version CI tested: rebuilding the same
+# commit later gives the same packages.
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . && cp constraints.txt /wheels/
 
 # ------------------------------------------------------------------------------ model (bundled targets)
 # Stands in for `--build-context model=DIR`, which replaces this stage by the directory DIR.
@@ -44,7 +46,8 @@ FROM python:${PYTHON_VERSION}-slim AS cpu-venv
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 COPY --from=builder /wheels /wheels
 RUN python -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir "$(echo /wheels/clickrank-*.whl)[cpu]" \
+    && /opt/venv/bin/pip install --no-cache-dir --constraint=/wheels/constraints.txt \
+       "$(echo /wheels/clickrank-*.whl)[cpu]" \
     && /opt/venv/bin/pip check
 RUN /opt/venv/bin/python -c "import importlib.metadata as md, service.app, service.load_history; \
     have = {d.metadata['Name'].lower() for d in md.distributions()}; \
@@ -96,7 +99,7 @@ COPY --from=uv /uv /usr/local/bin/uv
 COPY --from=builder /wheels /wheels
 RUN uv python install --no-bin "${PYTHON_VERSION}" \
     && "$(uv python find "${PYTHON_VERSION}")" -m venv /opt/venv \
-    && /opt/venv/bin/pip install --no-cache-dir \
+    && /opt/venv/bin/pip install --no-cache-dir --constraint=/wheels/constraints.txt \
        "$(echo /wheels/clickrank-*.whl)[gpu]" "onnxruntime-gpu==${ORT_GPU_VERSION}" \
     && /opt/venv/bin/pip check
 RUN /opt/venv/bin/python -c "import importlib.metadata as md, service.app, service.load_history; \

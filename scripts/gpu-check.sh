@@ -58,7 +58,7 @@ else
     venv="${GPU_CHECK_VENV:-.venv-gpu}"
     step "venv $venv"
     if [[ -z "${GPU_CHECK_VENV:-}" ]]; then
-        python3 -m venv "$venv" && "$venv/bin/pip" install -q -e ".[gpu,train,dev]" || exit 1
+        python3 -m venv "$venv" && "$venv/bin/pip" install -q --constraint constraints.txt -e ".[gpu,train,dev]" || exit 1
     fi
     # shellcheck disable=SC1091
     . "$venv/bin/activate"

@@ -16,7 +16,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-pip install -q -e ".[cpu,train,dev]"
+pip install -q --constraint constraints.txt -e ".[cpu,train,dev]"
 
 if [ ! -f "$CLICKRANK_MODEL_DIR/manifest.json" ] && [ ! -f "$CLICKRANK_MODEL_DIR/current" ]; then
   echo "no model in $CLICKRANK_MODEL_DIR: training one (6 to 13 minutes on 2 cores)"

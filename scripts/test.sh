@@ -12,7 +12,7 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 # shellcheck disable=SC1091
 . .venv/bin/activate
-pip install -q -e ".[cpu,train,dev]"
+pip install -q --constraint constraints.txt -e ".[cpu,train,dev]"  # the versions CI tested
 
 ruff check .
 ruff format --check .

@@ -338,13 +338,14 @@ def test_build_context_has_the_wheel_sources_and_nothing_else() -> None:
     copies = [rest.split()[:-1] for kw, rest in builder.instructions if kw == "COPY" and "--from" not in rest]
     copied = {src.rstrip("/") for sources in copies for src in sources}
     packages = {p.rstrip("*") for p in PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]}
-    assert copied == packages | {"pyproject.toml", PYPROJECT["project"]["readme"]}
+    assert copied == packages | {"pyproject.toml", PYPROJECT["project"]["readme"], "constraints.txt"}
     patterns = dockerignore_patterns()
     lua = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "service" / "lua").glob("*.lua"))
     assert lua, "service/lua/*.lua: the Redis scripts"
     for path in [
         "pyproject.toml",
         "README.md",
+        "constraints.txt",
         "service/app.py",
         "clickrank/cli.py",
         "models/features.py",
