@@ -105,6 +105,16 @@ def test_compose_prometheus_scrapes_clickrank_with_the_rules() -> None:
     assert targets == [f"clickrank:{container_port}"]
 
 
+def test_the_job_an_alert_names_is_the_one_scraped() -> None:
+    """``up{job=...}`` names the compose Prometheus's scrape job, which is also the Kubernetes Service's name
+    (the Prometheus Operator's default job label)."""
+    jobs = {job for rule in alert_rules() for job in re.findall(r'job="([^"]+)"', rule["expr"])}
+    assert jobs, "no alert watches the scrape itself (up)"
+    config = yaml.safe_load(CONFIG.read_text())
+    service = yaml.safe_load((REPO / "deploy" / "k8s" / "base" / "service.yaml").read_text())
+    assert jobs == {job["job_name"] for job in config["scrape_configs"]} == {service["metadata"]["name"]}
+
+
 def test_rules_pass_promtool() -> None:
     promtool = shutil.which("promtool")
     if promtool is None:
