@@ -12,39 +12,18 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import app_settings, running_app
-from prometheus_client.metrics import MetricWrapperBase
-from prometheus_client.parser import text_string_to_metric_families
+from promql import check_selectors, exported, selectors
 
-from service import metrics
 from service.model_reload import COUNTED
 
 REPO = Path(__file__).resolve().parents[1]
 RULES = REPO / "deploy" / "prometheus" / "alerts.yaml"
 RULE_TESTS = REPO / "deploy" / "prometheus" / "alerts.test.yaml"
 CONFIG = REPO / "deploy" / "prometheus" / "prometheus.yml"
-SELECTOR = re.compile(r"(clickrank_[a-z0-9_]+)(?:\{([^}]*)\})?")
-MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
-SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
 def alert_rules() -> list[dict]:
     return [rule for group in yaml.safe_load(RULES.read_text())["groups"] for rule in group["rules"]]
-
-
-def selectors() -> list[tuple[str, str, list[tuple[str, str, str]]]]:
-    """(alert, sample name, [(label, operator, value)]) of every series selector in the rules."""
-    return [
-        (rule["alert"], name, MATCHER.findall(matchers or ""))
-        for rule in alert_rules()
-        for name, matchers in SELECTOR.findall(rule["expr"])
-    ]
-
-
-def label_names() -> dict[str, tuple[str, ...]]:
-    """Each exported family's label names, from the service's metric objects."""
-    found = [m for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
-    return {m._name: tuple(m._labelnames) for m in found}  # where prometheus_client keeps them
 
 
 def test_every_alert_is_documented_and_labelled() -> None:
@@ -61,28 +40,11 @@ def test_every_alert_is_documented_and_labelled() -> None:
 async def test_alerts_read_what_the_service_exports(
     redis_url: str, model_dir: Path, catalog: list[str]
 ) -> None:
-    async with running_app(app_settings(redis_url, model_dir)) as (client, app):
-        answer = await client.post("/v1/predict", json={"user_id": "alerts", "candidates": catalog[:5]})
-        assert answer.status_code == 200
-        exposition = (await client.get("/metrics")).text
-        routes = set(app.openapi()["paths"])
-    family_of = {  # sample name → its family's name
-        f.name + suffix: f.name
-        for f in text_string_to_metric_families(exposition)
-        for suffix in SAMPLE_SUFFIXES.get(f.type, ("",))
-    }
-    labels = label_names()
-    seen = selectors()
-    assert {name for _, name, _ in seen} >= {"clickrank_requests_total", "clickrank_request_seconds_bucket"}
-    for alert, name, matchers in seen:
-        assert name in family_of, f"{alert}: {name} is not on /metrics"
-        family = family_of[name]
-        for label, operator, value in matchers:
-            assert label in labels[family] or label == "le", f"{alert}: {family} has no label {label}"
-            if label == "route":
-                regex = value if "~" in operator else re.escape(value)
-                matching = {r for r in routes if re.fullmatch(regex, r)}
-                assert matching, f"{alert}: route {value!r} matches no route of the app"
+    exposition, routes = await exported(redis_url, model_dir, catalog)
+    names = {name for rule in alert_rules() for name, _ in selectors(rule["expr"])}
+    assert names >= {"clickrank_requests_total", "clickrank_request_seconds_bucket"}
+    for rule in alert_rules():
+        check_selectors(rule["alert"], rule["expr"], exposition, routes)
     # Reloads are counted from 0, so that increase() sees the first refusal.
     for outcome in COUNTED:
         assert f'clickrank_model_reloads_total{{outcome="{outcome}"}}' in exposition
