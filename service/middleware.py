@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -104,6 +105,12 @@ class RequestContextMiddleware:
 
 MODEL_ROUTES = frozenset({"/v1/predict", "/v1/recommend"})
 """The routes that queue for the ranker: admitted up to the batcher's capacity, shed beyond it."""
+ShedReason = Literal["in_flight", "loop_lag"]
+SHED_REASONS: tuple[ShedReason, ...] = get_args(ShedReason)
+"""Why a request was shed; ``clickrank_shed_total`` exports each from start-up at 0 (a dashboard shows 0,
+not no data, and ``increase()`` sees the first shed)."""
+for _reason in SHED_REASONS:
+    SHED.labels(_reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +145,7 @@ class AdmissionControl:
         self.max_loop_lag_s = max_loop_lag_s
         self.in_flight = 0
 
-    def _refusal(self) -> tuple[str, str] | None:
+    def _refusal(self) -> tuple[ShedReason, str] | None:
         """(reason, message) when a new model request must be shed, else None."""
         if self.in_flight >= self.max_in_flight:
             return "in_flight", f"the service is at capacity ({self.max_in_flight} requests in flight)"

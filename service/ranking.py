@@ -37,6 +37,12 @@ from service.window import Window, build_window, merge_events
 log = logging.getLogger("clickrank.ranking")
 _degraded_log = ThrottledLog(log)
 
+PREDICT_ROUTE, RECOMMEND_ROUTE = "/v1/predict", "/v1/recommend"
+"""The routes whose answers may be ``degraded``: ``clickrank_degraded_total`` exports both from start-up at
+0, so that a dashboard shows 0 rather than no data and ``increase()`` sees the first one."""
+for _route in (PREDICT_ROUTE, RECOMMEND_ROUTE):
+    DEGRADED.labels(route=_route)
+
 EXPLAIN_TOP = 5
 """History items reported per candidate when ``explain`` is asked."""
 PRIOR_CHUNK = 1024
@@ -104,7 +110,7 @@ class Ranker:
 
     async def predict(self, req: PredictRequest) -> dict[str, Any]:
         """The ``PredictResponse`` fields, JSON-ready."""
-        route = "/v1/predict"
+        route = PREDICT_ROUTE
         events, window, _, degraded = await self._history(req.user_id, req.context, route, with_seen=False)
         item_ids, rows, vectors, unknown = await self._candidates(req.candidates)
         predictions: list[dict[str, Any]] = []
@@ -129,7 +135,7 @@ class Ranker:
 
     async def recommend(self, req: RecommendRequest) -> dict[str, Any]:
         """The ``RecommendResponse`` fields, JSON-ready."""
-        route = "/v1/recommend"
+        route = RECOMMEND_ROUTE
         with_seen = req.exclude_seen
         events, window, seen, degraded = await self._history(
             req.user_id, req.context, route, with_seen=with_seen

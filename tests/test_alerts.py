@@ -8,12 +8,14 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from promql import check_selectors, exported, selectors
 
+from service.middleware import MODEL_ROUTES, SHED_REASONS
 from service.model_reload import COUNTED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +47,18 @@ async def test_alerts_read_what_the_service_exports(
     assert names >= {"clickrank_requests_total", "clickrank_request_seconds_bucket"}
     for rule in alert_rules():
         check_selectors(rule["alert"], rule["expr"], exposition, routes)
-    # Reloads are counted from 0, so that increase() sees the first refusal.
-    for outcome in COUNTED:
-        assert f'clickrank_model_reloads_total{{outcome="{outcome}"}}' in exposition
+
+
+def test_labelled_counters_an_alert_or_panel_reads_exist_from_start_up() -> None:
+    """At 0 in a fresh process that has answered nothing, so that ``increase()`` sees the first one and a
+    panel shows 0, not no data: reloads by outcome, degraded answers by route, sheds by reason."""
+    code = "import service.app; from service.metrics import exposition; print(exposition().decode())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    expected = [f'clickrank_model_reloads_total{{outcome="{outcome}"}} 0.0' for outcome in COUNTED]
+    expected += [f'clickrank_degraded_total{{route="{route}"}} 0.0' for route in sorted(MODEL_ROUTES)]
+    expected += [f'clickrank_shed_total{{reason="{reason}"}} 0.0' for reason in SHED_REASONS]
+    for sample in expected:
+        assert sample in done.stdout.splitlines(), sample
 
 
 def test_compose_prometheus_scrapes_clickrank_with_the_rules() -> None:
