@@ -9,6 +9,7 @@ over every worker (gauges: ``multiprocess_mode`` below), so ``/metrics`` is whol
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from functools import cache
 from typing import TypeVar
 
@@ -116,6 +117,13 @@ def labelled(metric: M, *values: str) -> M:
     here come from small fixed sets (routes, statuses, ops, sources), so the cache stays small. Nothing in
     the service removes a child, which would leave a stale one here."""
     return metric.labels(*values)
+
+
+def counted_from_start(metric: Counter, values: Iterable[str]) -> None:
+    """Create ``metric``'s series for each of ``values`` (its one label) now, at 0: a series born at its
+    first count shows no ``increase()`` for it, and a dashboard shows "no data" instead of 0 until then."""
+    for value in values:
+        metric.labels(value)
 
 
 def exposition() -> bytes:

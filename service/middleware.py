@@ -16,7 +16,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import RETRY_AFTER_S, error_response, fault_log
 from service.logs import REQUEST_ID
 from service.loop_lag import LoopLagMonitor
-from service.metrics import QUEUE_REJECTED, REQUEST_LATENCY, REQUESTS, SHED, SHED_LATENCY, labelled
+from service.metrics import (
+    QUEUE_REJECTED,
+    REQUEST_LATENCY,
+    REQUESTS,
+    SHED,
+    SHED_LATENCY,
+    counted_from_start,
+    labelled,
+)
 from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
@@ -107,10 +115,8 @@ MODEL_ROUTES = frozenset({"/v1/predict", "/v1/recommend"})
 """The routes that queue for the ranker: admitted up to the batcher's capacity, shed beyond it."""
 ShedReason = Literal["in_flight", "loop_lag"]
 SHED_REASONS: tuple[ShedReason, ...] = get_args(ShedReason)
-"""Why a request was shed; ``clickrank_shed_total`` exports each from start-up at 0 (a dashboard shows 0,
-not no data, and ``increase()`` sees the first shed)."""
-for _reason in SHED_REASONS:
-    SHED.labels(_reason)
+"""Why a request was shed: ``clickrank_shed_total`` counts each from start-up."""
+counted_from_start(SHED, SHED_REASONS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 from models.model_dir import MANIFEST, ModelDir, ModelLoadError
 from models.model_store import CURRENT, resolve
 from service.gc_pauses import freeze_survivors
-from service.metrics import MODEL_INFO, MODEL_RELOADS
+from service.metrics import MODEL_INFO, MODEL_RELOADS, counted_from_start
 
 if TYPE_CHECKING:
     from service.lifespan import LoadedModel, Services
@@ -37,10 +37,8 @@ REHOME_CHUNK = 256
 
 Outcome = Literal["swapped", "unchanged", "refused"]
 COUNTED: tuple[Outcome, ...] = ("swapped", "refused")
-"""The outcomes ``clickrank_model_reloads_total`` counts. Both series exist from the start, at 0, so that
-an alert on their ``increase()`` sees the first refusal (a series born at 1 shows no increase)."""
-for _outcome in COUNTED:
-    MODEL_RELOADS.labels(outcome=_outcome)
+"""The outcomes ``clickrank_model_reloads_total`` counts, each from start-up (an alert reads the refusals)."""
+counted_from_start(MODEL_RELOADS, COUNTED)
 
 
 @dataclass(frozen=True)

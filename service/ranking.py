@@ -25,7 +25,7 @@ from service.candidates import NO_COVISITATION, CandidateSources, Covisitation
 from service.catalog import ItemCatalog
 from service.inference import Ranked
 from service.logs import ThrottledLog
-from service.metrics import DEGRADED
+from service.metrics import DEGRADED, counted_from_start
 from service.redis_conn import StoreUnavailable
 from service.retrieval import SEARCH_SIZE, Retrieval, UserScores, top_rows
 from service.runtime import OnnxModels, encode_off_loop
@@ -38,10 +38,8 @@ log = logging.getLogger("clickrank.ranking")
 _degraded_log = ThrottledLog(log)
 
 PREDICT_ROUTE, RECOMMEND_ROUTE = "/v1/predict", "/v1/recommend"
-"""The routes whose answers may be ``degraded``: ``clickrank_degraded_total`` exports both from start-up at
-0, so that a dashboard shows 0 rather than no data and ``increase()`` sees the first one."""
-for _route in (PREDICT_ROUTE, RECOMMEND_ROUTE):
-    DEGRADED.labels(route=_route)
+"""The routes whose answers may be ``degraded``: ``clickrank_degraded_total`` counts both from start-up."""
+counted_from_start(DEGRADED, (PREDICT_ROUTE, RECOMMEND_ROUTE))
 
 EXPLAIN_TOP = 5
 """History items reported per candidate when ``explain`` is asked."""

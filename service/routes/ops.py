@@ -44,12 +44,12 @@ async def readyz(
         problems.append(
             ErrorDetail(field="model", message=str(services.model_error), type="model_unavailable")
         )
-    try:
-        if "redis" not in (exclude or ()):
+    if "redis" not in (exclude or ()):
+        try:
             await services.redis.ping()
-    except StoreUnavailable:
-        message = "Redis did not answer PING within its deadline"
-        problems.append(ErrorDetail(field="redis", message=message, type="store_unavailable"))
+        except StoreUnavailable:
+            message = "Redis did not answer PING within its deadline"
+            problems.append(ErrorDetail(field="redis", message=message, type="store_unavailable"))
     if problems:
         message = "not ready: " + "; ".join(f"{p.field}: {p.message}" for p in problems)
         return error_response(503, "not_ready", message, request_id_of(request), details=problems)
