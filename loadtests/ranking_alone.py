@@ -2,9 +2,10 @@
 
     python -m loadtests.ranking_alone --model-dir <export> --data-dir <ml-100k> --out reports/ranking-alone
 
-A private redis-server gets the data set's histories (the service's own loader), the app's lifespan builds
-the service, and for each ``--concurrency`` that many coroutines call the ranker for random users of the
-data set (``exclude_seen``, top 10) until ``--requests`` are answered: the history read, candidate
+A private redis-server gets the histories of ``loadtests.floor``'s workload (the users with 50 or more
+events, through the service's own store code), the app's lifespan builds the service, and for each
+``--concurrency`` that many coroutines call the ranker for random users of that workload, as the floor's
+recommend body asks (``exclude_seen``, top 10), until ``--requests`` are answered: the history read, candidate
 gathering, the batched ONNX run and the blend, as a request runs them. Each round reports the rate, the
 process's CPU a recommend (every thread) and the event loop's thread's CPU a recommend. Once enough
 coroutines keep the loop busy, the rate is what one process could answer if HTTP cost nothing, to set
@@ -24,10 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from loadtests.common import int_list, log, run_main
-from models.data import load_dataset
+from loadtests.workload import Workload, load_histories
 from models.redis_process import RedisProcess
 from service.app import create_app
-from service.load_history import load_history_command
 from service.schemas.ranking import RecommendRequest
 from service.settings import Settings
 
@@ -78,14 +78,15 @@ def run(argv: Sequence[str]) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=None, help="write report.json here")
     args = parser.parse_args(argv)
-    users = sorted(set(load_dataset(args.data_dir).ratings.user_ids.tolist()))
+    workload = Workload(args.data_dir, "recommend")
     with tempfile.TemporaryDirectory() as tmp, RedisProcess(Path(tmp)).running() as redis:
+        load_histories(redis.url, workload)
         settings = Settings(redis_url=redis.url, model_dir=args.model_dir, device="cpu")
-        load_history_command(args.data_dir, settings=settings)
-        rounds = asyncio.run(measure(settings, users, args.requests, args.concurrency, args.rounds))
+        rounds = asyncio.run(measure(settings, workload.users, args.requests, args.concurrency, args.rounds))
     report = {
         "what": "Ranker.recommend in-process (top 10, exclude_seen), no HTTP",
         "model_dir": str(args.model_dir),
+        "workload": workload.describe(),
         "requests_a_round": args.requests,
         "rounds_by_concurrency": rounds,
     }
