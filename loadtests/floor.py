@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -28,7 +29,7 @@ import httpx
 
 from loadtests.common import log
 from loadtests.report import default_out_dir, machine_info, parse_metrics, utc_stamp, write_tables
-from loadtests.server import REPO, SpawnedServer, Variant, free_port
+from loadtests.server import REPO, SpawnedServer, Variant, cpu_seconds, free_port, thread_cpu_seconds
 from loadtests.workload import ROUTES, Workload, load_histories
 from models.data import default_data_dir
 from models.redis_process import RedisProcess
@@ -158,10 +159,78 @@ class EchoServer:
         self.__exit__()
         raise ConnectionError(f"the echo app did not start; see {self.log_path}")
 
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None:
             self.proc.terminate()
             self.proc.wait(timeout=10)
+
+
+@dataclass(frozen=True)
+class CpuReading:
+    """CPU seconds used so far: by each thread of one server, by redis-server, and by this process's reaped
+    children (only ``wrk`` is reaped while the servers run)."""
+
+    threads: dict[int, float]
+    redis_s: float
+    wrk_s: float
+
+
+def read_cpu(server_pid: int, redis_pid: int) -> CpuReading:
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_s = reaped.ru_utime + reaped.ru_stime
+    return CpuReading(thread_cpu_seconds(server_pid), cpu_seconds(redis_pid), wrk_s)
+
+
+def cpu_split(before: CpuReading, after: CpuReading, loop_tid: int, requests: int) -> dict[str, float]:
+    """µs of CPU a request between two readings: the server's event-loop thread (``loop_tid``), its other
+    threads (the inference thread, ONNX Runtime's pool), redis-server and ``wrk``. A thread that ended in
+    between is not counted."""
+    threads = {tid: s - before.threads.get(tid, 0.0) for tid, s in after.threads.items()}
+    per_request = 1e6 / max(requests, 1)
+    loop = threads.pop(loop_tid, 0.0)
+    split = {
+        "loop": loop,
+        "other_threads": sum(threads.values()),
+        "redis": after.redis_s - before.redis_s,
+        "wrk": after.wrk_s - before.wrk_s,
+    }
+    return {part: round(seconds * per_request, 1) for part, seconds in split.items()}
+
+
+TARGET_RATIO = 0.5
+"""Issue 11's target: the service's best rate at least this share of ``echo-pydantic``'s."""
+
+
+def cpu_budget(row: dict, nproc: int) -> dict | None:
+    """Whether the machine's cores could carry the service at ``TARGET_RATIO`` × ``echo-pydantic``, from the
+    CPU a request cost at each server's best step: the target leaves ``nproc`` cores ÷ the target rate a
+    request (and one core ÷ the rate for the event loop). ``floor_us`` is what a request would still cost if
+    the service's event loop did only the lean ``echo``'s whole work (the HTTP any answer pays) while its
+    other threads, Redis and ``wrk`` cost what they cost at its best step; ``ceiling_rps`` is the rate those
+    cores allow at that cost, an upper bound (the cores are never all busy) that holds as long as those
+    costs do not fall at higher rates (larger batches do lower the inference thread's a little)."""
+    service, echo, floor = row["service"], row["echo"], row["echo-pydantic"]
+    if not (service and echo and floor and "cpu_us" in service and "cpu_us" in echo):
+        return None
+    spent, http = service["cpu_us"], echo["cpu_us"]
+    target = TARGET_RATIO * floor["rps"]
+    floor_us = http["loop"] + http["other_threads"] + spent["other_threads"] + spent["redis"] + spent["wrk"]
+    ceiling = nproc * 1e6 / floor_us if floor_us > 0 else None
+    return {
+        "target_rps": round(target, 1),
+        "machine_us_at_target": round(nproc * 1e6 / target, 1),
+        "loop_us_at_target": round(1e6 / target, 1),
+        "service_us": round(sum(spent.values()), 1),
+        "echo_http_us": round(http["loop"] + http["other_threads"], 1),
+        "floor_us": round(floor_us, 1),
+        "ceiling_rps": None if ceiling is None else round(ceiling, 1),
+        "ceiling_ratio": None if ceiling is None else round(ceiling / floor["rps"], 3),
+    }
 
 
 def best(steps: list[dict], server: str, bound_ms: float, key: str = "server") -> dict | None:
@@ -175,9 +244,9 @@ def best(steps: list[dict], server: str, bound_ms: float, key: str = "server") -
     return max(fine, key=lambda s: s["rps"], default=None)
 
 
-def summary(steps: list[dict], routes: list[str], bound_ms: float) -> list[dict]:
-    """Per route: each server's best step, and the service's rate ÷ each echo's (``ratio`` against
-    ``echo``, ``ratio_pydantic`` against ``echo-pydantic``)."""
+def summary(steps: list[dict], routes: list[str], bound_ms: float, nproc: int) -> list[dict]:
+    """Per route: each server's best step, the service's rate ÷ each echo's (``ratio`` against ``echo``,
+    ``ratio_pydantic`` against ``echo-pydantic``), and the ``cpu_budget`` of the target."""
     rows = []
     for route in routes:
         on_route = [s for s in steps if s["route"] == route]
@@ -188,6 +257,7 @@ def summary(steps: list[dict], routes: list[str], bound_ms: float) -> list[dict]
         for echo, key in (("echo", "ratio"), ("echo-pydantic", "ratio_pydantic")):
             service, floor = row["service"], row[echo]
             row[key] = service["rps"] / floor["rps"] if service and floor else None
+        row["cpu_budget"] = cpu_budget(row, nproc)
         rows.append(row)
     return rows
 
@@ -216,32 +286,60 @@ def markdown(report: dict) -> str:
             f"| {row['route']} | {cell(row['service'])} | {cell(row['echo'])} | {times(row['ratio'])} | "
             f"{cell(row['echo-pydantic'])} | {times(row['ratio_pydantic'])} |"
         )
-    lines += ["", "| route | server | conns | rps | p50 ms | p99 ms | non-2xx | socket errors | degraded |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    lines += ["", f"**CPU budget of the {TARGET_RATIO:g}× target** (µs of CPU a request; `cpu_budget` in "
+              "`loadtests/floor.py` says how each figure is made):", "",
+              "| route | target rps | machine µs a request at the target | event loop's µs at the target | "
+              "service µs (loop, other threads, Redis, wrk) | lean echo's server µs | "
+              "if the loop did only the echo's work: µs | ceiling rps (× echo-pydantic) |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for row in report["summary"]:
+        budget, spent = row.get("cpu_budget"), (row["service"] or {}).get("cpu_us")
+        if budget is None or spent is None:
+            lines.append(f"| {row['route']} | n/a | | | | | | |")
+            continue
+        parts = ", ".join(f"{spent[k]:,.0f}" for k in ("loop", "other_threads", "redis", "wrk"))
+        lines.append(f"| {row['route']} | {budget['target_rps']:,.0f} | "
+                     f"{budget['machine_us_at_target']:,.0f} | {budget['loop_us_at_target']:,.0f} | "
+                     f"{budget['service_us']:,.0f} ({parts}) | "
+                     f"{budget['echo_http_us']:,.0f} | {budget['floor_us']:,.0f} | "
+                     f"{budget['ceiling_rps']:,.0f} ({times(budget['ceiling_ratio'])}) |")  # fmt: skip
+    lines += ["", "| route | server | conns | rps | p50 ms | p99 ms | non-2xx | socket errors | degraded | "
+              "CPU µs a request: loop, other threads, Redis, wrk |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
     for s in report["steps"]:
+        cpu = ", ".join(f"{v:,.0f}" for v in s["cpu_us"].values()) if "cpu_us" in s else ""
         lines.append(f"| {s['route']} | {s['server']} | {s['connections']} | {s['rps']:,.0f} | "
                      f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['non_2xx']} | {s['socket_errors']} | "
-                     f"{s.get('degraded', '')} |")  # fmt: skip
+                     f"{s.get('degraded', '')} | {cpu} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
 def measure(
-    wrk: str, urls: dict[str, str], scripts: dict[str, Path], connections: list[int], duration_s: float
+    wrk: str,
+    servers: dict[str, tuple[str, int]],
+    redis_pid: int,
+    scripts: dict[str, Path],
+    connections: list[int],
+    duration_s: float,
 ) -> list[dict]:
-    """Every route at every connection count, the servers alternating at each step."""
+    """Every route at every connection count, the servers (name: url, pid) alternating at each step; each
+    step with its ``cpu_split``."""
     steps = []
     for route, script in scripts.items():
-        for url in urls.values():  # warm both: the first requests pay for lazy imports
+        for url, _ in servers.values():  # warm them all: the first requests pay for lazy imports
             run_wrk(wrk, url, script, 2, 2)
         for c in connections:
-            for server, url in urls.items():
+            for server, (url, pid) in servers.items():
                 before = degraded_total(url) if server == "service" else 0.0
+                cpu_before = read_cpu(pid, redis_pid)
                 result = run_wrk(wrk, url, script, c, duration_s)
-                step = {"route": route, "server": server, "connections": c, **asdict(result)}
+                cpu = cpu_split(cpu_before, read_cpu(pid, redis_pid), pid, result.requests)
+                step = {"route": route, "server": server, "connections": c, **asdict(result), "cpu_us": cpu}
                 if server == "service":
                     step["degraded"] = int(degraded_total(url) - before)
                 steps.append(step)
-                log(f"floor {route} {server} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms")
+                log(f"floor {route} {server} c={c}: {result.rps:,.0f} rps, p99 {result.p99_ms:.1f} ms, "
+                    f"CPU µs a request: {cpu}")  # fmt: skip
     return steps
 
 
@@ -282,16 +380,21 @@ def main(argv: list[str] | None = None) -> int:
         )
         echoes = {name: EchoServer(app, out / f"{name}.log") for name, app in ECHOES.items()}
         with service, echoes["echo"] as echo, echoes["echo-pydantic"] as echo_pydantic:
-            urls = {"service": service.url, "echo": echo.url, "echo-pydantic": echo_pydantic.url}
-            steps = measure(wrk, urls, scripts, connections, args.duration)
+            servers = {
+                "service": (service.url, service.pid),
+                "echo": (echo.url, echo.pid),
+                "echo-pydantic": (echo_pydantic.url, echo_pydantic.pid),
+            }
+            steps = measure(wrk, servers, redis.pid, scripts, connections, args.duration)
+    machine = machine_info()
     report = {
         "created": utc_stamp(now),
-        "machine": machine_info(),
+        "machine": machine,
         "p99_bound_ms": args.p99_ms,
         "duration_s": args.duration,
         "workload": workload.describe(),
         "steps": steps,
-        "summary": summary(steps, routes, args.p99_ms),
+        "summary": summary(steps, routes, args.p99_ms, machine["nproc"]),
     }
     write_tables(out, report, markdown(report))
     return 0

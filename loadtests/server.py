@@ -90,6 +90,20 @@ def cpu_seconds(pid: int) -> float:
     return total / ticks
 
 
+def thread_cpu_seconds(pid: int) -> dict[int, float]:
+    """User + system CPU time of each thread of the process and its descendants, by thread id (the main
+    thread's id is its process's pid: in ``clickrank serve`` with one worker, the event loop's thread)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    seconds: dict[int, float] = {}
+    for p in process_tree(pid):
+        with suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with suppress(OSError, ValueError, IndexError):
+                    fields = stat_fields(int(tid))  # /proc/TID/stat: a thread's own figures
+                    seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    return seconds
+
+
 def context_switches(pid: int) -> dict[int, int]:
     """Context switches (voluntary + involuntary) of each thread of the process and its descendants, by
     thread id. A thread that waits for the GIL held by another sleeps on a futex: one switch a wait, so

@@ -13,8 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from loadtests import variants
 from loadtests.echo_app import app, pydantic_app
-from loadtests.floor import best, parse_wrk, route_sum, summary, wrk_script
-from loadtests.server import context_switches, switch_deltas
+from loadtests.floor import CpuReading, best, cpu_budget, cpu_split, parse_wrk, route_sum, summary, wrk_script
+from loadtests.server import context_switches, switch_deltas, thread_cpu_seconds
 from service.schemas.ranking import PredictResponse, RecommendResponse
 
 WRK_OUTPUT = """Running 8s test @ http://127.0.0.1:8791
@@ -75,9 +75,63 @@ def test_the_summary_rates_the_service_against_each_echo() -> None:
         }
 
     (row,) = summary(
-        [step("service", 500.0), step("echo", 2000.0), step("echo-pydantic", 1000.0)], ["predict"], 50
+        [step("service", 500.0), step("echo", 2000.0), step("echo-pydantic", 1000.0)], ["predict"], 50, 2
     )
     assert (row["ratio"], row["ratio_pydantic"]) == (0.25, 0.5)
+    assert row["cpu_budget"] is None  # steps without CPU figures
+
+
+def test_a_steps_cpu_is_split_by_thread_redis_and_wrk_per_request() -> None:
+    before = CpuReading(threads={100: 1.0, 101: 2.0}, redis_s=5.0, wrk_s=0.5)
+    after = CpuReading(threads={100: 1.4, 101: 2.1, 102: 0.1}, redis_s=5.05, wrk_s=0.6)  # 102 started between
+    assert cpu_split(before, after, loop_tid=100, requests=1000) == {
+        "loop": 400.0, "other_threads": 200.0, "redis": 50.0, "wrk": 100.0
+    }  # fmt: skip
+
+
+def test_the_cpu_budget_sets_the_echos_http_work_beside_what_the_service_cannot_shed() -> None:
+    """At 0.5 × 4,000 rps, 2 cores give 1,000 µs a request. A loop doing only the lean echo's 150 µs, with
+    the service's 500 µs of other threads, 50 of Redis and 100 of wrk, costs 800 µs: 2,500 rps at most."""
+
+    def spent(loop: float, other: float, redis: float, wrk: float) -> dict[str, float]:
+        return {"loop": loop, "other_threads": other, "redis": redis, "wrk": wrk}
+
+    row = {
+        "service": {"rps": 1000.0, "cpu_us": spent(900.0, 500.0, 50.0, 100.0)},
+        "echo": {"rps": 6000.0, "cpu_us": spent(140.0, 10.0, 0.0, 80.0)},
+        "echo-pydantic": {"rps": 4000.0, "cpu_us": spent(200.0, 0.0, 0.0, 90.0)},
+    }
+    budget = cpu_budget(row, nproc=2)
+    assert budget is not None
+    assert (budget["target_rps"], budget["machine_us_at_target"], budget["loop_us_at_target"]) == (
+        2000.0, 1000.0, 500.0
+    )  # fmt: skip
+    assert (budget["service_us"], budget["echo_http_us"], budget["floor_us"]) == (1550.0, 150.0, 800.0)
+    assert (budget["ceiling_rps"], budget["ceiling_ratio"]) == (2500.0, 0.625)
+    assert cpu_budget({**row, "echo": None}, nproc=2) is None
+
+
+def test_thread_cpu_is_read_per_thread() -> None:
+    """A thread that spins for 0.3 s of CPU shows at least 0.2 s under its own id, the main thread under the
+    pid."""
+    done = threading.Event()
+    spun: list[int] = []
+
+    def spin() -> None:
+        start = time.thread_time()
+        while time.thread_time() - start < 0.3:
+            pass
+        spun.append(threading.get_native_id())
+        done.wait()
+
+    thread = threading.Thread(target=spin)
+    thread.start()
+    while not spun:
+        time.sleep(0.01)
+    seconds = thread_cpu_seconds(os.getpid())
+    done.set()
+    thread.join()
+    assert os.getpid() in seconds and seconds[spun[0]] >= 0.2
 
 
 def test_route_sum_counts_one_route_over_every_method_and_status() -> None:
