@@ -25,6 +25,7 @@ from service.metrics import (
     counted_from_start,
     labelled,
 )
+from service.ranking import PREDICT_ROUTE, RECOMMEND_ROUTE
 from service.schemas.fields import ID_PATTERN
 
 log = logging.getLogger("clickrank.api")
@@ -111,7 +112,7 @@ class RequestContextMiddleware:
         return f"request body larger than {self.max_body_bytes} bytes"
 
 
-MODEL_ROUTES = frozenset({"/v1/predict", "/v1/recommend"})
+MODEL_ROUTES = frozenset({PREDICT_ROUTE, RECOMMEND_ROUTE})
 """The routes that queue for the ranker: admitted up to the batcher's capacity, shed beyond it."""
 ShedReason = Literal["in_flight", "loop_lag"]
 SHED_REASONS: tuple[ShedReason, ...] = get_args(ShedReason)

@@ -38,7 +38,8 @@ log = logging.getLogger("clickrank.ranking")
 _degraded_log = ThrottledLog(log)
 
 PREDICT_ROUTE, RECOMMEND_ROUTE = "/v1/predict", "/v1/recommend"
-"""The routes whose answers may be ``degraded``: ``clickrank_degraded_total`` counts both from start-up."""
+"""The ranker's routes: their answers may be ``degraded`` (``clickrank_degraded_total`` counts both from
+start-up), and the admission control sheds them (``service.middleware.MODEL_ROUTES``)."""
 counted_from_start(DEGRADED, (PREDICT_ROUTE, RECOMMEND_ROUTE))
 
 EXPLAIN_TOP = 5
