@@ -99,7 +99,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
         with suppress(OSError):
             for tid in os.listdir(f"/proc/{p}/task"):
                 with suppress(OSError, ValueError, IndexError):
-                    fields = stat_fields(int(tid))  # /proc/TID/stat: a thread's own figures
+                    # task/TID/stat: the thread's own figures (/proc/TID/stat sums its whole process)
+                    stat = Path(f"/proc/{p}/task/{tid}/stat").read_text()
+                    fields = stat.rsplit(")", 1)[1].split()
                     seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
     return seconds
 
