@@ -191,3 +191,35 @@ def test_containment_by_binary_search_matches_isin() -> None:
         rows = rng.choice(5200, 40)  # some past the last sorted row
         np.testing.assert_array_equal(contained(rows, sorted_rows), np.isin(rows, sorted_rows))
     assert not contained(np.arange(3), np.empty(0, dtype=np.int64)).any()
+
+
+def test_exact_scores_follow_every_catalog_snapshot() -> None:
+    """Exact logits and log-partition equal a float64 reference product; after an upsert changes one
+    item's vector and adds another, the next call scores the new snapshot (the transposed copy it
+    multiplies by is made again), and the rows of an earlier answer keep their old values."""
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(500, 16)).astype(np.float32)
+    ids = [f"i{k}" for k in range(len(vectors))]
+    catalog = ItemCatalog(ids, ids, vectors, np.zeros_like(vectors), "test")
+    retrieval = Retrieval(catalog, ann_min_items=10**9)
+    users = rng.normal(size=(3, 16)).astype(np.float32)
+
+    def reference(catalog_vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits = users.astype(np.float64) @ catalog_vectors.astype(np.float64).T
+        return logits, logsumexp(logits, axis=1)
+
+    before = retrieval.exact_scores(users)
+    logits, log_z = reference(vectors)
+    for scores, row_logits, z in zip(before, logits, log_z, strict=True):
+        np.testing.assert_allclose(scores.exact, row_logits, rtol=1e-5, atol=1e-5)
+        assert scores.log_partition == pytest.approx(z, rel=1e-6)
+
+    changed, added = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    assert catalog.upsert_local([("i7", "i7", changed), ("new", "new", added)]) == 2
+    after = retrieval.exact_scores(users)
+    logits, log_z = reference(catalog.vectors)
+    assert len(after[0].exact) == 501
+    for scores, row_logits, z in zip(after, logits, log_z, strict=True):
+        np.testing.assert_allclose(scores.exact, row_logits, rtol=1e-5, atol=1e-5)
+        assert scores.log_partition == pytest.approx(z, rel=1e-6)
+    np.testing.assert_allclose(before[0].exact[7], users[0] @ vectors[7], rtol=1e-5)
