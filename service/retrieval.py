@@ -222,10 +222,11 @@ class Retrieval:
     def _columns_of(self, vectors: np.ndarray) -> np.ndarray:
         """``vectors.T`` [D, N] as a C-contiguous copy, made once per catalog snapshot (the snapshot's arrays
         are replaced on upsert, never written). OpenBLAS multiplies the 2–8 user vectors of a batch by it
-        2–8× faster than by the transposed view (AMD EPYC, one thread): 16–63 against 134–167 µs over
-        1,682 items, 1.1–1.5 against 3.1–3.4 ms over 20,000, 15–18 against 29–34 ms over 200,000, where
-        it is most of a batch's time. It costs a second copy of the vectors while retrieval is exact,
-        below ``ann_min_items`` (at most about 100 MB at 128 wide)."""
+        2–8× faster than by the transposed view (AMD EPYC, one thread): 17–61 against 146–161 µs over
+        1,682 items, 0.5–1.2 against 2.1–3.0 ms over 20,000, 13–16 against 28–32 ms over 200,000, where
+        it is most of a batch's time (``docs/benchmarks.md`` has the measurement). It costs a second copy
+        of the vectors while retrieval is exact, below ``ann_min_items`` (at most about 100 MB at 128
+        wide)."""
         cached = self._columns  # read once: the event loop and the inference thread may both be here
         if cached is None or cached[0] is not vectors:
             cached = (vectors, np.ascontiguousarray(vectors.T))
