@@ -1,4 +1,5 @@
-"""The ``clickrank`` command line: train, evaluate, serve, load-history, bench.
+"""The ``clickrank`` command line: train, promote, evaluate, serve, load-history, load-items, export-events,
+bench.
 
 Heavy imports (torch, the service) happen inside each command so ``--help`` is instant and the serving
 image never needs torch.
