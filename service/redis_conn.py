@@ -30,11 +30,20 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from service.logs import ThrottledLog
 from service.lua_scripts import LuaScript, ScriptArg
-from service.metrics import REDIS_ERRORS, REDIS_LATENCY, labelled
+from service.metrics import REDIS_ERRORS, REDIS_LATENCY, counted_from_start, labelled
 from service.multiplex import Address, Command, MultiplexedReads
 
 if TYPE_CHECKING:
     from service.settings import Settings
+
+
+REDIS_OPS = (
+    "append", "append_aggregates", "candidates", "catalog_publish", "catalog_sync", "forget", "fresh",
+    "history", "ping", "scan", "trending",
+)  # fmt: skip
+"""The operations the service's calls name (their ``op``): ``clickrank_redis_errors_total`` counts failures
+by them, each from 0 at start-up (``tests/test_redis_conn.py`` checks the list against the call sites)."""
+counted_from_start(REDIS_ERRORS, REDIS_OPS)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

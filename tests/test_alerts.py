@@ -17,6 +17,7 @@ from promql import check_selectors, exported, selectors
 
 from service.middleware import MODEL_ROUTES, SHED_REASONS
 from service.model_reload import COUNTED
+from service.redis_conn import REDIS_OPS
 from service.routes.events import DUPLICATE, STORED
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,13 +54,14 @@ async def test_alerts_read_what_the_service_exports(
 def test_labelled_counters_an_alert_or_panel_reads_exist_from_start_up() -> None:
     """At 0 in a fresh process that has answered nothing, so that ``increase()`` sees the first one and a
     panel shows 0, not no data: reloads by outcome, degraded answers by route, sheds by reason, events by
-    result."""
+    result, Redis errors by operation."""
     code = "import service.app; from service.metrics import exposition; print(exposition().decode())"
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     expected = [f'clickrank_model_reloads_total{{outcome="{outcome}"}} 0.0' for outcome in COUNTED]
     expected += [f'clickrank_degraded_total{{route="{route}"}} 0.0' for route in sorted(MODEL_ROUTES)]
     expected += [f'clickrank_shed_total{{reason="{reason}"}} 0.0' for reason in SHED_REASONS]
     expected += [f'clickrank_events_total{{result="{result}"}} 0.0' for result in (STORED, DUPLICATE)]
+    expected += [f'clickrank_redis_errors_total{{op="{op}"}} 0.0' for op in REDIS_OPS]
     for sample in expected:
         assert sample in done.stdout.splitlines(), sample
 

@@ -8,6 +8,7 @@ import logging
 import re
 import time
 from importlib.resources import files
+from pathlib import Path
 
 import pytest
 import redis.asyncio
@@ -18,7 +19,7 @@ from redis.asyncio import Redis
 from models.redis_process import free_port
 from service.catalog_sync import PUBLISH
 from service.lua_scripts import Layout, LuaScript
-from service.redis_conn import RedisConnection, StoreUnavailable
+from service.redis_conn import REDIS_OPS, RedisConnection, StoreUnavailable
 from service.store import AGGREGATE_SHARD, APPEND, APPEND_USERS, COVISIT_APPLY
 
 pytestmark = pytest.mark.anyio
@@ -202,3 +203,12 @@ async def test_a_probe_that_cannot_reach_redis_fails_the_call_cleanly(redis_url:
     with pytest.raises(StoreUnavailable, match="no answer within 50 ms"):
         await conn.call("held", lambda r: _held_in_process(r, 0.12))
     await conn.close()
+
+
+def test_the_ops_counted_from_start_up_are_those_the_service_names() -> None:
+    """Every ``op`` a call in ``service/`` names is one of ``REDIS_OPS`` (created at 0 at start-up), and
+    every one of them is named somewhere: a new operation cannot be left out of the list."""
+    call = re.compile(r'\.(?:read|call|pipeline|run_script|run_scripts|scan|_timed)\(\s*"([a-z_]+)"')
+    service = Path(__file__).resolve().parent.parent / "service"
+    named = {op for path in service.rglob("*.py") for op in call.findall(path.read_text())}
+    assert named == set(REDIS_OPS)
