@@ -18,6 +18,8 @@ from service import metrics
 SELECTOR = re.compile(r"(clickrank_[a-z0-9_]+)(?:\{([^}]*)\})?")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
 SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
+TARGET_LABELS = frozenset({"instance", "job"})
+"""Labels Prometheus adds to every scraped series (the dashboard filters by replica on ``instance``)."""
 
 
 def selectors(expr: str) -> list[tuple[str, list[tuple[str, str, str]]]]:
@@ -52,7 +54,8 @@ def check_selectors(where: str, expr: str, exposition: str, routes: set[str]) ->
         assert name in family_of, f"{where}: {name} is not on /metrics"
         family = family_of[name]
         for label, operator, value in matchers:
-            assert label in labels[family] or label == "le", f"{where}: {family} has no label {label}"
+            known = label in labels[family] or label == "le" or label in TARGET_LABELS
+            assert known, f"{where}: {family} has no label {label}"
             if label == "route":
                 regex = value if "~" in operator else re.escape(value)
                 matching = {r for r in routes if re.fullmatch(regex, r)}

@@ -6,6 +6,7 @@ compose file's Grafana loads the dashboard over the compose Prometheus."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -19,8 +20,9 @@ GRAFANA = REPO / "deploy" / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "clickrank.json"
 DATASOURCES = GRAFANA / "provisioning" / "datasources" / "prometheus.yaml"
 PROVIDERS = GRAFANA / "provisioning" / "dashboards" / "clickrank.yaml"
-RANGE = {"$__rate_interval": "5m"}
-"""Grafana's variables in the queries, as Prometheus would get them."""
+VARIABLES = {"$__rate_interval": "5m", "$instance": ".*"}
+"""Grafana's variables in the queries, as Prometheus would get them (``$instance``: every replica)."""
+REPLICA_FILTER = 'instance=~"$instance"'
 
 
 def panels() -> list[dict]:
@@ -33,20 +35,32 @@ def queries() -> dict[str, str]:
     for panel in panels():
         for target in panel["targets"]:
             expr = target["expr"]
-            for variable, value in RANGE.items():
+            for variable, value in VARIABLES.items():
                 expr = expr.replace(variable, value)
             assert "$" not in expr, f"{panel['title']}: a variable the test does not know: {expr}"
             found[f"panel_{panel['id']}_{target['refId']}"] = expr
     return found
 
 
-def test_panels_are_laid_out_and_use_the_provisioned_data_source() -> None:
-    uid = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]["uid"]
+def variables() -> dict[str, dict]:
+    return {v["name"]: v for v in json.loads(DASHBOARD.read_text())["templating"]["list"]}
+
+
+def test_panels_are_laid_out_and_use_the_chosen_data_source() -> None:
+    """Every panel and query reads the ``datasource`` variable, a Prometheus one that starts on the data
+    source the compose Grafana provisions; the replica variable lists what the service exports."""
+    provisioned = yaml.safe_load(DATASOURCES.read_text())["datasources"][0]
+    source, replica = variables()["datasource"], variables()["instance"]
+    assert (source["type"], source["query"]) == ("datasource", provisioned["type"])
+    assert source["current"]["value"] == provisioned["uid"]
+    assert replica["includeAll"] and replica["allValue"] == ".*"
+    assert replica["datasource"]["uid"] == "${datasource}"
+    assert replica["query"]["query"] == "label_values(clickrank_model_info, instance)"
     cells = set()
     for panel in panels():
         assert panel["targets"], panel["title"]
-        assert panel["datasource"]["uid"] == uid
-        assert all(t["datasource"]["uid"] == uid for t in panel["targets"]), panel["title"]
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert all(t["datasource"]["uid"] == "${datasource}" for t in panel["targets"]), panel["title"]
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]  # Grafana's grid is 24 wide
         cell = (grid["x"], grid["y"])
@@ -67,6 +81,15 @@ async def test_panels_read_what_the_service_exports(
     for family in label_names():
         samples = {family + suffix for suffix in ("", "_total", "_bucket", "_sum", "_count")}
         assert shown & samples, f"{family} is on no panel of the dashboard"
+
+
+def test_every_series_a_panel_reads_is_filtered_to_the_chosen_replicas() -> None:
+    for panel in panels():
+        for target in panel["targets"]:
+            series = re.findall(r"\b(?:clickrank_[a-z0-9_]+|up)(?:\{[^}]*\})?(?=[\s\[)]|$)", target["expr"])
+            assert series, panel["title"]
+            unfiltered = [s for s in series if REPLICA_FILTER not in s]
+            assert not unfiltered, f"{panel['title']}: {unfiltered} is not filtered by replica"
 
 
 def test_queries_parse_as_promql(tmp_path: Path) -> None:
