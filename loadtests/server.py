@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,10 +66,28 @@ def rss_bytes(pid: int) -> int:
     return total
 
 
-def stat_fields(pid: int) -> list[str]:
-    """``/proc/PID/stat`` from its third field on (state, ppid, …): what follows the command name, which
-    may itself hold spaces and parentheses. Raises OSError once the process is gone."""
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def stat_fields(pid: int, tid: int | None = None) -> list[str]:
+    """``/proc/PID/stat``, or with ``tid`` the thread's own ``/proc/PID/task/TID/stat`` (``/proc/TID/stat``
+    would sum its whole process), from its third field on (state, ppid, …): what follows the command name,
+    which may itself hold spaces and parentheses. Raises OSError once the process or thread is gone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_ticks(fields: list[str]) -> int:
+    """utime + stime of ``stat_fields`` (fields 14 and 15 of stat), in clock ticks."""
+    return int(fields[11]) + int(fields[12])
+
+
+def _threads(pid: int) -> Iterator[tuple[int, int]]:
+    """(process id, thread id) of every thread of the process and its descendants."""
+    for p in process_tree(pid):
+        try:
+            tids = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            yield p, int(tid)
 
 
 def running(pid: int) -> bool:
@@ -81,13 +100,11 @@ def running(pid: int) -> bool:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of the process and its descendants."""
-    ticks = os.sysconf("SC_CLK_TCK")
     total = 0
     for p in process_tree(pid):
         with suppress(OSError, ValueError, IndexError):
-            fields = stat_fields(p)
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / ticks
+            total += _cpu_ticks(stat_fields(p))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def thread_cpu_seconds(pid: int) -> dict[int, float]:
@@ -95,14 +112,9 @@ def thread_cpu_seconds(pid: int) -> dict[int, float]:
     thread's id is its process's pid: in ``clickrank serve`` with one worker, the event loop's thread)."""
     ticks = os.sysconf("SC_CLK_TCK")
     seconds: dict[int, float] = {}
-    for p in process_tree(pid):
-        with suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with suppress(OSError, ValueError, IndexError):
-                    # task/TID/stat: the thread's own figures (/proc/TID/stat sums its whole process)
-                    stat = Path(f"/proc/{p}/task/{tid}/stat").read_text()
-                    fields = stat.rsplit(")", 1)[1].split()
-                    seconds[int(tid)] = (int(fields[11]) + int(fields[12])) / ticks
+    for p, tid in _threads(pid):
+        with suppress(OSError, ValueError, IndexError):
+            seconds[tid] = _cpu_ticks(stat_fields(p, tid)) / ticks
     return seconds
 
 
@@ -112,13 +124,10 @@ def context_switches(pid: int) -> dict[int, int]:
     the count tells how often the event loop and the inference thread hand the GIL to each other, which
     a CPU profile does not show."""
     counts: dict[int, int] = {}
-    for p in process_tree(pid):
-        with suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with suppress(OSError, ValueError):
-                    status = Path(f"/proc/{p}/task/{tid}/status").read_text()
-                    lines = status.splitlines()
-                    counts[int(tid)] = sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
+    for p, tid in _threads(pid):
+        with suppress(OSError, ValueError):
+            lines = Path(f"/proc/{p}/task/{tid}/status").read_text().splitlines()
+            counts[tid] = sum(int(line.split()[1]) for line in lines if "ctxt_switches:" in line)
     return counts
 
 
