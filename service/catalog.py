@@ -1,10 +1,19 @@
 """The item table: ids ↔ rows, texts, vectors; loaded from the model dir, extended online, in memory only
 (``service.catalog_sync`` shares its upserts between replicas through Redis).
 
-Concurrency: the arrays are never written in place. An upsert builds a new snapshot (ids, texts, index,
-vectors) and swaps it in with one attribute assignment, so the inference thread keeps reading the arrays
-it already holds. Rows are only ever appended, never moved or removed, so a row number obtained from
-``index_of`` is valid in ``vectors`` read at that moment or any time later.
+Concurrency: a vectors array once handed out is never written. An upsert swaps in a new snapshot with
+one attribute assignment, so the inference thread keeps reading the arrays it already holds. Rows are only
+ever appended, never moved or removed, so a row number obtained from ``index_of`` is valid in ``vectors``
+read at that moment or any time later.
+
+Cost: appending k items costs O(k), whatever the catalog's size. The vectors live in a buffer with room to
+grow (``HEADROOM``); a snapshot's ``vectors`` is a read-only view of its first ``size`` rows, so rows
+appended past it are never seen by an array already handed out. The ids, texts and the id → row index are
+shared by every snapshot and only appended to (an id is in the index once the current vectors hold its
+row; a known item's new text replaces its old one in place). Two things copy the vectors: the buffer's
+growth, once every size / ``HEADROOM`` appended items, and an update of a known item's vector (a
+copy-on-write of the rows in use). Upserts run on the event loop; when every upsert copied everything, one
+single-item upsert held it for 0.3–1.2 s at a million items (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
@@ -18,14 +27,17 @@ import numpy as np
 
 from models.model_dir import ItemTable
 
+HEADROOM = 8
+"""The vectors' buffer grows by a 1/``HEADROOM`` of its rows (at least ``MIN_GROWTH``) when an append
+overflows it: 12.5 % more memory at most, and one copy of the catalog every size / 8 appended items."""
+MIN_GROWTH = 1024
+
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    item_ids: list[str]
-    texts: list[str]
-    index: dict[str, int]
-    vectors: np.ndarray  # [N, D] float32, read-only
-    offsets: np.ndarray  # [N, D] float32, read-only
+    size: int  # rows in this snapshot: item_ids[:size], buffer[:size]
+    buffer: np.ndarray  # [capacity, D] float32; rows below ``size`` are never written again
+    vectors: np.ndarray  # buffer[:size], read-only
     revision: int = 0  # upserts applied so far
 
 
@@ -38,10 +50,28 @@ class Changes:
     updated: np.ndarray  # rows that existed at the caller's revision and whose vector changed since
 
 
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    array.flags.writeable = False
-    return array
+def backing(vectors: np.ndarray) -> np.ndarray:
+    """The buffer a catalog's ``vectors`` array views. Two arrays handed out on one buffer hold the same
+    rows up to the shorter one's length: only appends happened between them (an update of a row, or the
+    buffer's growth, makes a new buffer). Its length is the catalog's capacity."""
+    return vectors if vectors.base is None else vectors.base
+
+
+def _snapshot(buffer: np.ndarray, size: int, revision: int) -> _Snapshot:
+    view = buffer[:size]
+    view.flags.writeable = False
+    return _Snapshot(size, buffer, view, revision)
+
+
+def _buffer(vectors: np.ndarray, capacity: int) -> np.ndarray:
+    """A new [capacity, D] buffer starting with ``vectors``."""
+    buffer = np.empty((capacity, vectors.shape[1]), np.float32)
+    buffer[: len(vectors)] = vectors
+    return buffer
+
+
+def _capacity(rows: int) -> int:
+    return rows + max(rows // HEADROOM, MIN_GROWTH)
 
 
 class ItemCatalog:
@@ -70,8 +100,10 @@ class ItemCatalog:
             raise ValueError("item vectors contain NaN or infinity")
         self.model_version = model_version
         self.dim = int(vectors.shape[1])
-        vectors, id_offsets = np.array(vectors, np.float32), np.array(id_offsets, np.float32)  # own copies
-        self._state = _Snapshot(list(item_ids), list(texts), index, _frozen(vectors), _frozen(id_offsets))
+        self._item_ids, self._texts, self._index = list(item_ids), list(texts), index
+        self._offsets = np.array(id_offsets, np.float32)  # own copy; rows appended later have none
+        self._offsets.flags.writeable = False
+        self._state = _snapshot(_buffer(vectors, _capacity(len(vectors))), len(vectors), 0)
         self._write_lock = threading.Lock()
         self._updated: list[tuple[int, np.ndarray]] = []  # (revision, rows whose vector it changed)
 
@@ -91,11 +123,11 @@ class ItemCatalog:
             raise ValueError(f"inconsistent item table: {exc}") from None
 
     def __len__(self) -> int:
-        return len(self._state.item_ids)
+        return self._state.size
 
     def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
         """int64 rows, -1 for unknown ids."""
-        index = self._state.index
+        index = self._index
         return np.fromiter(map(index.get, item_ids, repeat(-1)), dtype=np.int64, count=len(item_ids))
 
     def known_rows(self, item_ids: Sequence[str]) -> np.ndarray:
@@ -105,8 +137,9 @@ class ItemCatalog:
 
     @property
     def item_ids(self) -> list[str]:
-        """Catalog order; do not mutate (it is shared with the current snapshot)."""
-        return self._state.item_ids
+        """Catalog order; do not mutate. Shared and appended to by later upserts: a row of ``vectors`` read
+        before or after this call has its id here."""
+        return self._item_ids
 
     @property
     def vectors(self) -> np.ndarray:
@@ -114,15 +147,14 @@ class ItemCatalog:
         return self._state.vectors
 
     def texts_of(self, item_ids: Sequence[str]) -> list[str | None]:
-        """Each item's text, None for an unknown id; read from one snapshot."""
-        state = self._state
-        return [None if (row := state.index.get(i)) is None else state.texts[row] for i in item_ids]
+        """Each item's text, None for an unknown id."""
+        rows = self.index_of(item_ids).tolist()
+        return [None if row < 0 else self._texts[row] for row in rows]
 
     def get(self, item_id: str) -> tuple[str, np.ndarray] | None:
         """(text, vector) or None."""
-        state = self._state
-        row = state.index.get(item_id)
-        return None if row is None else (state.texts[row], state.vectors[row])
+        row = self._index.get(item_id)
+        return None if row is None else (self._texts[row], self._state.vectors[row])
 
     def validate(self, items: Sequence[tuple[str, str, np.ndarray]]) -> list[tuple[str, str, np.ndarray]]:
         """(item_id, text, float32 vector) of each item; a ValueError names the first invalid one."""
@@ -145,45 +177,46 @@ class ItemCatalog:
         return self._apply(self.validate(items))
 
     def _apply(self, items: list[tuple[str, str, np.ndarray]]) -> int:
-        """Swap in a snapshot with the validated items; returns how many items changed."""
+        """Swap in a snapshot with the validated items; returns how many items changed. New items cost
+        O(their number); an update of a known item's vector copies the rows in use (module docstring)."""
         if not items:
             return 0
         with self._write_lock:
-            old = self._state
-            ids, texts, index = list(old.item_ids), list(old.texts), dict(old.index)
+            old, index, offsets = self._state, self._index, self._offsets
+            new: dict[str, tuple[str, np.ndarray]] = {}  # item id → (text, vector), in arrival order
+            texts: dict[int, str] = {}
             updates: dict[int, np.ndarray] = {}
-            new_vectors: list[np.ndarray] = []
             for item_id, text, vec in items:
                 row = index.get(item_id)
                 if row is None:
-                    index[item_id] = len(ids)
-                    ids.append(item_id)
-                    texts.append(text)
-                    new_vectors.append(vec)
-                elif row >= len(old.item_ids):  # added earlier in this same call
-                    texts[row] = text
-                    new_vectors[row - len(old.item_ids)] = vec
-                else:
-                    vec = vec + old.offsets[row]
-                    if text != texts[row] or not np.array_equal(vec, old.vectors[row]):
-                        texts[row] = text
-                        updates[row] = vec
-            if not updates and not new_vectors:
+                    new[item_id] = (text, vec)
+                    continue
+                texts[row] = text  # the last of an id's entries wins
+                updates[row] = vec + offsets[row] if row < len(offsets) else vec
+            texts = {row: text for row, text in texts.items() if text != self._texts[row]}
+            updates = {row: vec for row, vec in updates.items() if not np.array_equal(vec, old.vectors[row])}
+            if not (new or texts or updates):
                 return 0  # nothing changed (e.g. a replica re-reading its own publication)
-            vectors, offsets = old.vectors, old.offsets
-            revision = old.revision + 1
-            if updates:
-                vectors = vectors.copy()
+            size, buffer, revision = old.size + len(new), old.buffer, old.revision + 1
+            if updates:  # rows a handed-out array holds change: copy-on-write
+                buffer = _buffer(old.vectors, max(len(buffer), _capacity(size)))
                 rows = np.fromiter(updates, dtype=np.int64, count=len(updates))
-                vectors[rows] = np.stack(list(updates.values()))
+                buffer[rows] = np.stack(list(updates.values()))
                 self._updated.append((revision, rows))
-            if new_vectors:
-                vectors = np.concatenate([vectors, np.stack(new_vectors)])
-                offsets = _frozen(
-                    np.concatenate([offsets, np.zeros((len(new_vectors), self.dim), np.float32)])
-                )
-            self._state = _Snapshot(ids, texts, index, _frozen(vectors), offsets, revision)
-            return len(updates) + len(new_vectors)
+            elif size > len(buffer):
+                buffer = _buffer(old.vectors, _capacity(size))
+            if new:  # past every handed-out view: written in place
+                buffer[old.size : size] = np.stack([vec for _, vec in new.values()])
+            for row, text in texts.items():
+                self._texts[row] = text
+            for item_id, (text, _) in new.items():
+                self._item_ids.append(item_id)
+                self._texts.append(text)
+            # In this order: a row has its id before any vectors array holds it, and is in the index only
+            # once the current vectors do.
+            self._state = _snapshot(buffer, size, revision)
+            index.update(zip(new, range(old.size, size), strict=True))
+            return len(new) + len(set(texts) | set(updates))
 
     def changes_since(self, revision: int) -> Changes:
         """The current vectors and revision, and the rows updated after ``revision`` (rows appended since

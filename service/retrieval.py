@@ -26,13 +26,14 @@ index.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from models.calibration import logsumexp
-from service.catalog import ItemCatalog
+from service.catalog import ItemCatalog, backing
 
 log = logging.getLogger(__name__)
 
@@ -175,13 +176,27 @@ class _Index:
         return np.hstack([vectors, extra[:, None]], dtype=np.float32)
 
 
+@dataclass(slots=True)
+class _Columns:
+    """The transpose of the catalog's vectors buffer ``source``, as far as it is ``filled``: a view of its
+    first N columns is a snapshot's ``vectors.T`` with contiguous rows. While the catalog only appends (the
+    same buffer), new rows are transposed into the columns past every view handed out, so an upsert costs
+    what it adds, not a new copy of the catalog (97 ms at 100,000 items); a new buffer (an update, the
+    catalog's growth) starts a new transpose."""
+
+    source: np.ndarray
+    buffer: np.ndarray  # [D, len(source)] float32
+    filled: int = 0
+
+
 class Retrieval:
     """Exact or approximate retrieval over ``catalog`` (borrowed), chosen by its size at construction."""
 
     def __init__(self, catalog: ItemCatalog, *, ann_min_items: int, nprobe: int = 128) -> None:
         self.catalog = catalog
         self._index: _Index | None = None
-        self._columns: tuple[np.ndarray, np.ndarray] | None = None  # a snapshot's vectors, their transpose
+        self._columns: _Columns | None = None
+        self._columns_lock = threading.Lock()  # the event loop and the inference thread may both score
         if len(catalog) >= ann_min_items:
             self._index = _Index(catalog.vectors, nprobe)
             log.info("ANN index over %d items built in %.1f s", len(catalog.vectors), self._index.build_s)
@@ -220,18 +235,22 @@ class Retrieval:
         return out
 
     def _columns_of(self, vectors: np.ndarray) -> np.ndarray:
-        """``vectors.T`` [D, N] as a C-contiguous copy, made once per catalog snapshot (the snapshot's arrays
-        are replaced on upsert, never written). OpenBLAS multiplies the 2–8 user vectors of a batch by it
-        2–8× faster than by the transposed view (AMD EPYC, one thread): 17–61 against 146–161 µs over
-        1,682 items, 0.5–1.2 against 2.1–3.0 ms over 20,000, 13–16 against 28–32 ms over 200,000, where
-        it is most of a batch's time (``docs/benchmarks.md`` has the measurement). It costs a second copy
-        of the vectors while retrieval is exact, below ``ann_min_items`` (at most about 100 MB at 128
-        wide)."""
-        cached = self._columns  # read once: the event loop and the inference thread may both be here
-        if cached is None or cached[0] is not vectors:
-            cached = (vectors, np.ascontiguousarray(vectors.T))
-            self._columns = cached
-        return cached[1]
+        """``vectors.T`` [D, N], each row contiguous (``_Columns``). OpenBLAS multiplies the 2–8 user
+        vectors of a batch by it 2–8× faster than by the transposed view (AMD EPYC, one thread): 17–61
+        against 146–161 µs over 1,682 items, 0.5–1.2 against 2.1–3.0 ms over 20,000, 13–16 against
+        28–32 ms over 200,000, where it is most of a batch's time (``docs/benchmarks.md`` has the
+        measurement). It costs a second copy of the vectors while retrieval is exact, below
+        ``ann_min_items`` (at most about 110 MB at 128 wide)."""
+        source = backing(vectors)
+        with self._columns_lock:
+            columns = self._columns
+            if columns is None or columns.source is not source:
+                columns = _Columns(source, np.empty((vectors.shape[1], len(source)), np.float32))
+                self._columns = columns
+            if len(vectors) > columns.filled:  # rows appended since: past every view handed out
+                columns.buffer[:, columns.filled : len(vectors)] = vectors[columns.filled :].T
+                columns.filled = len(vectors)
+            return columns.buffer[:, : len(vectors)]
 
     def top(self, scores: UserScores, k: int, excluded: np.ndarray) -> np.ndarray:
         """Rows of the ``k`` highest logits, best first, never one of ``excluded`` (ascending, as recommend

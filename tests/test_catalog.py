@@ -1,5 +1,5 @@
-"""ItemCatalog: the model dir's item table, copy-on-write upserts; CatalogSync: publish/sync through a real
-Redis, under the connection's deadline."""
+"""ItemCatalog: the model dir's item table, upserts that never write an array handed out; CatalogSync:
+publish/sync through a real Redis, under the connection's deadline."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import redis
 import redis.asyncio
 
 from models.model_dir import ItemTable
-from service.catalog import ItemCatalog
+from service.catalog import MIN_GROWTH, ItemCatalog
 from service.catalog_sync import CatalogSync
 from service.redis_conn import RedisConnection, StoreUnavailable
 from service.settings import Settings
@@ -107,6 +107,61 @@ def test_upsert_is_copy_on_write_and_applies_id_offsets(table: ItemTable) -> Non
     np.testing.assert_array_equal(catalog.get("new")[1], vec(2))  # a new item is its text vector
     catalog.upsert_local([("new", "Brand new | Sci-Fi", vec(3))])
     np.testing.assert_array_equal(catalog.get("new")[1], vec(3))  # a new item has a zero offset
+
+
+def test_appends_write_past_every_handed_out_array_and_copy_only_to_grow(table: ItemTable) -> None:
+    """New items cost O(their number): they go into the buffer's headroom, past the rows of any vectors
+    array already handed out, which share it and stay as they were; the rows are copied only when the
+    headroom is full (once every size / HEADROOM appends), or for an update of a known item's vector."""
+    catalog = ItemCatalog.from_table(table, "v1")
+    held = [catalog.vectors]
+    for k in range(MIN_GROWTH):  # fills the headroom of a 5-item table exactly
+        catalog.upsert_local([(f"new-{k}", f"New {k} | Drama", vec(k))])
+        assert np.shares_memory(catalog.vectors, held[0])  # appended in place, nothing copied
+        if k % 250 == 0:
+            held.append(catalog.vectors)
+    held_copies = [h.copy() for h in held]
+    assert len(catalog) == 5 + MIN_GROWTH and catalog.index_of(["new-0"]).tolist() == [5]
+    catalog.upsert_local([("one-more", "Over | Drama", vec(0))])  # the buffer is full: it grows, once
+    grown = catalog.vectors
+    assert not np.shares_memory(grown, held[0]) and len(grown) == 5 + MIN_GROWTH + 1
+    catalog.upsert_local([("and-another", "Over | Drama", vec(1))])
+    assert np.shares_memory(catalog.vectors, grown)
+    for h, copy in zip(held, held_copies, strict=True):  # every array handed out is as it was
+        np.testing.assert_array_equal(h, copy)
+        assert not h.flags.writeable
+    np.testing.assert_array_equal(catalog.vectors[: len(held[-1])], held[-1])
+    for k in (0, 500, MIN_GROWTH - 1):
+        text, vector = catalog.get(f"new-{k}")
+        assert text == f"New {k} | Drama" and catalog.item_ids[5 + k] == f"new-{k}"
+        np.testing.assert_array_equal(vector, vec(k))
+
+    before = catalog.vectors
+    catalog.upsert_local([("new-3", "New 3 | Drama", vec(99))])  # a known item's vector: copy-on-write
+    assert not np.shares_memory(catalog.vectors, before)
+    np.testing.assert_array_equal(before[8], vec(3))
+    np.testing.assert_array_equal(catalog.get("new-3")[1], vec(99))
+    assert catalog.changes_since(0).updated.tolist() == [8]
+    catalog.upsert_local([("new-4", "Retitled | Comedy", vec(4))])  # a new text alone: no copy
+    assert catalog.get("new-4")[0] == "Retitled | Comedy"
+    assert catalog.changes_since(0).updated.tolist() == [8]
+
+
+def test_an_upsert_with_an_id_twice_keeps_its_last_entry(table: ItemTable) -> None:
+    catalog = ItemCatalog.from_table(table, "v1")
+    changed = catalog.upsert_local(
+        [
+            ("new", "First | Drama", vec(1)),
+            ("2", "Retitled | Comedy", vec(2)),
+            ("new", "Second | Drama", vec(3)),
+            ("2", table.texts[1], table.vectors[1] - table.id_offsets[1]),  # "2" back as it was
+        ]
+    )
+    assert changed == 1 and len(catalog) == 6
+    assert catalog.get("new")[0] == "Second | Drama"
+    np.testing.assert_array_equal(catalog.get("new")[1], vec(3))
+    assert catalog.get("2")[0] == table.texts[1]
+    np.testing.assert_array_equal(catalog.get("2")[1], table.vectors[1])
 
 
 @pytest.mark.parametrize(

@@ -195,8 +195,9 @@ def test_containment_by_binary_search_matches_isin() -> None:
 
 def test_exact_scores_follow_every_catalog_snapshot() -> None:
     """Exact logits and log-partition equal a float64 reference product; after an upsert changes one
-    item's vector and adds another, the next call scores the new snapshot (the transposed copy it
-    multiplies by is made again), and the rows of an earlier answer keep their old values."""
+    item's vector and adds another, the next call scores the new snapshot (the transpose it multiplies by
+    is made again), and the rows of an earlier answer keep their old values. An upsert that only adds
+    items extends that transpose in place, past the columns an earlier answer was scored with."""
     rng = np.random.default_rng(3)
     vectors = rng.normal(size=(500, 16)).astype(np.float32)
     ids = [f"i{k}" for k in range(len(vectors))]
@@ -223,3 +224,15 @@ def test_exact_scores_follow_every_catalog_snapshot() -> None:
         np.testing.assert_allclose(scores.exact, row_logits, rtol=1e-5, atol=1e-5)
         assert scores.log_partition == pytest.approx(z, rel=1e-6)
     np.testing.assert_allclose(before[0].exact[7], users[0] @ vectors[7], rtol=1e-5)
+
+    held = retrieval._columns_of(catalog.vectors)
+    held_copy = held.copy()
+    appended = rng.normal(size=(3, 16)).astype(np.float32)
+    assert catalog.upsert_local([(f"more-{k}", "more", v) for k, v in enumerate(appended)]) == 3
+    extended = retrieval.exact_scores(users)
+    logits, log_z = reference(catalog.vectors)
+    for scores, row_logits, z in zip(extended, logits, log_z, strict=True):
+        np.testing.assert_allclose(scores.exact, row_logits, rtol=1e-5, atol=1e-5)
+        assert scores.log_partition == pytest.approx(z, rel=1e-6)
+    assert np.shares_memory(retrieval._columns_of(catalog.vectors), held)  # extended, not copied
+    np.testing.assert_array_equal(held, held_copy)
