@@ -6,6 +6,8 @@
 #                                             pinned Kubernetes version (pip install kubernetes-validate)
 #   promtool check config deploy/prometheus/prometheus.yml (and the rules it loads), promtool test rules
 #                                             (apt-get install prometheus: promtool comes with it)
+#   amtool check-config deploy/alertmanager/alertmanager.yml
+#                                             (apt-get install prometheus-alertmanager: amtool comes with it)
 # Exits non-zero if a check fails or a tool is missing; CLICKRANK_SKIP_DEPLOY_LINT=1 turns a missing tool
 # into a warning (the checks whose tool is present still run and still fail the script).
 set -uo pipefail
@@ -80,6 +82,13 @@ if command -v promtool >/dev/null 2>&1; then
     promtool test rules deploy/prometheus/alerts.test.yaml || status=1
 else
     missing promtool "apt-get install prometheus"
+fi
+
+if command -v amtool >/dev/null 2>&1; then
+    echo "lint-deploy: $(amtool --version 2>&1 | head -n 1) on deploy/alertmanager"
+    amtool check-config deploy/alertmanager/alertmanager.yml || status=1
+else
+    missing amtool "apt-get install prometheus-alertmanager"
 fi
 
 if ((status == 0)); then

@@ -556,8 +556,8 @@ def test_compose_config_valid() -> None:
 
 
 def test_lint_script_fails_on_missing_tools_unless_skipped(tmp_path: Path) -> None:
-    """Without hadolint, docker-compose, kubectl and promtool the script exits non-zero naming each; with
-    CLICKRANK_SKIP_DEPLOY_LINT=1 it warns and passes."""
+    """Without hadolint, docker-compose, kubectl, promtool and amtool the script exits non-zero naming each;
+    with CLICKRANK_SKIP_DEPLOY_LINT=1 it warns and passes."""
     (tmp_path / "scripts").mkdir()
     shutil.copy(REPO / "scripts" / "lint-deploy.sh", tmp_path / "scripts")
     bin_dir = tmp_path / "bin"
@@ -569,6 +569,7 @@ def test_lint_script_fails_on_missing_tools_unless_skipped(tmp_path: Path) -> No
     assert done.returncode != 0
     assert "hadolint not found" in done.stderr and "docker-compose not found" in done.stderr
     assert "kubectl not found" in done.stderr and "promtool not found" in done.stderr
+    assert "amtool not found" in done.stderr
     skipped = {"PATH": str(bin_dir), "CLICKRANK_SKIP_DEPLOY_LINT": "1"}
     done = subprocess.run(script, env=skipped, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
