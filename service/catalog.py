@@ -142,6 +142,11 @@ class ItemCatalog:
         return self._item_ids
 
     @property
+    def revision(self) -> int:
+        """Upserts applied so far (``changes_since`` tells what they changed)."""
+        return self._state.revision
+
+    @property
     def vectors(self) -> np.ndarray:
         """[N, D] float32, read-only; replaced (never mutated) on upsert."""
         return self._state.vectors

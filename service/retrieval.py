@@ -17,10 +17,9 @@ the unscanned lists, is the mean over a fixed uniform sample of them times their
 candidates are the exactly counted rows of largest logit.
 
 The index is built with the model (at load); rows the catalog gains later (``POST /v1/items``, the
-catalog sync) are added to it at the next query. Every row the index proposes is re-scored with the
-catalog's current vector, so results are ordered by current vectors; an item whose vector changed is
-found by its old one, and counted by it when its list is scanned, until the next model load rebuilds the
-index.
+catalog sync) are added to it at the next query, and a row whose vector changed is taken out of the
+built rows' accounting (index, heavy rows, sample) and indexed again by its new vector, as if added.
+Every row the index proposes is re-scored with the catalog's current vector.
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from models.calibration import logsumexp
-from service.catalog import ItemCatalog, backing
+from service.catalog import Changes, ItemCatalog, backing
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +98,13 @@ class _Index:
             chunk = slice(start, start + ADD_CHUNK)
             self.index.add(self._augmented(vectors[chunk], norms[chunk]))
         built_lists = self._built_lists(n)
+        self.revision = 0  # the catalog revision taken in (``Retrieval`` sets the one it built from)
         self.indexed = n  # catalog rows taken in: built, added later, or oversized
         self.added = np.empty(0, dtype=np.int64)  # rows indexed after the build, and their lists
         self.added_lists = np.empty(0, dtype=np.int64)
         self.oversized = np.empty(0, dtype=np.int64)  # later rows longer than M: kept out of the index
+        self.built_lists = built_lists
+        self.moved = np.zeros(n, dtype=bool)  # built rows re-indexed since (their vector changed)
 
         heavy = np.arange(n)
         if n > HEAVY_ROWS:
@@ -116,19 +118,43 @@ class _Index:
         self.sample_vectors = np.ascontiguousarray(vectors[self.sample])  # gathered once, not per query
         self.build_s = time.perf_counter() - started
 
-    def catch_up(self, vectors: np.ndarray) -> None:
-        """Take in the rows appended to the catalog since the last call."""
-        if len(vectors) <= self.indexed:
-            return
-        rows = np.arange(self.indexed, len(vectors))
-        norms = np.linalg.norm(vectors[self.indexed :], axis=1)
-        fits = norms <= self.max_norm
-        augmented = self._augmented(vectors[rows[fits]], norms[fits])
-        self.added = np.concatenate([self.added, rows[fits]])
-        self.added_lists = np.concatenate([self.added_lists, self._lists_of(augmented)])
-        self.index.add_with_ids(augmented, rows[fits])
-        self.oversized = np.concatenate([self.oversized, rows[~fits]])
-        self.indexed = len(vectors)
+    def catch_up(self, changes: Changes) -> None:
+        """Take in the rows appended to the catalog and the rows whose vector changed since the revision last
+        taken in: both are indexed by their current vector (a changed row first leaves the accounting it was
+        in). Every catalog row stays counted once: ``others_per_list`` + heavy + added + oversized."""
+        vectors = changes.vectors
+        changed = changes.updated[changes.updated < self.indexed]  # rows appended since are new anyway
+        if len(changed):
+            self._forget(changed)
+        rows = np.concatenate([changed, np.arange(self.indexed, len(vectors))])
+        if len(rows):
+            norms = np.linalg.norm(vectors[rows], axis=1)
+            fits = norms <= self.max_norm
+            augmented = self._augmented(vectors[rows[fits]], norms[fits])
+            self.added = np.concatenate([self.added, rows[fits]])
+            self.added_lists = np.concatenate([self.added_lists, self._lists_of(augmented)])
+            self.index.add_with_ids(augmented, rows[fits])
+            self.oversized = np.concatenate([self.oversized, rows[~fits]])
+        self.indexed, self.revision = len(vectors), changes.revision
+
+    def _forget(self, rows: np.ndarray) -> None:
+        """Take ``rows`` (ascending, each once) out of the index and out of whatever counts them: the rows
+        added or oversized, the heavy rows, or the other built rows and their sample."""
+        self.index.remove_ids(rows)
+        added = ~np.isin(self.added, rows)
+        self.added, self.added_lists = self.added[added], self.added_lists[added]
+        self.oversized = self.oversized[~np.isin(self.oversized, rows)]
+        built = rows[rows < len(self.moved)]
+        built = built[~self.moved[built]]  # still counted as built rows
+        self.moved[built] = True
+        others = built[~contained(built, self.heavy)]
+        heavy = contained(self.heavy, built)
+        self.heavy, self.heavy_lists = self.heavy[~heavy], self.heavy_lists[~heavy]
+        self.heavy_vectors = self.heavy_vectors[~heavy]
+        np.subtract.at(self.others_per_list, self.built_lists[others], 1)
+        sampled = contained(self.sample, others)
+        self.sample, self.sample_lists = self.sample[~sampled], self.sample_lists[~sampled]
+        self.sample_vectors = self.sample_vectors[~sampled]
 
     def probe(self, user_vector: np.ndarray, vectors: np.ndarray, k: int) -> tuple[np.ndarray, float]:
         """The ``k`` exactly counted rows of largest logit (distinct, unordered), and the log-partition."""
@@ -198,8 +224,10 @@ class Retrieval:
         self._columns: _Columns | None = None
         self._columns_lock = threading.Lock()  # the event loop and the inference thread may both score
         if len(catalog) >= ann_min_items:
-            self._index = _Index(catalog.vectors, nprobe)
-            log.info("ANN index over %d items built in %.1f s", len(catalog.vectors), self._index.build_s)
+            built = catalog.changes_since(0)
+            self._index = _Index(built.vectors, nprobe)
+            self._index.revision = built.revision
+            log.info("ANN index over %d items built in %.1f s", len(built.vectors), self._index.build_s)
 
     @property
     def approximate(self) -> bool:
@@ -211,8 +239,9 @@ class Retrieval:
         e excluded ones passes k + e, so that one probe serves both."""
         if self._index is None:
             return self.exact_scores(user_vector[None])[0]
+        if self.catalog.revision != self._index.revision:
+            self._index.catch_up(self.catalog.changes_since(self._index.revision))
         vectors = self.catalog.vectors
-        self._index.catch_up(vectors)
         nearest, log_z = self._index.probe(user_vector, vectors, max(search, SEARCH_SIZE))
         return UserScores(user_vector, vectors, log_z, None, nearest)
 

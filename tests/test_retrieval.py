@@ -1,6 +1,6 @@
 """Retrieval over the catalog, exact and approximate (faiss IVF on augmented vectors): recall of the top
-300 against exact search, exclusions, items added after the index was built, the estimated partition,
-and the service answering the same through HTTP with the index on as with it off."""
+300 against exact search, exclusions, items added or changed after the index was built, the estimated
+partition, and the service answering the same through HTTP with the index on as with it off."""
 
 from __future__ import annotations
 
@@ -93,6 +93,49 @@ def test_with_every_list_scanned_the_partition_is_exact_and_counts_every_row_onc
         assert scores.log_partition == pytest.approx(float(logsumexp(exact)), abs=1e-5)
         found = retrieval.top(scores, 300, np.empty(0, dtype=np.int64))
         np.testing.assert_array_equal(found, top_rows(exact, 300, np.empty(0, dtype=np.int64)))
+
+
+def test_items_whose_vector_changed_are_indexed_again_by_it(big_catalog: ItemCatalog) -> None:
+    """An update takes the row out of what counted it (a heavy row, a sampled or other built row, an added
+    row, one updated twice, one now longer than M) and indexes it by its new vector: every row is still
+    counted once, with every list scanned the partition and the top 300 are exact, and with few lists
+    scanned a row moved next to the query is its best row and the partition stays within 5 %."""
+    vectors = big_catalog.vectors
+    ids = big_catalog.item_ids
+    local = ItemCatalog(ids, ids, vectors, np.zeros_like(vectors), "t")
+    everything = Retrieval(local, ann_min_items=10_000, nprobe=10**6)
+    few = Retrieval(local, ann_min_items=10_000)
+    index = few._index
+    assert index is not None
+    heavy, sampled = int(index.heavy[0]), int(index.sample[0])
+    other = int(np.setdiff1d(np.arange(100), np.r_[index.heavy, index.sample])[0])
+    local.upsert_local([("added", "added", vectors[3] * 0.5)])
+    q = queries(vectors, 1)[0]
+    for user_vector in (q, -q):  # both indexes take in the append
+        everything.scores(user_vector), few.scores(user_vector)
+    rng = np.random.default_rng(4)
+    moved = {i: rng.standard_normal(vectors.shape[1]).astype(np.float32) for i in (heavy, sampled, other)}
+    local.upsert_local([(ids[i], ids[i], v) for i, v in moved.items()] + [("added", "added", vectors[9])])
+    local.upsert_local([(ids[other], ids[other], (q * 50).astype(np.float32))])  # twice, now next to q
+    local.upsert_local([(ids[11], ids[11], (q * -60).astype(np.float32))])  # longer than M, away from q
+
+    for retrieval in (everything, few):
+        scores = retrieval.scores(q)
+        index = retrieval._index
+        assert index is not None
+        counted = index.others_per_list.sum() + len(index.heavy) + len(index.added) + len(index.oversized)
+        assert counted == len(local) and index.index.ntotal + len(index.oversized) == len(local)
+        assert heavy not in index.heavy and sampled not in index.sample and 11 in index.oversized
+        assert retrieval.top(scores, 10, np.empty(0, dtype=np.int64))[0] == other
+    for user_vector in (q, -q, q * 3):
+        exact = local.vectors @ user_vector
+        scores = everything.scores(user_vector)
+        assert scores.log_partition == pytest.approx(float(logsumexp(exact)), abs=1e-5)
+        found = everything.top(scores, 300, np.empty(0, dtype=np.int64))
+        np.testing.assert_array_equal(found, top_rows(exact, 300, np.empty(0, dtype=np.int64)))
+    for user_vector in queries(vectors, 10):
+        estimate = few.scores(user_vector).log_partition
+        assert abs(estimate - float(logsumexp(local.vectors @ user_vector))) < 0.05
 
 
 def test_a_heavy_row_counts_and_is_found_though_its_list_is_not_scanned() -> None:
