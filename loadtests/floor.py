@@ -214,11 +214,11 @@ def cpu_budget(row: dict, nproc: int) -> dict | None:
     other threads, Redis and ``wrk`` cost what they cost at its best step; ``ceiling_rps`` is the rate those
     cores allow at that cost, an upper bound (the cores are never all busy) that holds as long as those
     costs do not fall at higher rates (larger batches do lower the inference thread's a little)."""
-    service, echo, floor = row["service"], row["echo"], row["echo-pydantic"]
-    if not (service and echo and floor and "cpu_us" in service and "cpu_us" in echo):
+    service, echo, pydantic = row["service"], row["echo"], row["echo-pydantic"]
+    if not (service and echo and pydantic and "cpu_us" in service and "cpu_us" in echo):
         return None
     spent, http = service["cpu_us"], echo["cpu_us"]
-    target = TARGET_RATIO * floor["rps"]
+    target = TARGET_RATIO * pydantic["rps"]
     floor_us = http["loop"] + http["other_threads"] + spent["other_threads"] + spent["redis"] + spent["wrk"]
     ceiling = nproc * 1e6 / floor_us if floor_us > 0 else None
     return {
@@ -229,7 +229,7 @@ def cpu_budget(row: dict, nproc: int) -> dict | None:
         "echo_http_us": round(http["loop"] + http["other_threads"], 1),
         "floor_us": round(floor_us, 1),
         "ceiling_rps": None if ceiling is None else round(ceiling, 1),
-        "ceiling_ratio": None if ceiling is None else round(ceiling / floor["rps"], 3),
+        "ceiling_ratio": None if ceiling is None else round(ceiling / pydantic["rps"], 3),
     }
 
 

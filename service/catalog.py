@@ -35,9 +35,7 @@ MIN_GROWTH = 1024
 
 @dataclass(frozen=True, slots=True)
 class _Snapshot:
-    size: int  # rows in this snapshot: item_ids[:size], buffer[:size]
-    buffer: np.ndarray  # [capacity, D] float32; rows below ``size`` are never written again
-    vectors: np.ndarray  # buffer[:size], read-only
+    vectors: np.ndarray  # the first rows of a [capacity, D] float32 buffer (``backing``), read-only
     revision: int = 0  # upserts applied so far
 
 
@@ -58,9 +56,10 @@ def backing(vectors: np.ndarray) -> np.ndarray:
 
 
 def _snapshot(buffer: np.ndarray, size: int, revision: int) -> _Snapshot:
+    """The first ``size`` rows of ``buffer``: rows below ``size`` are never written again."""
     view = buffer[:size]
     view.flags.writeable = False
-    return _Snapshot(size, buffer, view, revision)
+    return _Snapshot(view, revision)
 
 
 def _buffer(vectors: np.ndarray, capacity: int) -> np.ndarray:
@@ -123,7 +122,7 @@ class ItemCatalog:
             raise ValueError(f"inconsistent item table: {exc}") from None
 
     def __len__(self) -> int:
-        return self._state.size
+        return len(self._state.vectors)
 
     def index_of(self, item_ids: Sequence[str]) -> np.ndarray:
         """int64 rows, -1 for unknown ids."""
@@ -202,7 +201,8 @@ class ItemCatalog:
             updates = {row: vec for row, vec in updates.items() if not np.array_equal(vec, old.vectors[row])}
             if not (new or texts or updates):
                 return 0  # nothing changed (e.g. a replica re-reading its own publication)
-            size, buffer, revision = old.size + len(new), old.buffer, old.revision + 1
+            old_size, buffer, revision = len(old.vectors), backing(old.vectors), old.revision + 1
+            size = old_size + len(new)
             if updates:  # rows a handed-out array holds change: copy-on-write
                 buffer = _buffer(old.vectors, max(len(buffer), _capacity(size)))
                 rows = np.fromiter(updates, dtype=np.int64, count=len(updates))
@@ -211,7 +211,7 @@ class ItemCatalog:
             elif size > len(buffer):
                 buffer = _buffer(old.vectors, _capacity(size))
             if new:  # past every handed-out view: written in place
-                buffer[old.size : size] = np.stack([vec for _, vec in new.values()])
+                buffer[old_size:size] = np.stack([vec for _, vec in new.values()])
             for row, text in texts.items():
                 self._texts[row] = text
             for item_id, (text, _) in new.items():
@@ -220,7 +220,7 @@ class ItemCatalog:
             # In this order: a row has its id before any vectors array holds it, and is in the index only
             # once the current vectors do.
             self._state = _snapshot(buffer, size, revision)
-            index.update(zip(new, range(old.size, size), strict=True))
+            index.update(zip(new, range(old_size, size), strict=True))
             return len(new) + len(set(texts) | set(updates))
 
     def changes_since(self, revision: int) -> Changes:
