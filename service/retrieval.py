@@ -78,13 +78,15 @@ class _Index:
     """A faiss IVF-Flat index over a snapshot's augmented rows (faiss id = row number), and the rows and
     sample the partition counts besides the scanned lists."""
 
-    def __init__(self, vectors: np.ndarray, nprobe: int) -> None:
+    def __init__(self, snapshot: Changes, nprobe: int) -> None:
+        """Built over ``snapshot``'s vectors (``ItemCatalog.changes_since(0)``), at its revision."""
         import faiss
 
         # One thread: a request's search is small, and idle OpenMP workers spin on the cores the ranker
         # and the event loop need (measured: 138% CPU at 50 requests/s with the default threads).
         faiss.omp_set_num_threads(1)
         started = time.perf_counter()
+        vectors = snapshot.vectors
         n, dim = vectors.shape
         nlist = max(1, int(4 * np.sqrt(n)))
         norms = np.linalg.norm(vectors, axis=1)
@@ -98,7 +100,7 @@ class _Index:
             chunk = slice(start, start + ADD_CHUNK)
             self.index.add(self._augmented(vectors[chunk], norms[chunk]))
         built_lists = self._built_lists(n)
-        self.revision = 0  # the catalog revision taken in (``Retrieval`` sets the one it built from)
+        self.revision = snapshot.revision  # the catalog revision taken in
         self.indexed = n  # catalog rows taken in: built, added later, or oversized
         self.added = np.empty(0, dtype=np.int64)  # rows indexed after the build, and their lists
         self.added_lists = np.empty(0, dtype=np.int64)
@@ -224,10 +226,8 @@ class Retrieval:
         self._columns: _Columns | None = None
         self._columns_lock = threading.Lock()  # the event loop and the inference thread may both score
         if len(catalog) >= ann_min_items:
-            built = catalog.changes_since(0)
-            self._index = _Index(built.vectors, nprobe)
-            self._index.revision = built.revision
-            log.info("ANN index over %d items built in %.1f s", len(built.vectors), self._index.build_s)
+            self._index = _Index(catalog.changes_since(0), nprobe)
+            log.info("ANN index over %d items built in %.1f s", self._index.indexed, self._index.build_s)
 
     @property
     def approximate(self) -> bool:
